@@ -116,6 +116,14 @@ impl fmt::Debug for AlignedBuf {
     }
 }
 
+impl PartialEq for AlignedBuf {
+    fn eq(&self, other: &Self) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl Eq for AlignedBuf {}
+
 impl Clone for AlignedBuf {
     fn clone(&self) -> Self {
         Self::from_slice(self)
@@ -124,7 +132,7 @@ impl Clone for AlignedBuf {
 
 /// True when `v` is a multiple of [`ALIGN`].
 pub const fn is_aligned(v: u64) -> bool {
-    v % ALIGN as u64 == 0
+    v.is_multiple_of(ALIGN as u64)
 }
 
 #[cfg(test)]
@@ -137,7 +145,7 @@ mod tests {
             let b = AlignedBuf::zeroed(len);
             assert_eq!(b.as_ptr() as usize % ALIGN, 0);
             assert_eq!(b.len(), len);
-            assert!(b.capacity() >= len && b.capacity() % ALIGN == 0);
+            assert!(b.capacity() >= len && b.capacity().is_multiple_of(ALIGN));
             assert!(b.iter().all(|&x| x == 0));
         }
     }

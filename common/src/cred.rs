@@ -260,7 +260,7 @@ pub fn hex_encode(b: &[u8]) -> String {
 
 /// Parses hex (either case); `None` on odd length or a non-hex digit.
 pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

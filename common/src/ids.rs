@@ -18,8 +18,9 @@ pub struct ParseIdError {
     expected: &'static str,
 }
 
-/// A volume, for its whole life. Displayed as 32 lowercase hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A volume, for its whole life. Displayed as 32 lowercase hex digits. Zero is reserved (it
+/// marks an empty slot on devices); [`VolumeId::random`] never returns it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
 pub struct VolumeId(pub u128);
 
 impl VolumeId {
@@ -121,7 +122,7 @@ u64_newtype!(
 );
 
 /// A sled or a device: a random 128-bit id written in the device superblock.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
 pub struct Uuid128(pub u128);
 
 impl Uuid128 {

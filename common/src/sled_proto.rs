@@ -468,6 +468,10 @@ pub enum ErrorCode {
     Io,
     /// The sled is shutting down.
     ShuttingDown,
+    /// The credential's epoch is above the volume's durable claim: claim first.
+    NotClaimed,
+    /// The fence table of a device is full.
+    FenceTableFull,
 }
 
 /// An error reply.

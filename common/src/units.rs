@@ -86,7 +86,7 @@ impl fmt::Display for ByteSize {
         for (name, shift) in UNITS {
             let unit = 1u64 << shift;
             if self.0 >= unit {
-                if self.0 % unit == 0 {
+                if self.0.is_multiple_of(unit) {
                     return write!(f, "{}{name}", self.0 >> shift);
                 }
                 return write!(f, "{:.1}{name}", self.0 as f64 / unit as f64);

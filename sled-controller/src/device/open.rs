@@ -1,0 +1,302 @@
+//! Formatting a device, opening it, and recovering block checksums after a crash.
+
+use super::meta::{PageState, Tables};
+use crate::engine::{IoEngine, OpKind, read_sync, run_sync, write_sync};
+use crate::layout::{
+    BLOCK, CRC_ENTRY, CT_ENTRY, CT_PER_PAGE, ChunkEntry, CrcEntry, FT_ENTRY, FT_PER_PAGE,
+    FenceEntry, Geometry, LayoutError, PAGE, REGION_BLOCKS, REGION_BYTES, Superblock, Table,
+    encode_page, pick_page,
+};
+use common::AlignedBuf;
+use common::ids::{SledId, Uuid128};
+use std::io;
+
+/// Errors formatting or opening a device.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The on-device format is wrong.
+    #[error("{path}: {source}")]
+    Layout {
+        /// Device path.
+        path: String,
+        /// What is wrong.
+        #[source]
+        source: LayoutError,
+    },
+    /// An I/O error while reading metadata.
+    #[error("{path}: I/O error while {what}: {source}")]
+    Io {
+        /// Device path.
+        path: String,
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The device belongs to another sled.
+    #[error("{path}: device belongs to sled {found}, not {expected}")]
+    WrongSled {
+        /// Device path.
+        path: String,
+        /// Its sled.
+        found: SledId,
+        /// This sled.
+        expected: SledId,
+    },
+    /// The same chunk of a volume is allocated twice on a device.
+    #[error("{path}: chunk table lists volume {volume} chunk {chunk} twice")]
+    DuplicateChunk {
+        /// Device path.
+        path: String,
+        /// Volume.
+        volume: String,
+        /// Chunk.
+        chunk: u64,
+    },
+    /// The device is not formatted and holds data: refusing to erase it.
+    #[error(
+        "{path}: not a Stockade device and not empty; refusing to format it (pass --format to erase it)"
+    )]
+    NotEmpty {
+        /// Device path.
+        path: String,
+    },
+}
+
+/// A device opened and recovered.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub sb: Superblock,
+    pub tables: Tables,
+    /// Regions whose checksums were recomputed from data after an unclean shutdown.
+    pub recovered_regions: u64,
+}
+
+fn io_err<'a>(path: &'a str, what: &'static str) -> impl FnOnce(io::Error) -> OpenError + 'a {
+    move |source| OpenError::Io {
+        path: path.to_string(),
+        what,
+        source,
+    }
+}
+
+/// True when the device has no superblock magic and its first MiB is all zeros (a new device).
+pub fn looks_empty(engine: &mut dyn IoEngine, path: &str) -> Result<bool, OpenError> {
+    let len = (1u64 << 20).min(engine.size()) as usize;
+    let b = read_sync(engine, 0, len).map_err(io_err(path, "reading the first MiB"))?;
+    Ok(b.iter().all(|&x| x == 0))
+}
+
+/// Writes a fresh format: superblock copies and empty tables, then fsync.
+pub fn format(
+    engine: &mut dyn IoEngine,
+    path: &str,
+    sled: SledId,
+    chunk_size: u64,
+) -> Result<Superblock, OpenError> {
+    let geometry =
+        Geometry::compute(engine.size(), chunk_size).map_err(|source| OpenError::Layout {
+            path: path.to_string(),
+            source,
+        })?;
+    let sb = Superblock {
+        sled,
+        device: Uuid128::random(),
+        geometry,
+        created_unix_s: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let tables = Tables::empty(&geometry);
+    // Tables first, superblock last: a crash mid-format leaves no magic, so the device still
+    // counts as unformatted (and empty) and is formatted again.
+    for (table, pages) in [
+        (Table::Chunks, geometry.ct_pages),
+        (Table::Fences, geometry.ft_pages),
+    ] {
+        let base = match table {
+            Table::Chunks => geometry.ct_offset,
+            Table::Fences => geometry.ft_offset,
+        };
+        // Both copies of every page: copy A valid with sequence 1, copy B zero (invalid).
+        let mut region = AlignedBuf::zeroed((pages * 2 * PAGE) as usize);
+        for p in 0..pages {
+            let page = encode_page(table, p, 1, &tables.body(table, p));
+            let at = (p * 2 * PAGE) as usize;
+            region[at..at + PAGE as usize].copy_from_slice(&page);
+        }
+        write_sync(engine, base, region).map_err(io_err(path, "writing empty tables"))?;
+    }
+    let sbb = sb.encode();
+    let mut two = AlignedBuf::zeroed(2 * PAGE as usize);
+    two[..PAGE as usize].copy_from_slice(&sbb);
+    two[PAGE as usize..].copy_from_slice(&sbb);
+    write_sync(engine, 0, two).map_err(io_err(path, "writing the superblock"))?;
+    run_sync(engine, OpKind::Fsync).map_err(io_err(path, "syncing the format"))?;
+    Ok(sb)
+}
+
+/// Reads the superblock without loading anything else.
+pub fn read_superblock(engine: &mut dyn IoEngine, path: &str) -> Result<Superblock, OpenError> {
+    let layout = |source| OpenError::Layout {
+        path: path.to_string(),
+        source,
+    };
+    if engine.size() < 2 * PAGE {
+        return Err(layout(LayoutError::NotFormatted));
+    }
+    let b =
+        read_sync(engine, 0, 2 * PAGE as usize).map_err(io_err(path, "reading the superblock"))?;
+    let sb = Superblock::decode(&b[..PAGE as usize], &b[PAGE as usize..]).map_err(layout)?;
+    if engine.size() < sb.geometry.device_size {
+        return Err(layout(LayoutError::Truncated {
+            expected: sb.geometry.device_size,
+            actual: engine.size(),
+        }));
+    }
+    Ok(sb)
+}
+
+fn load_table(
+    engine: &mut dyn IoEngine,
+    path: &str,
+    table: Table,
+    base: u64,
+    pages: u64,
+) -> Result<Vec<(PageState, Vec<u8>)>, OpenError> {
+    let mut out = Vec::with_capacity(pages as usize);
+    // Read in slices of up to 4 MiB (256 page pairs).
+    let per_read = 256u64;
+    let mut p = 0;
+    while p < pages {
+        let n = per_read.min(pages - p);
+        let buf = read_sync(engine, base + p * 2 * PAGE, (n * 2 * PAGE) as usize)
+            .map_err(io_err(path, "reading a table"))?;
+        for i in 0..n {
+            let at = (i * 2 * PAGE) as usize;
+            let a = &buf[at..at + PAGE as usize];
+            let b = &buf[at + PAGE as usize..at + 2 * PAGE as usize];
+            let (copy, seq, body) =
+                pick_page(table, p + i, a, b).map_err(|source| OpenError::Layout {
+                    path: path.to_string(),
+                    source,
+                })?;
+            out.push((PageState { copy, seq }, body.to_vec()));
+        }
+        p += n;
+    }
+    Ok(out)
+}
+
+/// Opens a formatted device: superblock, tables, and checksum recovery of dirty regions.
+pub(crate) fn open(
+    engine: &mut dyn IoEngine,
+    path: &str,
+    expect_sled: Option<SledId>,
+) -> Result<Opened, OpenError> {
+    let sb = read_superblock(engine, path)?;
+    if let Some(expected) = expect_sled
+        && expected != sb.sled
+    {
+        return Err(OpenError::WrongSled {
+            path: path.to_string(),
+            found: sb.sled,
+            expected,
+        });
+    }
+    let g = sb.geometry;
+    let mut tables = Tables::empty(&g);
+    for (p, (st, body)) in load_table(engine, path, Table::Chunks, g.ct_offset, g.ct_pages)?
+        .into_iter()
+        .enumerate()
+    {
+        tables.ct_pages[p] = st;
+        for i in 0..CT_PER_PAGE as usize {
+            let slot = p * CT_PER_PAGE as usize + i;
+            if slot < tables.chunks.len() {
+                tables.chunks[slot] = ChunkEntry::decode(&body[i * CT_ENTRY..(i + 1) * CT_ENTRY]);
+            }
+        }
+    }
+    for (p, (st, body)) in load_table(engine, path, Table::Fences, g.ft_offset, g.ft_pages)?
+        .into_iter()
+        .enumerate()
+    {
+        tables.ft_pages[p] = st;
+        for i in 0..FT_PER_PAGE as usize {
+            let slot = p * FT_PER_PAGE as usize + i;
+            if slot < tables.fences.len() {
+                tables.fences[slot] = FenceEntry::decode(&body[i * FT_ENTRY..(i + 1) * FT_ENTRY]);
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for e in tables.chunks.iter().filter(|e| e.allocated) {
+        if !seen.insert((e.volume, e.chunk)) {
+            return Err(OpenError::DuplicateChunk {
+                path: path.to_string(),
+                volume: e.volume.to_string(),
+                chunk: e.chunk.0,
+            });
+        }
+    }
+    let recovered_regions = recover(engine, path, &g, &mut tables)?;
+    Ok(Opened {
+        sb,
+        tables,
+        recovered_regions,
+    })
+}
+
+/// Recomputes the checksum entries of every dirty region from its data, writes them, then clears
+/// the dirty bits (each step durable before the next).
+fn recover(
+    engine: &mut dyn IoEngine,
+    path: &str,
+    g: &Geometry,
+    tables: &mut Tables,
+) -> Result<u64, OpenError> {
+    let mut recovered = 0;
+    let mut touched_pages = std::collections::BTreeSet::new();
+    for slot in 0..tables.chunks.len() {
+        let entry = tables.chunks[slot];
+        if !entry.allocated && entry.dirty.iter().all(|&b| b == 0) {
+            continue;
+        }
+        for r in 0..g.regions_per_chunk() {
+            if !entry.is_dirty(r) {
+                continue;
+            }
+            if entry.allocated {
+                let data = read_sync(
+                    engine,
+                    g.data_pos(slot as u64, r * REGION_BYTES),
+                    REGION_BYTES as usize,
+                )
+                .map_err(io_err(path, "reading a dirty region"))?;
+                let mut page = AlignedBuf::zeroed(PAGE as usize);
+                for b in 0..REGION_BLOCKS as usize {
+                    let block = &data[b * BLOCK as usize..(b + 1) * BLOCK as usize];
+                    CrcEntry::of(block)
+                        .encode(&mut page[b * CRC_ENTRY as usize..(b + 1) * CRC_ENTRY as usize]);
+                }
+                write_sync(engine, g.crc_page_pos(slot as u64, r), page)
+                    .map_err(io_err(path, "writing recovered checksums"))?;
+                recovered += 1;
+            }
+            tables.chunks[slot].set_dirty(r, false);
+            touched_pages.insert(slot as u64 / CT_PER_PAGE);
+        }
+    }
+    for page in touched_pages {
+        let w = tables.next_version(g, Table::Chunks, page);
+        write_sync(engine, w.pos, w.bytes).map_err(io_err(path, "clearing dirty bits"))?;
+        *tables.page_state(Table::Chunks, page) = PageState {
+            copy: w.copy,
+            seq: w.seq,
+        };
+    }
+    Ok(recovered)
+}
