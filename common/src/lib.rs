@@ -7,6 +7,8 @@ pub mod cred;
 pub mod ids;
 pub mod logging;
 pub mod metrics;
+pub mod signals;
+pub mod sled_client;
 pub mod sled_proto;
 pub mod throttle;
 pub mod units;

@@ -217,6 +217,13 @@ impl Frame {
 /// Reads one frame: validates the header before allocating, reads the payload into an aligned
 /// buffer and verifies the checksum. `Err(Closed)` when the peer closed cleanly between frames.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoError> {
+    let header = read_header(r).await?;
+    read_body(r, header).await
+}
+
+/// Reads and validates a frame header (lengths bounded before anything is allocated).
+/// `Err(Closed)` when the peer closed cleanly before the first byte.
+pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<FrameHeader, ProtoError> {
     let mut hb = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -230,7 +237,14 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoE
         }
         got += n;
     }
-    let header = FrameHeader::decode(&hb)?;
+    FrameHeader::decode(&hb)
+}
+
+/// Reads the control and data parts of a frame whose header was read, and verifies the checksum.
+pub async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    header: FrameHeader,
+) -> Result<Frame, ProtoError> {
     let mut ctl = vec![0u8; header.ctl_len as usize];
     r.read_exact(&mut ctl).await?;
     let mut data = AlignedBuf::zeroed(header.data_len as usize);

@@ -4,9 +4,16 @@
 //! * [`engine`] — the I/O seam (`IoEngine`) and its io_uring, sync and in-memory engines.
 //! * [`layout`] — the on-device format.
 //! * [`device`] — one device's state machine and the thread that owns it.
+//! * [`sled`] — the devices of a sled together: chunk placement, credential checks, claims.
+//! * [`server`] — the authenticated network protocol.
+//! * [`config`], [`app`] — configuration, start and stop.
 //! * [`metrics`] — the controller's Prometheus metrics.
 
+pub mod app;
+pub mod config;
 pub mod device;
 pub mod engine;
 pub mod layout;
 pub mod metrics;
+pub mod server;
+pub mod sled;

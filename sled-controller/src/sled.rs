@@ -1,0 +1,396 @@
+//! The sled: its devices, which device holds which chunk, and the credential check.
+//!
+//! Every device keeps the fence records of every volume claimed on the sled, so a claim goes to
+//! all devices and is acknowledged when all have made it durable; a mutation goes to the device
+//! holding (or about to hold) its chunk, which checks the epoch. The MAC of every credential is
+//! verified here, before anything reaches a device.
+
+use crate::device::thread::DeviceHandle;
+use crate::device::{DevError, DevRequest, DeviceStatus, Holder};
+use crate::metrics::SledMetrics;
+use common::AlignedBuf;
+use common::cred::{ClusterKey, Credential};
+use common::ids::{ChunkIndex, SledId, VolumeId};
+use common::sled_proto::{DeviceStat, SledStat, VolumeStat};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use tokio::sync::oneshot;
+
+/// Errors of sled operations (device errors plus credential refusals).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SledError {
+    /// The device refused or failed.
+    #[error(transparent)]
+    Device(#[from] DevError),
+    /// The credential's MAC does not verify.
+    #[error(
+        "credential for volume {0} does not verify (forged, or minted with another cluster key)"
+    )]
+    BadCredential(VolumeId),
+}
+
+/// A device as the sled sees it.
+#[derive(Debug)]
+pub struct Device {
+    /// The thread owning it.
+    pub handle: DeviceHandle,
+    /// Path.
+    pub path: String,
+    /// Chunks it can hold.
+    pub chunks_total: u64,
+}
+
+#[derive(Debug, Default)]
+struct Catalog {
+    where_: HashMap<(VolumeId, ChunkIndex), usize>,
+    used: Vec<u64>,
+}
+
+/// The sled.
+#[derive(Debug)]
+pub struct Sled {
+    id: SledId,
+    key: ClusterKey,
+    chunk_size: u64,
+    devices: Vec<Device>,
+    catalog: Mutex<Catalog>,
+    metrics: SledMetrics,
+}
+
+async fn ask<T>(
+    dev: &Device,
+    make: impl FnOnce(oneshot::Sender<Result<T, DevError>>) -> DevRequest,
+) -> Result<T, DevError> {
+    let (tx, rx) = oneshot::channel();
+    dev.handle.send(make(tx)).await;
+    rx.await.unwrap_or(Err(DevError::ShuttingDown))
+}
+
+impl Sled {
+    /// A sled over started devices; learns where every chunk is from the devices themselves.
+    pub async fn new(
+        id: SledId,
+        key: ClusterKey,
+        chunk_size: u64,
+        devices: Vec<Device>,
+        metrics: SledMetrics,
+    ) -> Self {
+        let mut catalog = Catalog {
+            where_: HashMap::new(),
+            used: vec![0; devices.len()],
+        };
+        for (i, d) in devices.iter().enumerate() {
+            let (tx, rx) = oneshot::channel();
+            d.handle.send(DevRequest::Status { reply: tx }).await;
+            if let Ok(st) = rx.await {
+                catalog.used[i] = st.chunks.len() as u64;
+                for k in st.chunks {
+                    catalog.where_.insert(k, i);
+                }
+            }
+        }
+        Self {
+            id,
+            key,
+            chunk_size,
+            devices,
+            catalog: Mutex::new(catalog),
+            metrics,
+        }
+    }
+
+    /// This sled's id.
+    pub fn id(&self) -> SledId {
+        self.id
+    }
+
+    /// The cluster key (for the handshake).
+    pub fn key(&self) -> &ClusterKey {
+        &self.key
+    }
+
+    /// Chunk size shared by all devices.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &SledMetrics {
+        &self.metrics
+    }
+
+    fn catalog(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.catalog.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn verify(&self, cred: &Credential) -> Result<Holder, SledError> {
+        if !self.key.verify(cred) {
+            self.metrics.credential_refusals.inc();
+            tracing::warn!(volume_id = %cred.volume, epoch = cred.epoch.0, node_id = cred.holder.0,
+                "refused a credential whose MAC does not verify");
+            return Err(SledError::BadCredential(cred.volume));
+        }
+        Ok(Holder {
+            epoch: cred.epoch,
+            node: cred.holder,
+        })
+    }
+
+    /// The device holding a chunk, if any.
+    fn locate(&self, volume: VolumeId, chunk: ChunkIndex) -> Option<usize> {
+        self.catalog().where_.get(&(volume, chunk)).copied()
+    }
+
+    /// Devices to try for a new chunk, most free first.
+    fn placement_order(&self) -> Vec<usize> {
+        let cat = self.catalog();
+        let mut order: Vec<usize> = (0..self.devices.len()).collect();
+        order.sort_by_key(|&i| {
+            std::cmp::Reverse(self.devices[i].chunks_total.saturating_sub(cat.used[i]))
+        });
+        order
+    }
+
+    /// Reads; chunks never written read as zeros.
+    pub async fn read(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIndex,
+        offset: u64,
+        len: u32,
+    ) -> Result<AlignedBuf, SledError> {
+        // Validate even when nothing is allocated, so bad ranges always get the same answer.
+        let dev = self.locate(volume, chunk).unwrap_or(0);
+        Ok(ask(&self.devices[dev], |reply| DevRequest::Read {
+            volume,
+            chunk,
+            offset,
+            len,
+            reply,
+        })
+        .await?)
+    }
+
+    /// Writes (allocating the chunk on its first write).
+    pub async fn write(
+        &self,
+        cred: &Credential,
+        chunk: ChunkIndex,
+        offset: u64,
+        data: AlignedBuf,
+    ) -> Result<(), SledError> {
+        let fence = self.verify(cred)?;
+        let volume = cred.volume;
+        if let Some(dev) = self.locate(volume, chunk) {
+            return Ok(ask(&self.devices[dev], |reply| DevRequest::Write {
+                fence,
+                volume,
+                chunk,
+                offset,
+                data,
+                reply,
+            })
+            .await?);
+        }
+        // A new chunk: pin it to the device with the most free chunks, so concurrent first
+        // writes to the same chunk all go to the same device (which allocates it once).
+        let dev = {
+            let order = self.placement_order();
+            let mut cat = self.catalog();
+            if let Some(d) = cat.where_.get(&(volume, chunk)) {
+                *d
+            } else {
+                let d = order[0];
+                cat.where_.insert((volume, chunk), d);
+                cat.used[d] += 1;
+                d
+            }
+        };
+        let res = ask(&self.devices[dev], |reply| DevRequest::Write {
+            fence,
+            volume,
+            chunk,
+            offset,
+            data,
+            reply,
+        })
+        .await;
+        if let Err(e) = &res
+            && matches!(
+                e,
+                DevError::NoSpace | DevError::Fenced { .. } | DevError::NotClaimed { .. }
+            )
+        {
+            // Not allocated after all: forget the pin (another device may have room).
+            let mut cat = self.catalog();
+            if cat.where_.get(&(volume, chunk)) == Some(&dev) {
+                cat.where_.remove(&(volume, chunk));
+                cat.used[dev] = cat.used[dev].saturating_sub(1);
+                if matches!(e, DevError::NoSpace) {
+                    cat.used[dev] = self.devices[dev].chunks_total;
+                }
+            }
+        }
+        Ok(res?)
+    }
+
+    /// Write-zeroes or trim: the range reads as zeros afterwards.
+    pub async fn zero(
+        &self,
+        cred: &Credential,
+        chunk: ChunkIndex,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), SledError> {
+        let fence = self.verify(cred)?;
+        let volume = cred.volume;
+        // Unallocated chunks are already zero, but the fence is still checked (by device 0).
+        let dev = self.locate(volume, chunk).unwrap_or(0);
+        Ok(ask(&self.devices[dev], |reply| DevRequest::Zero {
+            fence,
+            volume,
+            chunk,
+            offset,
+            len,
+            reply,
+        })
+        .await?)
+    }
+
+    /// Allocates a chunk ahead of its first write.
+    pub async fn allocate(&self, cred: &Credential, chunk: ChunkIndex) -> Result<(), SledError> {
+        let fence = self.verify(cred)?;
+        let volume = cred.volume;
+        for dev in self.placement_order() {
+            let dev = self.locate(volume, chunk).unwrap_or(dev);
+            {
+                let mut cat = self.catalog();
+                if let std::collections::hash_map::Entry::Vacant(e) =
+                    cat.where_.entry((volume, chunk))
+                {
+                    e.insert(dev);
+                    cat.used[dev] += 1;
+                }
+            }
+            match ask(&self.devices[dev], |reply| DevRequest::Allocate {
+                fence,
+                volume,
+                chunk,
+                reply,
+            })
+            .await
+            {
+                Err(DevError::NoSpace) => {
+                    let mut cat = self.catalog();
+                    cat.where_.remove(&(volume, chunk));
+                    cat.used[dev] = self.devices[dev].chunks_total;
+                }
+                other => return Ok(other?),
+            }
+        }
+        Err(DevError::NoSpace.into())
+    }
+
+    /// Frees a chunk.
+    pub async fn free(&self, cred: &Credential, chunk: ChunkIndex) -> Result<(), SledError> {
+        let fence = self.verify(cred)?;
+        let volume = cred.volume;
+        let dev = self.locate(volume, chunk).unwrap_or(0);
+        ask(&self.devices[dev], |reply| DevRequest::Free {
+            fence,
+            volume,
+            chunk,
+            reply,
+        })
+        .await?;
+        let mut cat = self.catalog();
+        if cat.where_.remove(&(volume, chunk)).is_some() {
+            cat.used[dev] = cat.used[dev].saturating_sub(1);
+        }
+        Ok(())
+    }
+
+    /// Claims the volume on every device; acknowledged when all records are durable.
+    pub async fn claim(&self, cred: &Credential) -> Result<Holder, SledError> {
+        let fence = self.verify(cred)?;
+        let volume = cred.volume;
+        let mut waits = Vec::new();
+        for d in &self.devices {
+            let (tx, rx) = oneshot::channel();
+            d.handle
+                .send(DevRequest::Claim {
+                    volume,
+                    fence,
+                    reply: tx,
+                })
+                .await;
+            waits.push(rx);
+        }
+        let mut result = Ok(fence);
+        for rx in waits {
+            match rx.await.unwrap_or(Err(DevError::ShuttingDown)) {
+                Ok(_) => {}
+                Err(e @ DevError::Fenced { .. }) => result = Err(e),
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+            }
+        }
+        Ok(result?)
+    }
+
+    /// Device statuses.
+    pub async fn statuses(&self) -> Vec<DeviceStatus> {
+        let mut out = Vec::new();
+        for d in &self.devices {
+            let (tx, rx) = oneshot::channel();
+            d.handle.send(DevRequest::Status { reply: tx }).await;
+            if let Ok(st) = rx.await {
+                out.push(st);
+            }
+        }
+        out
+    }
+
+    /// Sled statistics.
+    pub async fn stat(&self) -> SledStat {
+        SledStat {
+            sled: self.id,
+            devices: self
+                .statuses()
+                .await
+                .into_iter()
+                .map(|s| DeviceStat {
+                    device: s.device,
+                    path: s.path,
+                    chunk_size: s.chunk_size,
+                    chunks_total: s.chunks_total,
+                    chunks_used: s.chunks.len() as u64,
+                })
+                .collect(),
+        }
+    }
+
+    /// What the sled holds of a volume.
+    pub async fn volume_stat(&self, volume: VolumeId) -> VolumeStat {
+        let mut fence = None;
+        let mut chunks = Vec::new();
+        for st in self.statuses().await {
+            for (v, h) in st.fences {
+                if v == volume && fence.is_none_or(|(e, _)| e < h.epoch) {
+                    fence = Some((h.epoch, h.node));
+                }
+            }
+            chunks.extend(
+                st.chunks
+                    .into_iter()
+                    .filter(|(v, _)| *v == volume)
+                    .map(|(_, c)| c),
+            );
+        }
+        chunks.sort();
+        VolumeStat { fence, chunks }
+    }
+}

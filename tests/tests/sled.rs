@@ -1,0 +1,793 @@
+//! The sled controller as a process: protocol, fencing, restarts, crashes, bad input, metrics.
+
+use common::AlignedBuf;
+use common::cred::ClusterKey;
+use common::ids::{ChunkIndex, Epoch, NodeId, VolumeId};
+use common::sled_client::{ClientError, SledClient};
+use common::sled_proto::{ErrorCode, FrameHeader, KIND_REQUEST, Request, Response, frame_crc};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tests::sled::SledProc;
+use tests::{check_metrics, http_get, key_file, scratch};
+
+const V: VolumeId = VolumeId(0x5101);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    key_path: PathBuf,
+    key: ClusterKey,
+    sled: SledProc,
+}
+
+fn fixture(name: &str) -> Fixture {
+    let dir = scratch(name);
+    let path = dir.path().to_path_buf();
+    let (key_path, key) = key_file(&path);
+    let dev = format!("{}:256M", path.join("dev0.img").display());
+    let sled = SledProc::start(
+        name,
+        &path,
+        &key_path,
+        &[dev],
+        None,
+        &["--chunk-size", "8MiB"],
+    );
+    Fixture {
+        dir: path,
+        _dir: dir,
+        key_path,
+        key,
+        sled,
+    }
+}
+
+async fn client(addr: SocketAddr, key: &ClusterKey, node: u64) -> SledClient {
+    SledClient::connect(addr, key, NodeId(node), Duration::from_secs(10))
+        .await
+        .unwrap()
+}
+
+fn filled(len: usize, b: u8) -> Arc<AlignedBuf> {
+    let mut buf = AlignedBuf::zeroed(len);
+    buf.fill(b);
+    Arc::new(buf)
+}
+
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics").unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn write_read_trim_and_stat_over_the_network() {
+    let f = fixture("sled-basic");
+    rt().block_on(async {
+        let c = client(f.sled.ready.listen, &f.key, 1).await;
+        let cred = f.key.mint(V, Epoch(1), NodeId(1));
+        c.claim(&cred).await.unwrap();
+        // Many requests in flight on one connection; each reply matches its request.
+        let mut tasks = Vec::new();
+        let c = Arc::new(c);
+        for i in 0..64u64 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                c.write(
+                    &cred,
+                    ChunkIndex(i % 3),
+                    i * 65536,
+                    filled(65536, i as u8 + 1),
+                )
+                .await
+                .unwrap();
+                let back = c
+                    .read(V, ChunkIndex(i % 3), i * 65536, 65536)
+                    .await
+                    .unwrap();
+                assert!(back.iter().all(|&b| b == i as u8 + 1), "request {i}");
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        c.trim(&cred, ChunkIndex(0), 0, 65536).await.unwrap();
+        assert!(
+            c.read(V, ChunkIndex(0), 0, 65536)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0)
+        );
+        c.write_zeroes(&cred, ChunkIndex(1), 65536, 65536)
+            .await
+            .unwrap();
+        assert!(
+            c.read(V, ChunkIndex(1), 65536, 65536)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0)
+        );
+        // A chunk never written reads as zeros and is not allocated.
+        assert!(
+            c.read(V, ChunkIndex(9), 0, 4096)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0)
+        );
+        let vs = c.volume_stat(V).await.unwrap();
+        assert_eq!(vs.chunks, vec![ChunkIndex(0), ChunkIndex(1), ChunkIndex(2)]);
+        assert_eq!(vs.fence, Some((Epoch(1), NodeId(1))));
+        let st = c.stat().await.unwrap();
+        assert_eq!(st.devices.len(), 1);
+        assert_eq!(st.devices[0].chunks_used, 3);
+        assert_eq!(st.devices[0].chunk_size, 8 << 20);
+        // Free a chunk: it reads as zeros again and is no longer listed.
+        c.free(&cred, ChunkIndex(2)).await.unwrap();
+        assert!(
+            c.read(V, ChunkIndex(2), 0, 65536)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0)
+        );
+        assert_eq!(c.volume_stat(V).await.unwrap().chunks.len(), 2);
+    });
+}
+
+#[test]
+fn fencing_over_the_network() {
+    let f = fixture("sled-fence");
+    let metrics = f.sled.ready.metrics;
+    rt().block_on(async {
+        let old = client(f.sled.ready.listen, &f.key, 1).await;
+        let new = client(f.sled.ready.listen, &f.key, 2).await;
+        let e1 = f.key.mint(V, Epoch(1), NodeId(1));
+        let e2 = f.key.mint(V, Epoch(2), NodeId(2));
+        old.claim(&e1).await.unwrap();
+        old.write(&e1, ChunkIndex(0), 0, filled(4096, 0x11))
+            .await
+            .unwrap();
+        assert_eq!(new.claim(&e2).await.unwrap(), (Epoch(2), NodeId(2)));
+        new.write(&e2, ChunkIndex(0), 0, filled(4096, 0x22))
+            .await
+            .unwrap();
+        let before = metric(metrics, "stockade_sled_fenced_writes_total");
+        // The deposed holder's write is refused with the stored epoch, and nothing lands.
+        let err = old
+            .write(&e1, ChunkIndex(0), 0, filled(4096, 0x33))
+            .await
+            .unwrap_err();
+        match &err {
+            ClientError::Remote(w) => {
+                assert_eq!(w.code, ErrorCode::Fenced);
+                assert_eq!(w.current, Some((Epoch(2), NodeId(2))));
+            }
+            other => panic!("{other}"),
+        }
+        for r in [
+            old.trim(&e1, ChunkIndex(0), 0, 4096).await,
+            old.write_zeroes(&e1, ChunkIndex(0), 0, 4096).await,
+            old.free(&e1, ChunkIndex(0)).await,
+            old.allocate(&e1, ChunkIndex(5)).await,
+        ] {
+            assert_eq!(r.unwrap_err().code(), Some(ErrorCode::Fenced));
+        }
+        assert!(
+            new.read(V, ChunkIndex(0), 0, 4096)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0x22)
+        );
+        assert!(metric(metrics, "stockade_sled_fenced_writes_total") >= before + 5.0);
+        // Same epoch, another holder.
+        let e2x = f.key.mint(V, Epoch(2), NodeId(7));
+        assert_eq!(
+            old.write(&e2x, ChunkIndex(0), 0, filled(4096, 0x44))
+                .await
+                .unwrap_err()
+                .code(),
+            Some(ErrorCode::Fenced)
+        );
+        // A forged credential (right fields, MAC from another key) is refused.
+        let forged = ClusterKey::generate().mint(V, Epoch(9), NodeId(9));
+        assert_eq!(
+            old.claim(&forged).await.unwrap_err().code(),
+            Some(ErrorCode::BadCredential)
+        );
+        assert_eq!(
+            old.write(&forged, ChunkIndex(0), 0, filled(4096, 0x55))
+                .await
+                .unwrap_err()
+                .code(),
+            Some(ErrorCode::BadCredential)
+        );
+        assert!(metric(metrics, "stockade_sled_credential_refusals_total") >= 2.0);
+        assert!(
+            new.read(V, ChunkIndex(0), 0, 4096)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0x22)
+        );
+        // A write under an epoch never claimed.
+        let e5 = f.key.mint(V, Epoch(5), NodeId(2));
+        assert_eq!(
+            new.write(&e5, ChunkIndex(0), 0, filled(4096, 0x66))
+                .await
+                .unwrap_err()
+                .code(),
+            Some(ErrorCode::NotClaimed)
+        );
+        // Volume B is untouched by A's claims.
+        let b = VolumeId(0xb0b);
+        let b1 = f.key.mint(b, Epoch(1), NodeId(1));
+        old.claim(&b1).await.unwrap();
+        old.write(&b1, ChunkIndex(0), 0, filled(4096, 0x77))
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn connections_must_prove_the_cluster_key() {
+    let f = fixture("sled-auth");
+    let metrics = f.sled.ready.metrics;
+    rt().block_on(async {
+        let wrong = ClusterKey::generate();
+        let e = SledClient::connect(
+            f.sled.ready.listen,
+            &wrong,
+            NodeId(1),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, ClientError::Handshake { .. }), "{e}");
+    });
+    assert!(metric(metrics, "stockade_sled_auth_failures_total") >= 1.0);
+    // A request before authenticating is refused and the connection closed.
+    let mut s = TcpStream::connect(f.sled.ready.listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let read = Request::Read {
+        volume: V,
+        chunk: ChunkIndex(0),
+        offset: 0,
+        len: 4096,
+    };
+    send_raw(&mut s, 1, &postcard::to_stdvec(&read).unwrap(), &[]);
+    let resp = recv_response(&mut s).expect("an error reply");
+    assert!(
+        matches!(resp, Response::Error(ref w) if w.code == ErrorCode::NotAuthenticated),
+        "{resp:?}"
+    );
+    assert!(
+        recv_response(&mut s).is_none(),
+        "connection should be closed"
+    );
+}
+
+fn send_raw(s: &mut TcpStream, tag: u64, ctl: &[u8], data: &[u8]) {
+    let mut h = FrameHeader {
+        version: 1,
+        kind: KIND_REQUEST,
+        tag,
+        ctl_len: ctl.len() as u32,
+        data_len: data.len() as u32,
+        crc: 0,
+    };
+    h.crc = frame_crc(&h, ctl, data);
+    s.write_all(&h.encode()).unwrap();
+    s.write_all(ctl).unwrap();
+    s.write_all(data).unwrap();
+}
+
+/// Reads one response frame; `None` when the connection is closed.
+fn recv_response(s: &mut TcpStream) -> Option<Response> {
+    let mut hb = [0u8; 32];
+    s.read_exact(&mut hb).ok()?;
+    let h = FrameHeader::decode(&hb).ok()?;
+    let mut ctl = vec![0u8; h.ctl_len as usize];
+    s.read_exact(&mut ctl).ok()?;
+    let mut data = vec![0u8; h.data_len as usize];
+    s.read_exact(&mut data).ok()?;
+    postcard::from_bytes(&ctl).ok()
+}
+
+/// Authenticates a raw socket (to send hand-made frames afterwards).
+fn raw_authenticated(addr: SocketAddr, key: &ClusterKey) -> TcpStream {
+    use common::cred::{HandshakeRole, nonce};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mine = nonce();
+    let hello = Request::Hello {
+        min_version: 1,
+        max_version: 1,
+        node: NodeId(1),
+        nonce: mine,
+    };
+    send_raw(&mut s, 0, &postcard::to_stdvec(&hello).unwrap(), &[]);
+    let Some(Response::Challenge { nonce: theirs, .. }) = recv_response(&mut s) else {
+        panic!("no challenge")
+    };
+    let auth = Request::Auth {
+        proof: key.handshake_proof(HandshakeRole::Client, &mine, &theirs),
+    };
+    send_raw(&mut s, 1, &postcard::to_stdvec(&auth).unwrap(), &[]);
+    assert!(matches!(recv_response(&mut s), Some(Response::AuthOk)));
+    s
+}
+
+#[test]
+fn bad_frames_get_an_error_and_the_sled_carries_on() {
+    let f = fixture("sled-badframes");
+    let addr = f.sled.ready.listen;
+    // Garbage instead of a header.
+    let mut s = raw_authenticated(addr, &f.key);
+    s.write_all(&[0xde; 64]).unwrap();
+    let r = recv_response(&mut s).expect("error reply");
+    assert!(
+        matches!(r, Response::Error(ref w) if w.code == ErrorCode::Malformed),
+        "{r:?}"
+    );
+    assert!(recv_response(&mut s).is_none());
+    // A header announcing more data than allowed: refused before anything is read.
+    let mut s = raw_authenticated(addr, &f.key);
+    let h = FrameHeader {
+        version: 1,
+        kind: KIND_REQUEST,
+        tag: 5,
+        ctl_len: 4,
+        data_len: u32::MAX,
+        crc: 0,
+    };
+    s.write_all(&h.encode()).unwrap();
+    let r = recv_response(&mut s).expect("error reply");
+    assert!(
+        matches!(r, Response::Error(ref w) if w.code == ErrorCode::TooLarge),
+        "{r:?}"
+    );
+    // A frame whose checksum does not match its payload.
+    let mut s = raw_authenticated(addr, &f.key);
+    let cred = f.key.mint(V, Epoch(1), NodeId(1));
+    let w = postcard::to_stdvec(&Request::Write {
+        cred,
+        chunk: ChunkIndex(0),
+        offset: 0,
+    })
+    .unwrap();
+    let mut h = FrameHeader {
+        version: 1,
+        kind: KIND_REQUEST,
+        tag: 6,
+        ctl_len: w.len() as u32,
+        data_len: 4096,
+        crc: 0,
+    };
+    h.crc = frame_crc(&h, &w, &[1u8; 4096]);
+    s.write_all(&h.encode()).unwrap();
+    s.write_all(&w).unwrap();
+    s.write_all(&[2u8; 4096]).unwrap();
+    let r = recv_response(&mut s).expect("error reply");
+    assert!(
+        matches!(r, Response::Error(ref e) if e.code == ErrorCode::Malformed),
+        "{r:?}"
+    );
+    // A truncated frame, then the peer goes away: the sled does not hang or crash.
+    let mut s = raw_authenticated(addr, &f.key);
+    s.write_all(&h.encode()[..20]).unwrap();
+    drop(s);
+    // Control bytes that are not a message.
+    let mut s = raw_authenticated(addr, &f.key);
+    send_raw(&mut s, 7, &[0xff, 0xff, 0xff], &[]);
+    let r = recv_response(&mut s).expect("error reply");
+    assert!(
+        matches!(r, Response::Error(ref e) if e.code == ErrorCode::Malformed),
+        "{r:?}"
+    );
+    // The sled still serves well-behaved clients, and nothing was written.
+    rt().block_on(async {
+        let c = client(addr, &f.key, 1).await;
+        let cred = f.key.mint(V, Epoch(1), NodeId(1));
+        c.claim(&cred).await.unwrap();
+        assert!(
+            c.read(V, ChunkIndex(0), 0, 4096)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0)
+        );
+        assert!(c.volume_stat(V).await.unwrap().chunks.is_empty());
+    });
+}
+
+#[test]
+fn out_of_range_and_unaligned_requests_are_refused() {
+    let f = fixture("sled-range");
+    rt().block_on(async {
+        let c = client(f.sled.ready.listen, &f.key, 1).await;
+        let cred = f.key.mint(V, Epoch(1), NodeId(1));
+        c.claim(&cred).await.unwrap();
+        let chunk = 8u64 << 20;
+        for (off, len, code) in [
+            (100, 4096, ErrorCode::Unaligned),
+            (0, 100, ErrorCode::Unaligned),
+            (chunk - 4096, 8192, ErrorCode::OutOfRange),
+            (u64::MAX - 4095, 4096, ErrorCode::OutOfRange),
+        ] {
+            assert_eq!(
+                c.read(V, ChunkIndex(0), off, len).await.unwrap_err().code(),
+                Some(code),
+                "read {off}+{len}"
+            );
+            assert_eq!(
+                c.write(&cred, ChunkIndex(0), off, filled(len as usize, 1))
+                    .await
+                    .unwrap_err()
+                    .code(),
+                Some(code),
+                "write {off}+{len}"
+            );
+            assert_eq!(
+                c.trim(&cred, ChunkIndex(0), off, u64::from(len))
+                    .await
+                    .unwrap_err()
+                    .code(),
+                Some(code),
+                "trim {off}+{len}"
+            );
+        }
+        // Nothing was allocated by the refused writes.
+        assert!(c.volume_stat(V).await.unwrap().chunks.is_empty());
+    });
+}
+
+#[test]
+fn claims_and_data_survive_restart_and_kill9() {
+    let mut f = fixture("sled-restart");
+    let r = rt();
+    r.block_on(async {
+        let c = client(f.sled.ready.listen, &f.key, 1).await;
+        let e3 = f.key.mint(V, Epoch(3), NodeId(1));
+        c.claim(&e3).await.unwrap();
+        c.write(&e3, ChunkIndex(1), 8192, filled(65536, 0x3c))
+            .await
+            .unwrap();
+    });
+    // Clean restart.
+    assert!(f.sled.proc.stop(Duration::from_secs(30)), "clean shutdown");
+    f.sled.restart();
+    r.block_on(async {
+        let c = client(f.sled.ready.listen, &f.key, 2).await;
+        assert!(
+            c.read(V, ChunkIndex(1), 8192, 65536)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0x3c)
+        );
+        let stale = f.key.mint(V, Epoch(2), NodeId(2));
+        assert_eq!(
+            c.claim(&stale).await.unwrap_err().code(),
+            Some(ErrorCode::Fenced)
+        );
+        // Claim right before a kill -9: it is there afterwards.
+        let e4 = f.key.mint(V, Epoch(4), NodeId(2));
+        c.claim(&e4).await.unwrap();
+        c.write(&e4, ChunkIndex(1), 0, filled(4096, 0x4d))
+            .await
+            .unwrap();
+    });
+    f.sled.proc.kill9();
+    f.sled.restart();
+    r.block_on(async {
+        let c = client(f.sled.ready.listen, &f.key, 3).await;
+        let e3 = f.key.mint(V, Epoch(3), NodeId(1));
+        let err = c
+            .write(&e3, ChunkIndex(1), 0, filled(4096, 1))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Fenced));
+        let b = c.read(V, ChunkIndex(1), 0, 73728).await.unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 0x4d));
+        assert!(b[8192..].iter().all(|&x| x == 0x3c));
+    });
+    let _ = &f.dir;
+    let _ = &f.key_path;
+}
+
+/// kill -9 the sled while a client allocates, writes, frees and claims in a loop; every restart
+/// must open the device with a consistent chunk table, every acknowledged claim in place and
+/// every acknowledged write readable.
+#[test]
+fn kill9_during_metadata_updates_always_reopens() {
+    use rand::{Rng, SeedableRng};
+    let rounds: u64 = std::env::var("STOCKADE_KILL_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    let seed: u64 = std::env::var("STOCKADE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(42);
+    eprintln!("seed {seed}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut f = fixture("sled-kill9");
+    let r = rt();
+    let mut epoch = 1u64;
+    // chunk -> byte of its last acknowledged write at offset 0 (None when freed).
+    let mut acked: std::collections::HashMap<u64, u8> = Default::default();
+    for round in 0..rounds {
+        let addr = f.sled.ready.listen;
+        let key = f.key.clone();
+        let kill_after = Duration::from_millis(rng.gen_range(20..300));
+        let start_epoch = epoch;
+        let state = Arc::new(std::sync::Mutex::new((
+            start_epoch,
+            acked.clone(),
+            None::<(u64, u8)>,
+        )));
+        let st = state.clone();
+        r.block_on(async move {
+            let c = client(addr, &key, 1).await;
+            let first = key.mint(V, Epoch(start_epoch + 1), NodeId(1));
+            c.claim(&first).await.unwrap();
+            st.lock().unwrap().0 = start_epoch + 1;
+            let work = async {
+                for i in 0u64.. {
+                    let chunk = i % 12;
+                    let epoch = st.lock().unwrap().0;
+                    let cred = key.mint(V, Epoch(epoch), NodeId(1));
+                    // One operation at a time: at the kill, at most this one is in flight.
+                    let value = if i % 5 == 4 { 0 } else { (i % 250) as u8 + 1 };
+                    st.lock().unwrap().2 = Some((chunk, value));
+                    let res = if value == 0 {
+                        c.free(&cred, ChunkIndex(chunk)).await
+                    } else {
+                        c.write(&cred, ChunkIndex(chunk), 0, filled(4096, value))
+                            .await
+                    };
+                    if res.is_err() {
+                        break;
+                    }
+                    {
+                        let mut g = st.lock().unwrap();
+                        g.1.insert(chunk, value);
+                        g.2 = None;
+                    }
+                    if i % 7 == 6 {
+                        let next = key.mint(V, Epoch(epoch + 1), NodeId(1));
+                        if c.claim(&next).await.is_err() {
+                            break;
+                        }
+                        st.lock().unwrap().0 = epoch + 1;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(kill_after, work).await;
+        });
+        f.sled.proc.kill9();
+        let (new_epoch, new_acked, in_flight) = state.lock().unwrap().clone();
+        epoch = new_epoch;
+        acked = new_acked;
+        f.sled.restart();
+        r.block_on(async {
+            let c = client(f.sled.ready.listen, &f.key, 1).await;
+            let stale = f.key.mint(V, Epoch(epoch - 1), NodeId(1));
+            assert_eq!(
+                c.claim(&stale).await.unwrap_err().code(),
+                Some(ErrorCode::Fenced),
+                "round {round}: acknowledged claim {epoch} lost"
+            );
+            for chunk in 0..12u64 {
+                let b = c.read(V, ChunkIndex(chunk), 0, 4096).await.unwrap();
+                let want = acked.get(&chunk).copied().unwrap_or(0);
+                let alt = in_flight.filter(|(c, _)| *c == chunk).map(|(_, v)| v);
+                let ok = b.iter().all(|&x| x == want) || alt.is_some_and(|a| b.iter().all(|&x| x == a));
+                assert!(ok, "round {round}: chunk {chunk} holds {:#x}.., acknowledged {want:#x}, in flight {alt:?}", b[0]);
+            }
+        });
+        // The device state is consistent again: a new epoch for the next round.
+        epoch += 1;
+        r.block_on(async {
+            let c = client(f.sled.ready.listen, &f.key, 1).await;
+            c.claim(&f.key.mint(V, Epoch(epoch), NodeId(1)))
+                .await
+                .unwrap();
+        });
+    }
+}
+
+#[test]
+fn device_files_that_are_truncated_or_corrupt_get_clear_errors() {
+    let dir = scratch("sled-corrupt");
+    let (key_path, _) = key_file(dir.path());
+    let dev = dir.path().join("dev.img");
+    // Format it by starting once.
+    let mut s = SledProc::start(
+        "fmt",
+        dir.path(),
+        &key_path,
+        &[format!("{}:128M", dev.display())],
+        None,
+        &["--chunk-size", "8MiB"],
+    );
+    assert!(s.proc.stop(Duration::from_secs(30)));
+    let run = |device: &str| {
+        std::process::Command::new(tests::bin("sled-controller"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--cluster-key-file",
+                &key_path.display().to_string(),
+                "--chunk-size",
+                "8MiB",
+                "--device",
+                device,
+            ])
+            .output()
+            .unwrap()
+    };
+    // Truncated.
+    let short = dir.path().join("short.img");
+    std::fs::copy(&dev, &short).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&short)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let out = run(&short.display().to_string());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("truncated"), "{err}");
+    // Both superblock copies damaged.
+    let bad = dir.path().join("bad.img");
+    std::fs::copy(&dev, &bad).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::options().write(true).open(&bad).unwrap();
+        f.write_all_at(&[0xff; 16], 100).unwrap();
+        f.write_all_at(&[0xff; 16], 4096 + 100).unwrap();
+    }
+    let out = run(&bad.display().to_string());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("superblock corrupted"), "{err}");
+    // A file holding other data is not formatted over.
+    let other = dir.path().join("other.img");
+    std::fs::write(&other, vec![0x42u8; 32 << 20]).unwrap();
+    let out = run(&format!("{}:64M", other.display()));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not empty") || err.contains("refusing"),
+        "{err}"
+    );
+    // A missing device without a size.
+    let out = run(&dir.path().join("missing.img").display().to_string());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
+}
+
+#[test]
+fn serves_a_block_device_through_a_loop_device() {
+    let dir = scratch("sled-loop");
+    let backing = dir.path().join("backing.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show", "--direct-io=on"])
+        .arg(&backing)
+        .output();
+    let loopdev = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        other => {
+            eprintln!("SKIP: losetup unavailable here ({other:?}); block devices not tested");
+            return;
+        }
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+    let _detach = Detach(loopdev.clone());
+    let (key_path, key) = key_file(dir.path());
+    let mut s = SledProc::start(
+        "loop",
+        dir.path(),
+        &key_path,
+        std::slice::from_ref(&loopdev),
+        None,
+        &["--chunk-size", "8MiB"],
+    );
+    rt().block_on(async {
+        let c = client(s.ready.listen, &key, 1).await;
+        let cred = key.mint(V, Epoch(1), NodeId(1));
+        c.claim(&cred).await.unwrap();
+        c.write(&cred, ChunkIndex(2), 0, filled(1 << 20, 0xb1))
+            .await
+            .unwrap();
+        assert!(
+            c.read(V, ChunkIndex(2), 0, 1 << 20)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 0xb1)
+        );
+        // Trim on a block device zeroes (BLKZEROOUT).
+        c.trim(&cred, ChunkIndex(2), 4096, 8192).await.unwrap();
+        let b = c.read(V, ChunkIndex(2), 0, 16384).await.unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 0xb1) && b[4096..12288].iter().all(|&x| x == 0));
+        let st = c.stat().await.unwrap();
+        assert_eq!(st.devices[0].path, loopdev);
+    });
+    assert!(s.proc.stop(Duration::from_secs(30)));
+    s.restart();
+    rt().block_on(async {
+        let c = client(s.ready.listen, &key, 1).await;
+        let b = c.read(V, ChunkIndex(2), 0, 16384).await.unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 0xb1) && b[4096..12288].iter().all(|&x| x == 0));
+    });
+}
+
+#[test]
+fn metrics_pass_promtool_and_are_documented() {
+    let f = fixture("sled-metrics");
+    rt().block_on(async {
+        let c = client(f.sled.ready.listen, &f.key, 1).await;
+        let cred = f.key.mint(V, Epoch(1), NodeId(1));
+        c.claim(&cred).await.unwrap();
+        c.write(&cred, ChunkIndex(0), 0, filled(4096, 1))
+            .await
+            .unwrap();
+        c.read(V, ChunkIndex(0), 0, 4096).await.unwrap();
+        let _ = c
+            .write(
+                &f.key.mint(V, Epoch(0), NodeId(1)),
+                ChunkIndex(0),
+                0,
+                filled(4096, 1),
+            )
+            .await;
+    });
+    let (status, body) = http_get(f.sled.ready.metrics, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for name in [
+        "stockade_sled_device_ops_total",
+        "stockade_sled_fenced_writes_total",
+        "stockade_sled_device_capacity_bytes",
+        "stockade_sled_device_chunks_used",
+        "stockade_sled_volume_bytes_total",
+        "stockade_sled_request_duration_seconds_bucket",
+        "process_open_fds",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics");
+    }
+    let problems = check_metrics(&body);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
