@@ -1,1 +1,4 @@
-//! placeholder until this crate is built
+//! The `stockade` admin tool: `stockade up` (a whole cluster on one machine) and the admin
+//! commands.
+
+pub mod up;

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine with Rust installed:
+#   installs the Debian packages the tests need (when missing), then runs the format check,
+#   clippy, and every test of the workspace (unit, integration, real NBD clients, promtool).
+# Run as root (apt-get, loop devices and FUSE mounts need it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(libnbd-bin python3-libnbd qemu-utils fio fuse3 e2fsprogs prometheus nbdkit util-linux procps)
+need=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing Debian packages: ${need[*]}; run as root (or apt-get install them)" >&2
+    exit 1
+  fi
+  echo "== installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo build"
+cargo build --workspace --all-targets
+echo "== cargo test"
+start=$(date +%s)
+cargo test --workspace -- --test-threads="${STOCKADE_TEST_THREADS:-2}"
+echo "== all tests passed in $(( $(date +%s) - start ))s"

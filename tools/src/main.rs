@@ -1,0 +1,28 @@
+//! `stockade`: the Stockade admin CLI.
+
+use clap::{Parser, Subcommand};
+
+/// Stockade: a replicated network block store.
+#[derive(Debug, Parser)]
+#[command(name = "stockade", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a whole cluster on this machine (sleds and head nodes on loopback).
+    Up(tools::up::UpArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Cmd::Up(a) => tools::up::run(a),
+    };
+    if let Err(e) = res {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
