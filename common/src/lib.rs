@@ -4,6 +4,7 @@
 pub mod aligned;
 pub mod clock;
 pub mod cred;
+pub mod events;
 pub mod ids;
 pub mod logging;
 pub mod metrics;
