@@ -1,4 +1,17 @@
-//! The Stockade head node: serves volumes over NBD (and, later, replicates them with Raft and
-//! writes them back to sleds).
+//! The Stockade head node: serves volumes over NBD; their data lives on sled controllers.
+//!
+//! * [`nbd`] — the NBD server, generic over the [`nbd::Volume`] trait.
+//! * [`volume`] — volumes on sleds: placement, replicated I/O with fencing credentials, and the
+//!   NBD volume over them.
+//! * [`sleds`] — connections to the sled controllers.
+//! * [`state`] — the state directory (epoch counter, volume descriptions).
+//! * [`config`], [`app`] — configuration, start and stop.
+//! * [`metrics`] — volume metrics.
 
+pub mod app;
+pub mod config;
+pub mod metrics;
 pub mod nbd;
+pub mod sleds;
+pub mod state;
+pub mod volume;

@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod head;
 pub mod sled;
 
 /// The workspace root.

@@ -24,7 +24,7 @@ use common::logging::RateLimit;
 use common::metrics::MetricsError;
 use common::{Clock, SystemClock};
 use prometheus::Registry;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -41,7 +41,7 @@ use super::transmission::{self, CloseReason};
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// Limits of the NBD server. Every field has a default; `validate` checks a loaded config.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServerConfig {
     /// Largest READ/WRITE payload advertised and accepted (`NBD_INFO_BLOCK_SIZE` maximum).

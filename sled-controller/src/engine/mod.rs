@@ -133,7 +133,11 @@ pub enum DeviceKind {
 #[derive(Debug)]
 pub struct Doorbell {
     fd: std::os::fd::OwnedFd,
+    id: u64,
 }
+
+/// Source of doorbell identities (file descriptor numbers are reused, identities are not).
+static NEXT_DOORBELL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Doorbell {
     /// A new doorbell (non-blocking eventfd).
@@ -145,7 +149,8 @@ impl Doorbell {
         }
         // SAFETY: fd is a freshly created, owned, valid descriptor.
         let fd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
-        Ok(Self { fd })
+        let id = NEXT_DOORBELL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Self { fd, id })
     }
 
     /// Rings: the next (or current) blocking poll returns.
@@ -186,6 +191,11 @@ impl Doorbell {
         // SAFETY: pfd is a valid pollfd array of length 1 for the duration of the call.
         unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) };
         self.clear();
+    }
+
+    /// A unique identity: an engine that armed a watch on another doorbell must arm this one.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The raw descriptor (for io_uring to read).

@@ -13,7 +13,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-const DOORBELL_TAG: u64 = u64::MAX;
+/// User data of doorbell polls: this plus the doorbell's id (slots are small indices).
+const DOORBELL_TAG: u64 = 1 << 62;
 
 /// An operation the kernel holds, with its progress.
 #[derive(Debug)]
@@ -32,7 +33,9 @@ pub struct UringEngine {
     in_flight: usize,
     /// Completions produced without the kernel (block-device zeroing).
     local: Vec<Completion>,
-    doorbell_armed: bool,
+    /// The doorbell whose poll is armed in the ring (a poll armed on another doorbell, such as
+    /// one used while opening the device, would never wake the device thread).
+    doorbell_armed: Option<u64>,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -60,7 +63,7 @@ impl UringEngine {
             free: (0..cap).rev().collect(),
             in_flight: 0,
             local: Vec::new(),
-            doorbell_armed: false,
+            doorbell_armed: None,
         })
     }
 
@@ -107,16 +110,16 @@ impl UringEngine {
     }
 
     fn arm_doorbell(&mut self, doorbell: &Doorbell) {
-        if self.doorbell_armed {
+        if self.doorbell_armed == Some(doorbell.id()) {
             return;
         }
         let sqe = opcode::PollAdd::new(types::Fd(doorbell.raw_fd()), libc::POLLIN as u32)
             .build()
-            .user_data(DOORBELL_TAG);
+            .user_data(DOORBELL_TAG + doorbell.id());
         // SAFETY: a poll entry references no memory; the eventfd outlives the wait because the
         // caller holds it across poll().
         if unsafe { self.ring.submission().push(&sqe).is_ok() } {
-            self.doorbell_armed = true;
+            self.doorbell_armed = Some(doorbell.id());
         }
     }
 
@@ -128,8 +131,11 @@ impl UringEngine {
             .map(|c| (c.user_data(), c.result()))
             .collect();
         for (user, res) in cqes {
-            if user == DOORBELL_TAG {
-                self.doorbell_armed = false;
+            if user >= DOORBELL_TAG {
+                // A doorbell poll fired (possibly one armed for an older doorbell).
+                if self.doorbell_armed == Some(user - DOORBELL_TAG) {
+                    self.doorbell_armed = None;
+                }
                 doorbell.clear();
                 continue;
             }
@@ -206,7 +212,7 @@ impl Drop for UringEngine {
             }
             let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
             for user in done {
-                if user != DOORBELL_TAG
+                if user < DOORBELL_TAG
                     && self
                         .slots
                         .get_mut(user as usize)

@@ -1,0 +1,118 @@
+//! `head-node`: serves volumes over NBD, stored on sled controllers. See `head.example.toml`.
+
+use anyhow::Context;
+use clap::Parser;
+use common::ids::NodeId;
+use head_node::config::{HeadConfig, VolumeConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Serves volumes over NBD to unmodified clients; their data lives on sled controllers.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file (flags override its values).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// This head node's id (non-zero, unique in the cluster).
+    #[arg(long)]
+    node_id: Option<NodeId>,
+    /// Address NBD clients connect to.
+    #[arg(long)]
+    nbd_listen: Option<SocketAddr>,
+    /// Address serving the admin API and /metrics.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// A sled controller address (repeatable; replaces the config file's list).
+    #[arg(long = "sled")]
+    sleds: Vec<SocketAddr>,
+    /// The cluster key file (64 hex digits).
+    #[arg(long)]
+    cluster_key_file: Option<PathBuf>,
+    /// The state directory.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Replicas per chunk.
+    #[arg(long)]
+    replicas: Option<usize>,
+    /// A volume to serve, NAME:SIZE (repeatable; replaces the config file's list).
+    #[arg(long = "volume")]
+    volumes: Vec<VolumeConfig>,
+    /// Write the bound addresses here (JSON) once ready.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+fn config(a: Args) -> anyhow::Result<HeadConfig> {
+    let mut cfg = match &a.config {
+        Some(p) => HeadConfig::load(p)?,
+        None => HeadConfig {
+            node_id: a
+                .node_id
+                .context("--node-id is required without --config")?,
+            nbd_listen: "127.0.0.1:10809".parse()?,
+            admin_listen: "127.0.0.1:7900".parse()?,
+            cluster_key_file: a
+                .cluster_key_file
+                .clone()
+                .context("--cluster-key-file is required without --config")?,
+            state_dir: a
+                .state_dir
+                .clone()
+                .context("--state-dir is required without --config")?,
+            sleds: Vec::new(),
+            replicas: 3,
+            volume: Vec::new(),
+            nbd: Default::default(),
+            ready_file: None,
+        },
+    };
+    if let Some(v) = a.node_id {
+        cfg.node_id = v;
+    }
+    if let Some(v) = a.nbd_listen {
+        cfg.nbd_listen = v;
+    }
+    if let Some(v) = a.admin_listen {
+        cfg.admin_listen = v;
+    }
+    if !a.sleds.is_empty() {
+        cfg.sleds = a.sleds;
+    }
+    if let Some(v) = a.cluster_key_file {
+        cfg.cluster_key_file = v;
+    }
+    if let Some(v) = a.state_dir {
+        cfg.state_dir = v;
+    }
+    if let Some(v) = a.replicas {
+        cfg.replicas = v;
+    }
+    if !a.volumes.is_empty() {
+        cfg.volume = a.volumes;
+    }
+    if a.ready_file.is_some() {
+        cfg.ready_file = a.ready_file;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    common::logging::init("head-node");
+    let cfg = config(args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("head")
+        .build()?;
+    rt.block_on(async move {
+        let registry = common::metrics::new_registry();
+        let running = head_node::app::start(cfg, registry).await?;
+        common::signals::wait_for_shutdown().await;
+        tracing::info!("shutting down");
+        running.stop().await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,138 @@
+//! Connections from this head node to the sleds it uses.
+//!
+//! Each sled is known by its address (from configuration) and, once reached, by the id it proves
+//! in the handshake. A connection is made on first use and remade after it fails, with a short
+//! back-off so a dead sled does not cost a connect attempt per request.
+
+use common::ClusterKey;
+use common::ids::{NodeId, SledId};
+use common::sled_client::{ClientError, SledClient};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Time allowed to connect and authenticate.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Minimum time between two connect attempts to a sled that failed (callers wait it out).
+pub const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Default)]
+struct Slot {
+    client: Option<Arc<SledClient>>,
+    last_failure: Option<(Instant, ClientError)>,
+}
+
+/// One sled.
+#[derive(Debug)]
+pub struct SledConn {
+    addr: SocketAddr,
+    key: ClusterKey,
+    node: NodeId,
+    slot: tokio::sync::Mutex<Slot>,
+    id: Mutex<Option<SledId>>,
+}
+
+impl SledConn {
+    /// The sled's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its id, once it has been reached.
+    pub fn id(&self) -> Option<SledId> {
+        *self.id.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A live connection, connecting if needed.
+    pub async fn client(&self) -> Result<Arc<SledClient>, ClientError> {
+        let mut slot = self.slot.lock().await;
+        if let Some(c) = &slot.client {
+            if c.is_alive() {
+                return Ok(c.clone());
+            }
+            slot.client = None;
+        }
+        // Back off between attempts on a sled that failed, but do try again: a sled that came
+        // back must not be refused because of an old failure.
+        if let Some((when, _)) = &slot.last_failure {
+            let wait = RETRY_AFTER.saturating_sub(when.elapsed());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        match SledClient::connect(self.addr, &self.key, self.node, CONNECT_TIMEOUT).await {
+            Ok(c) => {
+                let c = Arc::new(c);
+                *self.id.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.sled_id());
+                slot.client = Some(c.clone());
+                slot.last_failure = None;
+                Ok(c)
+            }
+            Err(e) => {
+                tracing::warn!(sled = %self.addr, error = %e, "cannot reach sled");
+                slot.last_failure = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The sleds of this head node, by address and by id.
+#[derive(Debug)]
+pub struct SledPool {
+    sleds: Vec<Arc<SledConn>>,
+}
+
+impl SledPool {
+    /// A pool over the configured sled addresses; nothing is connected yet.
+    pub fn new(addrs: &[SocketAddr], key: ClusterKey, node: NodeId) -> Self {
+        Self {
+            sleds: addrs
+                .iter()
+                .map(|a| {
+                    Arc::new(SledConn {
+                        addr: *a,
+                        key: key.clone(),
+                        node,
+                        slot: tokio::sync::Mutex::new(Slot::default()),
+                        id: Mutex::new(None),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Every sled.
+    pub fn all(&self) -> &[Arc<SledConn>] {
+        &self.sleds
+    }
+
+    /// Connects to every sled (concurrently) so their ids are known; returns the ones reached.
+    pub async fn discover(&self) -> Vec<(SledId, Arc<SledConn>)> {
+        let tries = self.sleds.iter().map(|s| {
+            let s = s.clone();
+            async move { s.client().await.ok().map(|c| (c.sled_id(), s)) }
+        });
+        let mut out = Vec::new();
+        for t in tries {
+            if let Some(x) = t.await {
+                out.push(x);
+            }
+        }
+        out
+    }
+
+    /// The sled with this id, if it has been reached.
+    pub fn by_id(&self, id: SledId) -> Option<Arc<SledConn>> {
+        self.sleds.iter().find(|s| s.id() == Some(id)).cloned()
+    }
+
+    /// Map of reached sleds by id.
+    pub fn known(&self) -> HashMap<SledId, Arc<SledConn>> {
+        self.sleds
+            .iter()
+            .filter_map(|s| s.id().map(|id| (id, s.clone())))
+            .collect()
+    }
+}

@@ -1,0 +1,493 @@
+//! Replicated, block-aligned I/O on the sleds of one volume.
+//!
+//! Every mutation carries this head node's credential for the volume and goes to every replica
+//! of its chunk; it succeeds when all replicas have it durable. A read goes to one replica and
+//! falls back to the others on any error (a sled down, a checksum mismatch). The first `Fenced`
+//! answer means another head node has claimed the volume with a higher epoch: the store becomes
+//! *deposed*, refuses everything from then on, and [`SledStore::deposed`] resolves so the NBD
+//! connections are closed. Nothing is retried under an old epoch.
+
+use super::{BLOCK, Segment, VolumeSpec};
+use crate::metrics::VolumeMetrics;
+use crate::sleds::{SledConn, SledPool};
+use common::AlignedBuf;
+use common::cred::{ClusterKey, Credential};
+use common::ids::{ChunkIndex, Epoch, NodeId, SledId};
+use common::sled_client::ClientError;
+use common::sled_proto::ErrorCode;
+use futures_util::future::join_all;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+/// Errors of replicated I/O.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Another head node holds a higher claim.
+    #[error("deposed: volume claimed by epoch {epoch} holder {holder}")]
+    Deposed {
+        /// The winning epoch.
+        epoch: Epoch,
+        /// The winning holder.
+        holder: NodeId,
+    },
+    /// A sled has no room for a new chunk.
+    #[error("no space left on sled {0}")]
+    NoSpace(SledId),
+    /// A replica could not be written or no replica could be read.
+    #[error("{0}")]
+    Io(String),
+    /// The range is outside the volume.
+    #[error("range {offset}+{len} is outside the volume")]
+    OutOfRange {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+/// What is known about a chunk's allocation.
+#[derive(Debug, Default)]
+struct Allocation {
+    /// Chunks known to hold nothing on any replica.
+    empty: BTreeSet<u64>,
+}
+
+/// The sleds of one volume, seen through this head node's credential.
+#[derive(Debug)]
+pub struct SledStore {
+    spec: RwLock<VolumeSpec>,
+    pool: Arc<SledPool>,
+    key: ClusterKey,
+    node: NodeId,
+    cred: RwLock<Credential>,
+    claimed: Mutex<HashSet<SledId>>,
+    alloc: Mutex<Allocation>,
+    deposed: tokio::sync::watch::Sender<Option<(Epoch, NodeId)>>,
+    reads: AtomicU64,
+    metrics: VolumeMetrics,
+}
+
+fn block_aligned(offset: u64, len: u64) -> bool {
+    offset.is_multiple_of(BLOCK) && len.is_multiple_of(BLOCK)
+}
+
+impl SledStore {
+    /// A store for `spec` at `epoch`. Nothing is claimed until [`SledStore::open`].
+    pub fn new(
+        spec: VolumeSpec,
+        pool: Arc<SledPool>,
+        key: ClusterKey,
+        node: NodeId,
+        epoch: Epoch,
+        metrics: VolumeMetrics,
+    ) -> Self {
+        let cred = key.mint(spec.id, epoch, node);
+        let (deposed, _) = tokio::sync::watch::channel(None);
+        Self {
+            spec: RwLock::new(spec),
+            pool,
+            key,
+            node,
+            cred: RwLock::new(cred),
+            claimed: Mutex::default(),
+            alloc: Mutex::default(),
+            deposed,
+            reads: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    /// The volume's description.
+    pub fn spec(&self) -> VolumeSpec {
+        self.spec.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the description (growing the volume).
+    pub fn set_spec(&self, spec: VolumeSpec) {
+        *self.spec.write().unwrap_or_else(|p| p.into_inner()) = spec;
+    }
+
+    fn credential(&self) -> Credential {
+        *self.cred.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The epoch this store writes under.
+    pub fn epoch(&self) -> Epoch {
+        self.credential().epoch
+    }
+
+    /// Resolves once the store has been deposed.
+    pub async fn deposed(&self) {
+        let mut rx = self.deposed.subscribe();
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    /// The claim that deposed this store, if any.
+    pub fn deposed_by(&self) -> Option<(Epoch, NodeId)> {
+        *self.deposed.borrow()
+    }
+
+    fn depose(&self, epoch: Epoch, holder: NodeId) -> StoreError {
+        if self.deposed.borrow().is_none() {
+            let vol = self.spec().id;
+            tracing::error!(volume_id = %vol, epoch = self.epoch().0, node_id = self.node.0,
+                stored_epoch = epoch.0, stored_holder = holder.0,
+                "fenced by a sled: another head node claimed the volume; stop serving it");
+            self.metrics.fenced.inc();
+            self.deposed.send_replace(Some((epoch, holder)));
+        }
+        StoreError::Deposed { epoch, holder }
+    }
+
+    fn check_deposed(&self) -> Result<(), StoreError> {
+        match *self.deposed.borrow() {
+            Some((epoch, holder)) => Err(StoreError::Deposed { epoch, holder }),
+            None => Ok(()),
+        }
+    }
+
+    fn conn(&self, sled: SledId) -> Result<Arc<SledConn>, StoreError> {
+        self.pool.by_id(sled).ok_or_else(|| {
+            StoreError::Io(format!("sled {sled} is not reachable (never connected)"))
+        })
+    }
+
+    /// Maps a client error of a mutation to a store error (deposing on `Fenced`).
+    fn mutation_error(&self, sled: SledId, e: ClientError) -> StoreError {
+        match (&e, e.code()) {
+            (ClientError::Remote(w), Some(ErrorCode::Fenced)) => {
+                let (epoch, holder) = w.current.unwrap_or((Epoch(u64::MAX), NodeId(0)));
+                self.depose(epoch, holder)
+            }
+            (_, Some(ErrorCode::NoSpace)) => StoreError::NoSpace(sled),
+            _ => StoreError::Io(format!("sled {sled}: {e}")),
+        }
+    }
+
+    /// Claims the volume on one sled under the current epoch.
+    async fn claim_one(&self, sled: SledId) -> Result<(), StoreError> {
+        let conn = self.conn(sled)?;
+        let client = conn
+            .client()
+            .await
+            .map_err(|e| StoreError::Io(format!("sled {sled}: {e}")))?;
+        let cred = self.credential();
+        match client.claim(&cred).await {
+            Ok(_) => {
+                self.claimed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(sled);
+                self.metrics.claims.inc();
+                tracing::info!(volume_id = %cred.volume, epoch = cred.epoch.0, sled_id = %sled,
+                    node_id = self.node.0, "claimed volume on sled");
+                Ok(())
+            }
+            Err(e) => Err(self.mutation_error(sled, e)),
+        }
+    }
+
+    /// Claims every sled of the volume and learns which chunks are empty. Sleds that cannot be
+    /// reached now are claimed before their first mutation.
+    pub async fn open(&self) -> Result<(), StoreError> {
+        let spec = self.spec();
+        let sleds = spec.sleds();
+        let results = join_all(sleds.iter().map(|s| self.claim_one(*s))).await;
+        for r in &results {
+            if let Err(e @ StoreError::Deposed { .. }) = r {
+                return Err(e.clone());
+            }
+        }
+        // A chunk is empty when every replica answered and none holds it.
+        let mut reachable = HashSet::new();
+        let mut held = BTreeSet::new();
+        for s in &sleds {
+            let Ok(conn) = self.conn(*s) else { continue };
+            let Ok(client) = conn.client().await else {
+                continue;
+            };
+            if let Ok(st) = client.volume_stat(spec.id).await {
+                reachable.insert(*s);
+                held.extend(st.chunks.iter().map(|c| c.0));
+            }
+        }
+        let mut alloc = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        alloc.empty = (0..spec.chunks())
+            .filter(|c| !held.contains(c))
+            .filter(|c| {
+                spec.placement[*c as usize]
+                    .iter()
+                    .all(|s| reachable.contains(s))
+            })
+            .collect();
+        self.metrics
+            .chunks_allocated
+            .set((spec.chunks() - alloc.empty.len() as u64) as i64);
+        Ok(())
+    }
+
+    async fn ensure_claimed(&self, sled: SledId) -> Result<(), StoreError> {
+        let done = self
+            .claimed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&sled);
+        if done {
+            return Ok(());
+        }
+        self.claim_one(sled).await
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<VolumeSpec, StoreError> {
+        let spec = self.spec();
+        if offset.checked_add(len).is_none_or(|end| end > spec.size) {
+            return Err(StoreError::OutOfRange { offset, len });
+        }
+        Ok(spec)
+    }
+
+    fn is_empty(&self, chunk: ChunkIndex) -> bool {
+        self.alloc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .empty
+            .contains(&chunk.0)
+    }
+
+    fn set_empty(&self, chunk: ChunkIndex, empty: bool, total: u64) {
+        let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = if empty {
+            a.empty.insert(chunk.0)
+        } else {
+            a.empty.remove(&chunk.0)
+        };
+        if changed {
+            self.metrics
+                .chunks_allocated
+                .set(total.saturating_sub(a.empty.len() as u64) as i64);
+        }
+    }
+
+    /// One mutation on every replica of a segment's chunk.
+    async fn on_replicas<F, Fut>(
+        &self,
+        spec: &VolumeSpec,
+        seg: Segment,
+        op: F,
+    ) -> Result<(), StoreError>
+    where
+        F: Fn(Arc<common::sled_client::SledClient>, Credential) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ClientError>>,
+    {
+        let replicas = &spec.placement[seg.chunk.0 as usize];
+        let results = join_all(replicas.iter().map(|sled| {
+            let op = &op;
+            async move {
+                self.ensure_claimed(*sled).await?;
+                let conn = self.conn(*sled)?;
+                let client = conn
+                    .client()
+                    .await
+                    .map_err(|e| StoreError::Io(format!("sled {sled}: {e}")))?;
+                let cred = self.credential();
+                let mut res = op(client.clone(), cred).await;
+                if res.as_ref().err().and_then(ClientError::code) == Some(ErrorCode::NotClaimed) {
+                    // The sled lost its record (a replaced device): claim again, once.
+                    self.claimed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(sled);
+                    self.ensure_claimed(*sled).await?;
+                    res = op(client, cred).await;
+                }
+                res.map_err(|e| self.mutation_error(*sled, e))
+            }
+        }))
+        .await;
+        // A deposition wins over any other error; then no-space; then the first error.
+        let mut first = None;
+        for r in results {
+            match r {
+                Ok(()) => {}
+                Err(e @ StoreError::Deposed { .. }) => return Err(e),
+                Err(e @ StoreError::NoSpace(_)) => first = Some(e),
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Writes block-aligned `data` at `offset` to every replica.
+    pub async fn write(&self, offset: u64, data: AlignedBuf) -> Result<(), StoreError> {
+        self.check_deposed()?;
+        let len = data.len() as u64;
+        debug_assert!(block_aligned(offset, len));
+        let spec = self.check_range(offset, len)?;
+        let started = Instant::now();
+        let segs = spec.segments(offset, len);
+        let shared = Arc::new(data);
+        let parts: Vec<(Segment, Arc<AlignedBuf>)> = if segs.len() == 1 {
+            vec![(segs[0], shared)]
+        } else {
+            segs.iter()
+                .map(|s| {
+                    let piece = &shared[s.at as usize..(s.at + s.len) as usize];
+                    (*s, Arc::new(AlignedBuf::from_slice(piece)))
+                })
+                .collect()
+        };
+        let results = join_all(parts.into_iter().map(|(seg, buf)| {
+            let spec = &spec;
+            async move {
+                let r = self
+                    .on_replicas(spec, seg, |c, cred| {
+                        let buf = buf.clone();
+                        async move { c.write(&cred, seg.chunk, seg.offset, buf).await }
+                    })
+                    .await;
+                if r.is_ok() {
+                    self.set_empty(seg.chunk, false, spec.chunks());
+                }
+                r
+            }
+        }))
+        .await;
+        self.metrics.observe_stage("sled_write", started);
+        results.into_iter().collect()
+    }
+
+    /// Reads block-aligned `[offset, offset+len)`, each chunk from one replica with fall-back.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<AlignedBuf, StoreError> {
+        self.check_deposed()?;
+        debug_assert!(block_aligned(offset, len));
+        let spec = self.check_range(offset, len)?;
+        let started = Instant::now();
+        let segs = spec.segments(offset, len);
+        let pieces = join_all(segs.iter().map(|seg| self.read_segment(&spec, *seg))).await;
+        let out = if pieces.len() == 1 {
+            pieces.into_iter().next().expect("one piece")?
+        } else {
+            let mut out = AlignedBuf::zeroed(len as usize);
+            for (seg, piece) in segs.iter().zip(pieces) {
+                let piece = piece?;
+                out[seg.at as usize..(seg.at + seg.len) as usize].copy_from_slice(&piece);
+            }
+            out
+        };
+        self.metrics.observe_stage("sled_read", started);
+        Ok(out)
+    }
+
+    async fn read_segment(
+        &self,
+        spec: &VolumeSpec,
+        seg: Segment,
+    ) -> Result<AlignedBuf, StoreError> {
+        if self.is_empty(seg.chunk) {
+            return Ok(AlignedBuf::zeroed(seg.len as usize));
+        }
+        let replicas = &spec.placement[seg.chunk.0 as usize];
+        // Spread reads over the replicas; fall back to the others in turn.
+        let start = self.reads.fetch_add(1, Ordering::Relaxed) as usize;
+        let mut errors = Vec::new();
+        for k in 0..replicas.len() {
+            let sled = replicas[(start + k) % replicas.len()];
+            let attempt = async {
+                let conn = self.conn(sled)?;
+                let client = conn
+                    .client()
+                    .await
+                    .map_err(|e| StoreError::Io(e.to_string()))?;
+                client
+                    .read(spec.id, seg.chunk, seg.offset, seg.len as u32)
+                    .await
+                    .map_err(|e| StoreError::Io(e.to_string()))
+            };
+            match attempt.await {
+                Ok(buf) => return Ok(buf),
+                Err(e) => {
+                    self.metrics.read_fallbacks.inc();
+                    tracing::warn!(volume_id = %spec.id, chunk = seg.chunk.0, sled_id = %sled,
+                        error = %e, "replica read failed; trying another");
+                    errors.push(format!("sled {sled}: {e}"));
+                }
+            }
+        }
+        Err(StoreError::Io(format!(
+            "no replica of chunk {} could be read: {}",
+            seg.chunk.0,
+            errors.join("; ")
+        )))
+    }
+
+    /// Makes block-aligned `[offset, offset+len)` read as zeros on every replica. With
+    /// `may_free`, chunks covered entirely are freed (they become holes).
+    pub async fn zero(&self, offset: u64, len: u64, may_free: bool) -> Result<(), StoreError> {
+        self.check_deposed()?;
+        debug_assert!(block_aligned(offset, len));
+        let spec = self.check_range(offset, len)?;
+        let started = Instant::now();
+        let segs = spec.segments(offset, len);
+        // Bound the fan-out of huge requests (a 5 GiB write-zeroes touches 80 chunks).
+        for batch in segs.chunks(16) {
+            let results = join_all(batch.iter().map(|seg| {
+                let spec = &spec;
+                let seg = *seg;
+                async move {
+                    if self.is_empty(seg.chunk) {
+                        return Ok(());
+                    }
+                    if may_free && seg.offset == 0 && seg.len == spec.chunk_size {
+                        let r = self
+                            .on_replicas(spec, seg, |c, cred| async move {
+                                c.free(&cred, seg.chunk).await
+                            })
+                            .await;
+                        if r.is_ok() {
+                            self.set_empty(seg.chunk, true, spec.chunks());
+                        }
+                        return r;
+                    }
+                    self.on_replicas(spec, seg, |c, cred| async move {
+                        c.write_zeroes(&cred, seg.chunk, seg.offset, seg.len).await
+                    })
+                    .await
+                }
+            }))
+            .await;
+            for r in results {
+                r?;
+            }
+        }
+        self.metrics.observe_stage("sled_zero", started);
+        Ok(())
+    }
+
+    /// Allocation of `[offset, offset+len)` by chunk: `(length, allocated)` runs.
+    pub fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let spec = self.spec();
+        let end = (offset + len).min(spec.size);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        if offset >= end {
+            return out;
+        }
+        for seg in spec.segments(offset, end - offset) {
+            let allocated = !self.is_empty(seg.chunk);
+            match out.last_mut() {
+                Some((l, a)) if *a == allocated => *l += seg.len,
+                _ => out.push((seg.len, allocated)),
+            }
+        }
+        out
+    }
+
+    /// The cluster key (for re-minting after an epoch change).
+    pub fn key(&self) -> &ClusterKey {
+        &self.key
+    }
+}

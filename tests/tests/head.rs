@@ -1,0 +1,252 @@
+//! The head node on real sleds, driven by real NBD clients.
+
+use std::process::Command;
+use std::time::Duration;
+use tests::head::{Cluster, HeadProc};
+use tests::{check_metrics, http_get, workspace};
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    c.arg(uri).output().expect("qemu-io runs")
+}
+
+fn ok(out: &std::process::Output) -> bool {
+    // qemu-io exits 0 even when a command fails; failures print to stderr/stdout.
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.status.success() && !text.contains("failed") && !text.contains("Pattern verification")
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics").unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The shared acceptance recipe (nbdinfo, qemu-io, qemu-img, nbdcopy, fio verify, nbdsh
+/// multi-conn, ext4 on nbdfuse + loop) against a head node with three sleds and a thin 5 GiB
+/// volume, with QEMU required to negotiate extended headers.
+#[test]
+fn acceptance_with_real_clients_on_three_sleds() {
+    let script = workspace().join("../shared/acceptance/nbd-clients.sh");
+    if !script.exists() {
+        eprintln!("SKIP: {} not found", script.display());
+        return;
+    }
+    let c = Cluster::start("head-accept", 3, "4GiB", "64MiB", &["vol0:5GiB"]);
+    let nbd = c.head.ready.nbd;
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(nbd.ip().to_string())
+        .arg(nbd.port().to_string())
+        .arg("vol0")
+        .env("REQUIRE_EXTENDED_HEADERS", "1")
+        .output()
+        .expect("acceptance script runs");
+    let t = text(&out);
+    eprintln!("{t}");
+    assert!(out.status.success(), "acceptance failed:\n{t}");
+    assert!(t.contains(", 0 failed"), "{t}");
+    // Every replica was written: each sled holds chunks of the volume.
+    for s in &c.sleds {
+        assert!(metric(s.ready.metrics, "stockade_sled_device_chunks_used") > 0.0);
+    }
+}
+
+#[test]
+fn data_survives_a_head_restart_and_the_epoch_rises() {
+    let mut c = Cluster::start("head-restart", 3, "1GiB", "8MiB", &["vol0:256MiB"]);
+    let uri = c.head.uri("vol0");
+    let w = qemu_io(&uri, &["write -P 0x5a 0 1M", "write -P 0x6b 100M 64k"]);
+    assert!(ok(&w), "{}", text(&w));
+    let e1 = c.head.ready.epoch;
+    assert!(c.head.proc.stop(Duration::from_secs(30)), "clean stop");
+    c.head.restart();
+    assert_eq!(
+        c.head.ready.epoch,
+        e1 + 1,
+        "every start claims with a new epoch"
+    );
+    let r = qemu_io(
+        &c.head.uri("vol0"),
+        &[
+            "read -P 0x5a 0 1M",
+            "read -P 0x6b 100M 64k",
+            "read -P 0 2M 1M",
+        ],
+    );
+    assert!(ok(&r), "{}", text(&r));
+    // kill -9 loses nothing acknowledged either.
+    let w = qemu_io(&c.head.uri("vol0"), &["write -P 0x7c 4M 256k"]);
+    assert!(ok(&w), "{}", text(&w));
+    c.head.proc.kill9();
+    c.head.restart();
+    let r = qemu_io(
+        &c.head.uri("vol0"),
+        &["read -P 0x7c 4M 256k", "read -P 0x5a 0 1M"],
+    );
+    assert!(ok(&r), "{}", text(&r));
+}
+
+#[test]
+fn reads_fall_back_to_another_replica_when_a_sled_dies() {
+    let mut c = Cluster::start("head-fallback", 3, "1GiB", "8MiB", &["vol0:128MiB"]);
+    let uri = c.head.uri("vol0");
+    let w = qemu_io(&uri, &["write -P 0x33 0 32M"]);
+    assert!(ok(&w), "{}", text(&w));
+    c.sleds[0].proc.kill9();
+    let r = qemu_io(&uri, &["read -P 0x33 0 32M"]);
+    assert!(ok(&r), "{}", text(&r));
+    assert!(metric(c.head.ready.admin, "stockade_volume_read_fallbacks_total") > 0.0);
+    // Until volumes are Raft groups with stale-replica tracking, a write needs every replica.
+    let w = qemu_io(&uri, &["write -P 0x44 0 4k"]);
+    assert!(
+        !ok(&w),
+        "a write with a replica down must not be acknowledged"
+    );
+    c.sleds[0].restart();
+    let w = qemu_io(&uri, &["write -P 0x44 0 4k"]);
+    assert!(ok(&w), "{}", text(&w));
+    let r = qemu_io(&uri, &["read -P 0x44 0 4k", "read -P 0x33 4k 1M"]);
+    assert!(ok(&r), "{}", text(&r));
+}
+
+#[test]
+fn a_second_head_node_fences_the_first_out() {
+    let c = Cluster::start("head-fence", 3, "1GiB", "8MiB", &["vol0:128MiB"]);
+    let uri1 = c.head.uri("vol0");
+    let w = qemu_io(&uri1, &["write -P 0x11 0 64k"]);
+    assert!(ok(&w), "{}", text(&w));
+    // Head 2 serves the same volume (same description), claiming above head 1.
+    let dir = c.dir.path();
+    std::fs::create_dir_all(dir.join("head2-state/volumes")).unwrap();
+    std::fs::copy(
+        dir.join("head1-state/volumes/vol0.json"),
+        dir.join("head2-state/volumes/vol0.json"),
+    )
+    .unwrap();
+    let h2 = HeadProc::start(
+        "head2",
+        dir,
+        &c.key_path,
+        2,
+        &c.sled_addrs(),
+        &["vol0:128MiB"],
+        &[],
+    );
+    assert!(h2.ready.epoch > c.head.ready.epoch);
+    let w = qemu_io(&h2.uri("vol0"), &["write -P 0x22 0 64k"]);
+    assert!(ok(&w), "{}", text(&w));
+    let sled_fenced: f64 = c
+        .sleds
+        .iter()
+        .map(|s| metric(s.ready.metrics, "stockade_sled_fenced_writes_total"))
+        .sum();
+    // Head 1's write is refused by the sleds; nothing of it lands.
+    let w = qemu_io(&uri1, &["write -P 0x99 0 64k"]);
+    assert!(
+        !ok(&w),
+        "the deposed head must not acknowledge: {}",
+        text(&w)
+    );
+    let after: f64 = c
+        .sleds
+        .iter()
+        .map(|s| metric(s.ready.metrics, "stockade_sled_fenced_writes_total"))
+        .sum();
+    assert!(after > sled_fenced, "sleds counted the fenced write");
+    assert!(metric(c.head.ready.admin, "stockade_volume_fenced_total") >= 1.0);
+    let r = qemu_io(&h2.uri("vol0"), &["read -P 0x22 0 64k"]);
+    assert!(ok(&r), "{}", text(&r));
+    assert!(c.head.proc.log_text().contains("fenced by a sled"));
+}
+
+#[test]
+fn a_full_sled_gives_enospc_and_the_volume_stays_readable() {
+    // 64 MiB devices with 8 MiB chunks hold a handful of chunks each: a 1 GiB volume cannot fit.
+    let c = Cluster::start("head-enospc", 3, "64MiB", "8MiB", &["vol0:1GiB"]);
+    let uri = c.head.uri("vol0");
+    let w = qemu_io(&uri, &["write -P 0x10 0 1M"]);
+    assert!(ok(&w), "{}", text(&w));
+    let mut failed = None;
+    for chunk in 1..64u64 {
+        let w = qemu_io(&uri, &[&format!("write -P 0x20 {}M 4k", chunk * 8)]);
+        if !ok(&w) {
+            failed = Some(text(&w));
+            break;
+        }
+    }
+    let msg = failed.expect("sleds never ran out of space");
+    assert!(msg.contains("No space left"), "{msg}");
+    let r = qemu_io(&uri, &["read -P 0x10 0 1M"]);
+    assert!(ok(&r), "{}", text(&r));
+}
+
+#[test]
+fn block_status_reports_unwritten_chunks_as_holes() {
+    let c = Cluster::start("head-map", 3, "1GiB", "8MiB", &["vol0:64MiB"]);
+    let uri = c.head.uri("vol0");
+    let map = |uri: &str| {
+        let out = Command::new("nbdinfo")
+            .args(["--map", "--json", uri])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+    };
+    let m = map(&uri);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0]["type"], 3, "a fresh volume is one hole: {m:?}");
+    let w = qemu_io(&uri, &["write -P 1 9M 4k"]);
+    assert!(ok(&w), "{}", text(&w));
+    let m = map(&uri);
+    // Chunk 1 (8-16 MiB) is data now; the rest is still a hole.
+    let data: Vec<_> = m.iter().filter(|e| e["type"] == 0).collect();
+    assert_eq!(data.len(), 1, "{m:?}");
+    assert_eq!(data[0]["offset"], 8 << 20);
+    assert_eq!(data[0]["length"], 8 << 20);
+    // Trimming the whole chunk frees it: a hole again, reading zeros.
+    let t = qemu_io(&uri, &["discard 8M 8M", "read -P 0 8M 8M"]);
+    assert!(ok(&t), "{}", text(&t));
+    assert!(map(&uri).iter().all(|e| e["type"] == 3));
+}
+
+#[test]
+fn head_node_metrics_pass_promtool_and_are_documented() {
+    let c = Cluster::start("head-metrics", 3, "1GiB", "8MiB", &["vol0:64MiB"]);
+    let w = qemu_io(
+        &c.head.uri("vol0"),
+        &["write -P 1 0 64k", "read -P 1 0 64k"],
+    );
+    assert!(ok(&w), "{}", text(&w));
+    let (status, body) = http_get(c.head.ready.admin, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for name in [
+        "stockade_nbd_requests_total",
+        "stockade_nbd_request_duration_seconds_bucket",
+        "stockade_volume_stage_duration_seconds_bucket",
+        "stockade_volume_epoch",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(body.contains(name), "{name} missing");
+    }
+    let problems = check_metrics(&body);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
