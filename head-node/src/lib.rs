@@ -12,6 +12,7 @@ pub mod app;
 pub mod config;
 pub mod metrics;
 pub mod nbd;
+pub mod replication;
 pub mod sleds;
 pub mod state;
 pub mod volume;
