@@ -116,6 +116,19 @@ impl fmt::Debug for AlignedBuf {
     }
 }
 
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl AlignedBuf {
+    /// Turns the buffer into shared, immutable [`bytes::Bytes`] without copying.
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(self)
+    }
+}
+
 impl PartialEq for AlignedBuf {
     fn eq(&self, other: &Self) -> bool {
         self[..] == other[..]

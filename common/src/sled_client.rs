@@ -7,6 +7,7 @@
 
 use crate::AlignedBuf;
 use crate::Credential;
+use bytes::Bytes;
 use crate::cred::{ClusterKey, HandshakeRole, nonce};
 use crate::ids::{ChunkIndex, NodeId, SledId, VolumeId};
 use crate::sled_proto::{
@@ -70,7 +71,7 @@ type Pending =
 
 struct Outgoing {
     head: Vec<u8>,
-    data: Option<Arc<AlignedBuf>>,
+    data: Option<Bytes>,
 }
 
 /// A connection to one sled.
@@ -102,6 +103,38 @@ impl Drop for SledClient {
     fn drop(&mut self) {
         self.reader.abort();
         self.writer.abort();
+    }
+}
+
+/// The data part of a request: shared bytes, taken from whatever the caller holds without a
+/// copy.
+#[derive(Debug, Clone)]
+pub struct Payload(pub Bytes);
+
+impl From<Bytes> for Payload {
+    fn from(b: Bytes) -> Self {
+        Self(b)
+    }
+}
+
+impl From<AlignedBuf> for Payload {
+    fn from(b: AlignedBuf) -> Self {
+        Self(b.into_bytes())
+    }
+}
+
+impl From<Arc<AlignedBuf>> for Payload {
+    fn from(b: Arc<AlignedBuf>) -> Self {
+        Self(Bytes::from_owner(ArcBuf(b)))
+    }
+}
+
+/// An `Arc<AlignedBuf>` viewed as bytes (for [`Bytes::from_owner`]).
+struct ArcBuf(Arc<AlignedBuf>);
+
+impl AsRef<[u8]> for ArcBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -250,7 +283,7 @@ impl SledClient {
     pub async fn call(
         &self,
         req: &Request,
-        data: Option<Arc<AlignedBuf>>,
+        data: Option<Bytes>,
     ) -> Result<(Response, AlignedBuf), ClientError> {
         if !self.is_alive() {
             return Err(ClientError::Disconnected(self.addr));
@@ -265,7 +298,7 @@ impl SledClient {
             KIND_REQUEST,
             tag,
             req,
-            data.as_deref().map_or(&[][..], |d| &d[..]),
+            data.as_deref().unwrap_or(&[]),
         )
         .map_err(|e| ClientError::Unexpected(e.to_string()))?;
         let (wtx, wrx) = oneshot::channel();
@@ -333,13 +366,14 @@ impl SledClient {
         }
     }
 
-    /// Writes `data` at `offset` within a chunk.
+    /// Writes `data` at `offset` within a chunk (any shared bytes: the sled receives them into
+    /// its own aligned buffer).
     pub async fn write(
         &self,
         cred: &Credential,
         chunk: ChunkIndex,
         offset: u64,
-        data: Arc<AlignedBuf>,
+        data: impl Into<Payload>,
     ) -> Result<(), ClientError> {
         let r = self
             .call(
@@ -348,7 +382,7 @@ impl SledClient {
                     chunk,
                     offset,
                 },
-                Some(data),
+                Some(data.into().0),
             )
             .await?;
         Self::expect_ok(r)

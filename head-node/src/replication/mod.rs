@@ -4,6 +4,15 @@
 //! * [`GroupId`] — a Raft group's identity (independent of the volume it serves, so groups can
 //!   be created ahead of volumes and bound later).
 
+pub mod entry;
+pub mod group;
+pub mod memlog;
+pub mod overlay;
+pub mod slog_bridge;
+
+#[cfg(test)]
+mod sim;
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
 

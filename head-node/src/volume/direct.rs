@@ -92,7 +92,7 @@ impl DirectVolume {
         }
         let at = (offset - start) as usize;
         buf[at..at + bytes.len()].copy_from_slice(bytes);
-        self.store.write(start, buf).await
+        self.store.write(start, buf.into_bytes()).await
     }
 }
 
@@ -130,7 +130,7 @@ impl Volume for DirectVolume {
         let end = offset + data.len() as u64;
         let _g = self.lock(offset, end).await;
         let res = if offset.is_multiple_of(BLOCK) && end.is_multiple_of(BLOCK) {
-            self.store.write(offset, data).await
+            self.store.write(offset, data.into_bytes()).await
         } else {
             self.read_modify_write(offset, &data).await
         };

@@ -323,24 +323,18 @@ impl SledStore {
     }
 
     /// Writes block-aligned `data` at `offset` to every replica.
-    pub async fn write(&self, offset: u64, data: AlignedBuf) -> Result<(), StoreError> {
+    pub async fn write(&self, offset: u64, data: bytes::Bytes) -> Result<(), StoreError> {
         self.check_deposed()?;
         let len = data.len() as u64;
         debug_assert!(block_aligned(offset, len));
         let spec = self.check_range(offset, len)?;
         let started = Instant::now();
         let segs = spec.segments(offset, len);
-        let shared = Arc::new(data);
-        let parts: Vec<(Segment, Arc<AlignedBuf>)> = if segs.len() == 1 {
-            vec![(segs[0], shared)]
-        } else {
-            segs.iter()
-                .map(|s| {
-                    let piece = &shared[s.at as usize..(s.at + s.len) as usize];
-                    (*s, Arc::new(AlignedBuf::from_slice(piece)))
-                })
-                .collect()
-        };
+        // Pieces of one buffer, without copying.
+        let parts: Vec<(Segment, bytes::Bytes)> = segs
+            .iter()
+            .map(|s| (*s, data.slice(s.at as usize..(s.at + s.len) as usize)))
+            .collect();
         let results = join_all(parts.into_iter().map(|(seg, buf)| {
             let spec = &spec;
             async move {

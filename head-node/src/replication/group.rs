@@ -1,0 +1,672 @@
+//! One volume's Raft group on one node, without I/O: the group core.
+//!
+//! The core owns the raft-rs `RawNode`, the replicated [`VolumeState`], the [`Overlay`] of
+//! committed-unflushed data and the bookkeeping of proposals and reads. It never blocks and never
+//! reads a clock: a driver feeds it ticks, messages and proposals, persists what it asks, sends
+//! what it returns, and acts on its [`Event`]s. The same core runs under the async driver in
+//! production and under the deterministic simulation in tests.
+//!
+//! `Ready` handling follows the order documented by raft-rs (`examples/five_mem_node`):
+//! [`GroupCore::ready`] returns the messages to send at once, applies a snapshot and the
+//! committed entries to the state machine and returns the log write to make durable;
+//! [`GroupCore::persisted`], called once that write is durable, updates the log, returns the
+//! messages that had to wait for it, advances, applies what the light ready commits and
+//! `advance_apply`s.
+
+use super::GroupId;
+use super::entry::{EntryError, EntryHeader, VolumeState};
+use super::memlog::RaftLog;
+use super::overlay::Overlay;
+use bytes::Bytes;
+use common::ids::NodeId;
+use raft::prelude::{
+    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
+};
+use raft::{RawNode, ReadOnlyOption, StateRole};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+
+/// Raft timing and limits of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// Ticks without a heartbeat before a follower campaigns (plus a random 0..this jitter).
+    pub election_tick: usize,
+    /// Ticks between heartbeats.
+    pub heartbeat_tick: usize,
+    /// Largest append message (entries beyond it wait for the next one; one entry always fits).
+    pub max_size_per_msg: u64,
+    /// Append messages in flight per follower.
+    pub max_inflight_msgs: usize,
+    /// Largest batch of committed entries handed out per ready.
+    pub max_committed_size_per_ready: u64,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        Self {
+            election_tick: 10,
+            heartbeat_tick: 2,
+            max_size_per_msg: 4 << 20,
+            max_inflight_msgs: 256,
+            max_committed_size_per_ready: 64 << 20,
+        }
+    }
+}
+
+/// Errors of the group core.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// Raft refused (not leader, proposal dropped, …).
+    #[error("raft: {0}")]
+    Raft(String),
+    /// This node is not the leader; `leader` is who is, if known.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The known leader.
+        leader: Option<NodeId>,
+    },
+    /// A log entry this build cannot read.
+    #[error(transparent)]
+    Entry(#[from] EntryError),
+}
+
+impl From<raft::Error> for GroupError {
+    fn from(e: raft::Error) -> Self {
+        GroupError::Raft(e.to_string())
+    }
+}
+
+/// What happened inside the core that its driver must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The proposal `tag` was committed and applied at `index`.
+    Applied {
+        /// The proposer's tag.
+        tag: u64,
+        /// Its log index.
+        index: u64,
+    },
+    /// The proposal `tag` will never be applied (leadership changed); the caller retries.
+    Dropped {
+        /// The proposer's tag.
+        tag: u64,
+    },
+    /// A linearizable read `tag` may be served once applied reaches `index`.
+    ReadReady {
+        /// The reader's tag.
+        tag: u64,
+        /// The read index.
+        index: u64,
+    },
+    /// This node became leader in `term` and has applied an entry of its term: it may claim
+    /// the sleds with epoch `term`, flush the unflushed tail and serve.
+    LeaderReady {
+        /// The term (and fencing epoch).
+        term: u64,
+    },
+    /// This node stopped being leader (or never was in this term).
+    SteppedDown {
+        /// The new term.
+        term: u64,
+        /// The new leader, if known.
+        leader: Option<NodeId>,
+    },
+    /// A data entry was committed (the leader's flusher needs it).
+    Committed {
+        /// Its index.
+        index: u64,
+    },
+    /// Everything at or below `index` is on the sleds (a `FlushedUpTo` was applied).
+    Flushed {
+        /// The flushed index.
+        index: u64,
+    },
+    /// A metadata entry changed the volume state.
+    StateChanged,
+    /// A snapshot replaced the state (the overlay was cleared).
+    SnapshotApplied {
+        /// Its index.
+        index: u64,
+    },
+    /// A committed entry could not be decoded: the group must stop.
+    Fatal(String),
+}
+
+/// What one `Ready` asks the driver to do before [`GroupCore::persisted`].
+#[derive(Debug)]
+pub struct ReadyWork {
+    /// Messages to send now (before the write is durable).
+    pub messages: Vec<Message>,
+    /// What to make durable.
+    pub write: LogWrite,
+    ready: raft::Ready,
+}
+
+/// A durable change of a group's log.
+#[derive(Debug, Default, Clone)]
+pub struct LogWrite {
+    /// Entries to append (replacing any at or after the first one's index).
+    pub entries: Vec<Entry>,
+    /// New hard state.
+    pub hard_state: Option<HardState>,
+    /// New membership.
+    pub conf_state: Option<ConfState>,
+    /// A snapshot to install.
+    pub snapshot: Option<Snapshot>,
+    /// Compact up to this index, with this snapshot data.
+    pub compact: Option<(u64, Vec<u8>)>,
+}
+
+impl LogWrite {
+    /// True when nothing needs to be written.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+            && self.hard_state.is_none()
+            && self.conf_state.is_none()
+            && self.snapshot.is_none()
+            && self.compact.is_none()
+    }
+}
+
+/// The group core.
+pub struct GroupCore<L: RaftLog> {
+    group: GroupId,
+    node: NodeId,
+    raw: RawNode<L>,
+    log: L,
+    cfg: GroupConfig,
+    seed: u64,
+    /// The replicated state (everything but data).
+    pub state: VolumeState,
+    /// Committed data not yet known to be on the sleds.
+    pub overlay: Overlay,
+    applied: u64,
+    pending: BTreeMap<u64, (u64, u64)>,
+    reads: Vec<u64>,
+    role: StateRole,
+    term: u64,
+    leader: u64,
+    /// Index of this leader's first entry in its term; serving waits until it is applied.
+    leader_ready_at: Option<u64>,
+    leader_ready_sent: bool,
+    pending_compact: Option<u64>,
+    events: Vec<Event>,
+    /// Every applied entry `(index, term, context, data)`, for the simulation's invariants.
+    #[cfg(test)]
+    pub(crate) trace: Vec<(u64, u64, Bytes, Bytes)>,
+}
+
+impl<L: RaftLog> std::fmt::Debug for GroupCore<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCore")
+            .field("group", &self.group)
+            .field("node", &self.node)
+            .field("role", &self.role)
+            .field("term", &self.term)
+            .field("applied", &self.applied)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L: RaftLog> GroupCore<L> {
+    /// A core over `log` (which holds the group's persisted state). `seed` drives the election
+    /// jitter so a simulation replays exactly.
+    pub fn new(
+        group: GroupId,
+        node: NodeId,
+        log: L,
+        cfg: GroupConfig,
+        seed: u64,
+    ) -> Result<Self, GroupError> {
+        // raft-rs draws its election timeout from a thread RNG whenever it resets its timer;
+        // every call into raft is followed by `sync_jitter`, which replaces that draw with one
+        // from our seeded RNG before a tick can elapse, so runs replay exactly.
+        let rcfg = raft::Config {
+            id: node.0,
+            election_tick: cfg.election_tick,
+            heartbeat_tick: cfg.heartbeat_tick,
+            min_election_tick: cfg.election_tick,
+            max_election_tick: 2 * cfg.election_tick,
+            max_size_per_msg: cfg.max_size_per_msg,
+            max_inflight_msgs: cfg.max_inflight_msgs,
+            max_committed_size_per_ready: cfg.max_committed_size_per_ready,
+            check_quorum: true,
+            pre_vote: true,
+            // ReadIndex, not leases: a leader paused (SIGSTOP, a long GC, a VM freeze) would
+            // still believe its lease valid when it resumes and answer stale reads.
+            read_only_option: ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        rcfg.validate()?;
+        let snap = log.snapshot(0, 0).ok();
+        let state = match &snap {
+            Some(s) => VolumeState::decode(&s.data)?,
+            None => VolumeState::default(),
+        };
+        let applied = snap.as_ref().map_or(0, |s| s.get_metadata().index);
+        let rcfg = raft::Config { applied, ..rcfg };
+        let logger = super::slog_bridge::logger(&group, node.0);
+        let raw = RawNode::new(&rcfg, log.clone(), &logger)?;
+        let mut core = Self {
+            group,
+            node,
+            raw,
+            log,
+            cfg,
+            seed: {
+                let mut r = ChaCha8Rng::seed_from_u64(seed ^ node.0);
+                r.r#gen()
+            },
+            state,
+            overlay: Overlay::new(),
+            applied,
+            pending: BTreeMap::new(),
+            reads: Vec::new(),
+            role: StateRole::Follower,
+            term: 0,
+            leader: 0,
+            leader_ready_at: None,
+            leader_ready_sent: false,
+            pending_compact: None,
+            events: Vec::new(),
+            #[cfg(test)]
+            trace: Vec::new(),
+        };
+        core.sync_jitter();
+        Ok(core)
+    }
+
+    /// The group.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// This node.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The current term.
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    /// True when this node is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The leader this node knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        let l = self.raw.raft.leader_id;
+        (l != raft::INVALID_ID).then_some(NodeId(l))
+    }
+
+    /// The role.
+    pub fn role(&self) -> StateRole {
+        self.raw.raft.state
+    }
+
+    /// Highest applied index.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Highest committed index.
+    pub fn committed(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    /// Voters of the group.
+    pub fn voters(&self) -> Vec<u64> {
+        self.raw.raft.prs().conf().voters().ids().iter().collect()
+    }
+
+    /// The election timeout this node uses in its current (term, role, leader): a pure function
+    /// of the seed and that state, so a run replays exactly whatever raft-rs's own RNG drew.
+    fn desired_timeout(&self) -> usize {
+        let e = self.cfg.election_tick;
+        let r = &self.raw.raft;
+        let mut x = self.seed
+            ^ r.term.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ (r.state as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)
+            ^ r.leader_id.wrapping_mul(0x94d0_49bb_1331_11eb);
+        // splitmix64 finaliser
+        x ^= x >> 30;
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x ^= x >> 27;
+        x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^= x >> 31;
+        e + (x % e as u64) as usize
+    }
+
+    /// Replaces a timer reset drawn by raft-rs's thread RNG with our seeded choice.
+    fn sync_jitter(&mut self) {
+        let want = self.desired_timeout();
+        if self.raw.raft.randomized_election_timeout() != want {
+            self.raw.raft.set_randomized_election_timeout(want);
+        }
+    }
+
+    /// One tick of the logical clock.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+        self.sync_jitter();
+    }
+
+    /// Starts an election now (tests, leadership transfer).
+    pub fn campaign(&mut self) -> Result<(), GroupError> {
+        let r = self.raw.campaign();
+        self.sync_jitter();
+        Ok(r?)
+    }
+
+    /// Delivers a message from a peer.
+    pub fn step(&mut self, msg: Message) -> Result<(), GroupError> {
+        let r = self.raw.step(msg);
+        self.sync_jitter();
+        Ok(r?)
+    }
+
+    /// Tells raft a peer could not be reached (it slows down sending to it).
+    pub fn report_unreachable(&mut self, peer: u64) {
+        self.raw.report_unreachable(peer);
+    }
+
+    /// Proposes an entry; returns its index. `tag` comes back in [`Event::Applied`] or
+    /// [`Event::Dropped`].
+    pub fn propose(
+        &mut self,
+        tag: u64,
+        header: &EntryHeader,
+        data: Bytes,
+    ) -> Result<u64, GroupError> {
+        if !self.is_leader() {
+            return Err(GroupError::NotLeader {
+                leader: self.leader(),
+            });
+        }
+        let before = self.raw.raft.raft_log.last_index();
+        self.raw.propose(header.encode(), data.to_vec())?;
+        let index = self.raw.raft.raft_log.last_index();
+        if index == before {
+            return Err(GroupError::Raft("proposal dropped".into()));
+        }
+        self.pending.insert(index, (self.raw.raft.term, tag));
+        Ok(index)
+    }
+
+    /// Proposes a membership change.
+    pub fn propose_conf_change(&mut self, cc: ConfChangeV2) -> Result<(), GroupError> {
+        Ok(self.raw.propose_conf_change(vec![], cc)?)
+    }
+
+    /// Asks for a linearizable read; [`Event::ReadReady`] carries `tag` back.
+    pub fn read_index(&mut self, tag: u64) -> Result<(), GroupError> {
+        if !self.is_leader() {
+            return Err(GroupError::NotLeader {
+                leader: self.leader(),
+            });
+        }
+        self.raw.read_index(tag.to_le_bytes().to_vec());
+        self.reads.push(tag);
+        Ok(())
+    }
+
+    /// Steps down at once because a sled refused a write of this node's term: another node
+    /// leads a higher term (`epoch`).
+    pub fn fenced(&mut self, epoch: u64) {
+        if self.is_leader() || epoch > self.raw.raft.term {
+            let term = epoch.max(self.raw.raft.term);
+            self.raw.raft.become_follower(term, raft::INVALID_ID);
+            self.sync_jitter();
+            self.observe_role();
+        }
+    }
+
+    /// Drains the events produced so far.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// True when the core has something for the driver.
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready() || self.pending_compact.is_some()
+    }
+
+    fn observe_role(&mut self) {
+        let (role, term, leader) = (
+            self.raw.raft.state,
+            self.raw.raft.term,
+            self.raw.raft.leader_id,
+        );
+        if (role, term, leader) == (self.role, self.term, self.leader) {
+            return;
+        }
+        let was_leader = self.role == StateRole::Leader;
+        let changed_role_or_term = role != self.role || term != self.term;
+        self.role = role;
+        self.term = term;
+        self.leader = leader;
+        if role == StateRole::Leader {
+            if !was_leader {
+                self.leader_ready_at = Some(self.raw.raft.raft_log.last_index());
+                self.leader_ready_sent = false;
+            }
+        } else {
+            self.leader_ready_at = None;
+            self.leader_ready_sent = false;
+            if was_leader || changed_role_or_term {
+                self.events.push(Event::SteppedDown {
+                    term,
+                    leader: (leader != raft::INVALID_ID).then_some(NodeId(leader)),
+                });
+            }
+            // Nothing proposed or read here can be answered by this node any more.
+            for (_, (_, tag)) in std::mem::take(&mut self.pending) {
+                self.events.push(Event::Dropped { tag });
+            }
+            for tag in std::mem::take(&mut self.reads) {
+                self.events.push(Event::Dropped { tag });
+            }
+        }
+    }
+
+    fn maybe_leader_ready(&mut self) {
+        if let Some(at) = self.leader_ready_at
+            && !self.leader_ready_sent
+            && self.applied >= at
+            && self.is_leader()
+        {
+            self.leader_ready_sent = true;
+            self.events.push(Event::LeaderReady {
+                term: self.raw.raft.term,
+            });
+        }
+    }
+
+    fn apply_entries(&mut self, ents: Vec<Entry>) -> Option<ConfState> {
+        let mut conf = None;
+        for e in ents {
+            if e.index <= self.applied {
+                continue;
+            }
+            self.applied = e.index;
+            #[cfg(test)]
+            self.trace
+                .push((e.index, e.term, e.context.clone(), e.data.clone()));
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if !e.context.is_empty() {
+                        match EntryHeader::decode(&e.context) {
+                            Ok(Some(h)) => self.apply_header(e.index, h, e.data.clone()),
+                            Ok(None) => {}
+                            Err(err) => {
+                                tracing::error!(group = %self.group, index = e.index, error = %err,
+                                    "cannot apply a committed log entry");
+                                self.events.push(Event::Fatal(err.to_string()));
+                            }
+                        }
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    if let Ok(cc) = protobuf::Message::parse_from_bytes(&e.data) {
+                        let cc: ConfChange = cc;
+                        if let Ok(cs) = self.raw.apply_conf_change(&cc) {
+                            conf = Some(cs);
+                        }
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {
+                    if let Ok(cc) = protobuf::Message::parse_from_bytes(&e.data) {
+                        let cc: ConfChangeV2 = cc;
+                        if let Ok(cs) = self.raw.apply_conf_change(&cc) {
+                            conf = Some(cs);
+                        }
+                    }
+                }
+            }
+            if let Some((term, tag)) = self.pending.remove(&e.index) {
+                self.events.push(if term == e.term {
+                    Event::Applied {
+                        tag,
+                        index: e.index,
+                    }
+                } else {
+                    Event::Dropped { tag }
+                });
+            }
+        }
+        self.maybe_leader_ready();
+        conf
+    }
+
+    fn apply_header(&mut self, index: u64, h: EntryHeader, data: bytes::Bytes) {
+        match &h {
+            EntryHeader::Write { .. } | EntryHeader::Zero { .. } => {
+                self.overlay.insert(index, h, data);
+                self.events.push(Event::Committed { index });
+            }
+            EntryHeader::FlushedUpTo { index: f } => {
+                let f = (*f).min(index);
+                self.state.apply(&h);
+                self.overlay.remove_upto(f);
+                self.pending_compact = Some(self.pending_compact.unwrap_or(0).max(f));
+                self.events.push(Event::Flushed { index: f });
+            }
+            _ => {
+                self.state.apply(&h);
+                self.events.push(Event::StateChanged);
+            }
+        }
+    }
+
+    /// Phase one of a `Ready`: returns the messages to send now and the write to make durable;
+    /// the committed entries and a received snapshot are already applied. `None` when there is
+    /// nothing to do.
+    pub fn ready(&mut self) -> Option<ReadyWork> {
+        let compact = self.pending_compact.take().and_then(|f| {
+            let first = self.log.first_index().ok()?;
+            (f >= first).then(|| (f, self.state.encode()))
+        });
+        if !self.raw.has_ready() {
+            self.observe_role();
+            return compact.map(|c| ReadyWork {
+                messages: Vec::new(),
+                write: LogWrite {
+                    compact: Some(c),
+                    ..LogWrite::default()
+                },
+                ready: raft::Ready::default(),
+            });
+        }
+        let mut rd = self.raw.ready();
+        let messages = rd.take_messages();
+        let mut write = LogWrite {
+            compact,
+            ..LogWrite::default()
+        };
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            match VolumeState::decode(&snap.data) {
+                Ok(s) => {
+                    self.state = s;
+                    self.overlay.clear();
+                    self.applied = snap.get_metadata().index;
+                    self.events.push(Event::SnapshotApplied {
+                        index: snap.get_metadata().index,
+                    });
+                }
+                Err(err) => self.events.push(Event::Fatal(err.to_string())),
+            }
+            write.snapshot = Some(snap);
+        }
+        let committed = rd.take_committed_entries();
+        if let Some(cs) = self.apply_entries(committed) {
+            write.conf_state = Some(cs);
+        }
+        for rs in rd.take_read_states() {
+            let tag = rs
+                .request_ctx
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes);
+            if let Some(tag) = tag {
+                self.reads.retain(|t| *t != tag);
+                self.events.push(Event::ReadReady {
+                    tag,
+                    index: rs.index,
+                });
+            }
+        }
+        write.entries = rd.take_entries();
+        write.hard_state = rd.hs().cloned();
+        self.observe_role();
+        Some(ReadyWork {
+            messages,
+            write,
+            ready: rd,
+        })
+    }
+
+    /// Phase two, once `work.write` is durable: updates the log, advances raft and returns the
+    /// messages that had to wait for the write.
+    pub fn persisted(&mut self, work: ReadyWork) -> Result<Vec<Message>, GroupError> {
+        let ReadyWork {
+            write, mut ready, ..
+        } = work;
+        if let Some(s) = write.snapshot {
+            self.log.apply_snapshot(s)?;
+        }
+        self.log.append(&write.entries)?;
+        if let Some(hs) = write.hard_state {
+            self.log.set_hard_state(hs);
+        }
+        if let Some(cs) = write.conf_state {
+            self.log.set_conf_state(cs);
+        }
+        if let Some((index, data)) = write.compact {
+            let last = self.log.last_index()?;
+            self.log.compact(index.min(self.applied).min(last), data)?;
+        }
+        let mut msgs = ready.take_persisted_messages();
+        // A work item made only for a compaction carries an empty ready (number 0): nothing to
+        // advance.
+        if ready.number() != 0 {
+            let mut light = self.raw.advance(ready);
+            if let Some(c) = light.commit_index() {
+                self.log.set_commit(c);
+            }
+            msgs.extend(light.take_messages());
+            let committed = light.take_committed_entries();
+            if let Some(cs) = self.apply_entries(committed) {
+                self.log.set_conf_state(cs);
+            }
+            self.raw.advance_apply();
+        }
+        self.observe_role();
+        self.maybe_leader_ready();
+        Ok(msgs)
+    }
+}
