@@ -127,6 +127,20 @@ impl AlignedBuf {
     pub fn into_bytes(self) -> bytes::Bytes {
         bytes::Bytes::from_owner(self)
     }
+
+    /// Views a shared buffer as [`bytes::Bytes`] without copying.
+    pub fn shared_bytes(buf: std::sync::Arc<AlignedBuf>) -> bytes::Bytes {
+        bytes::Bytes::from_owner(SharedBuf(buf))
+    }
+}
+
+/// An `Arc<AlignedBuf>` as an owner for [`bytes::Bytes::from_owner`].
+struct SharedBuf(std::sync::Arc<AlignedBuf>);
+
+impl AsRef<[u8]> for SharedBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl PartialEq for AlignedBuf {

@@ -125,16 +125,7 @@ impl From<AlignedBuf> for Payload {
 
 impl From<Arc<AlignedBuf>> for Payload {
     fn from(b: Arc<AlignedBuf>) -> Self {
-        Self(Bytes::from_owner(ArcBuf(b)))
-    }
-}
-
-/// An `Arc<AlignedBuf>` viewed as bytes (for [`Bytes::from_owner`]).
-struct ArcBuf(Arc<AlignedBuf>);
-
-impl AsRef<[u8]> for ArcBuf {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
+        Self(AlignedBuf::shared_bytes(b))
     }
 }
 

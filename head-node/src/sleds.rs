@@ -128,6 +128,25 @@ impl SledPool {
         self.sleds.iter().find(|s| s.id() == Some(id)).cloned()
     }
 
+    /// The sled with this id, connecting to the sleds not reached yet to learn their ids.
+    pub async fn find(&self, id: SledId) -> Option<Arc<SledConn>> {
+        if let Some(s) = self.by_id(id) {
+            return Some(s);
+        }
+        let unknown: Vec<Arc<SledConn>> = self
+            .sleds
+            .iter()
+            .filter(|s| s.id().is_none())
+            .cloned()
+            .collect();
+        for s in unknown {
+            if s.client().await.is_ok() && s.id() == Some(id) {
+                return Some(s);
+            }
+        }
+        self.by_id(id)
+    }
+
     /// Map of reached sleds by id.
     pub fn known(&self) -> HashMap<SledId, Arc<SledConn>> {
         self.sleds

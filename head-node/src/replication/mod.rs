@@ -4,14 +4,19 @@
 //! * [`GroupId`] — a Raft group's identity (independent of the volume it serves, so groups can
 //!   be created ahead of volumes and bound later).
 
+pub mod driver;
 pub mod entry;
 pub mod group;
 pub mod memlog;
+pub mod node;
 pub mod overlay;
+pub mod peer_proto;
+pub mod rvolume;
 pub mod slog_bridge;
 
 #[cfg(test)]
 mod sim;
+pub mod transport;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

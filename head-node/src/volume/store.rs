@@ -125,6 +125,19 @@ impl SledStore {
         let _ = rx.wait_for(Option::is_some).await;
     }
 
+    /// Switches to a new, higher epoch (a new Raft term of this node's leadership): a new
+    /// credential, no sled claimed yet, not deposed. Call [`SledStore::open`] next.
+    pub fn set_epoch(&self, epoch: Epoch) {
+        let cred = self.key.mint(self.spec().id, epoch, self.node);
+        *self.cred.write().unwrap_or_else(|p| p.into_inner()) = cred;
+        self.claimed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.deposed.send_replace(None);
+        self.metrics.epoch.set(epoch.0 as i64);
+    }
+
     /// The claim that deposed this store, if any.
     pub fn deposed_by(&self) -> Option<(Epoch, NodeId)> {
         *self.deposed.borrow()
@@ -149,8 +162,8 @@ impl SledStore {
         }
     }
 
-    fn conn(&self, sled: SledId) -> Result<Arc<SledConn>, StoreError> {
-        self.pool.by_id(sled).ok_or_else(|| {
+    async fn conn(&self, sled: SledId) -> Result<Arc<SledConn>, StoreError> {
+        self.pool.find(sled).await.ok_or_else(|| {
             StoreError::Io(format!("sled {sled} is not reachable (never connected)"))
         })
     }
@@ -169,7 +182,7 @@ impl SledStore {
 
     /// Claims the volume on one sled under the current epoch.
     async fn claim_one(&self, sled: SledId) -> Result<(), StoreError> {
-        let conn = self.conn(sled)?;
+        let conn = self.conn(sled).await?;
         let client = conn
             .client()
             .await
@@ -205,7 +218,9 @@ impl SledStore {
         let mut reachable = HashSet::new();
         let mut held = BTreeSet::new();
         for s in &sleds {
-            let Ok(conn) = self.conn(*s) else { continue };
+            let Ok(conn) = self.conn(*s).await else {
+                continue;
+            };
             let Ok(client) = conn.client().await else {
                 continue;
             };
@@ -287,7 +302,7 @@ impl SledStore {
             let op = &op;
             async move {
                 self.ensure_claimed(*sled).await?;
-                let conn = self.conn(*sled)?;
+                let conn = self.conn(*sled).await?;
                 let client = conn
                     .client()
                     .await
@@ -392,7 +407,7 @@ impl SledStore {
         for k in 0..replicas.len() {
             let sled = replicas[(start + k) % replicas.len()];
             let attempt = async {
-                let conn = self.conn(sled)?;
+                let conn = self.conn(sled).await?;
                 let client = conn
                     .client()
                     .await

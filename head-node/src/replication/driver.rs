@@ -1,0 +1,931 @@
+//! The task that drives one group on one node: ticks, peer messages, proposals, reads, log
+//! writes, leadership (claims) and the write-back of committed data to the sleds.
+//!
+//! One task owns the [`GroupCore`]; everything reaches it through a bounded channel and it
+//! answers through oneshots and a status watch. While a `Ready`'s log write is in flight nothing
+//! else is fed to the core — inputs wait in the channel and ride the next `Ready` together
+//! (proposal batching) while the log merges the writes of many groups into one fsync (group
+//! commit).
+//!
+//! **Leadership.** When the core reports [`Event::LeaderReady`] (an entry of the new term is
+//! applied), the driver creates the volume if it has no description yet, claims every sled of
+//! the volume with `epoch = term`, then re-flushes every committed entry above the flushed
+//! index, and only then serves. A sled's `Fenced` answer to any flush steps the node down at
+//! once.
+//!
+//! **Write-back.** The flusher takes committed data entries in log order, locks their block
+//! range first-come-first-served (so overlapping entries land in log order on every replica),
+//! and writes them to every replica, many at a time. The driver reports the contiguous flushed
+//! prefix as a `FlushedUpTo` entry now and then; applying it drops the overlay and compacts the
+//! log on every node. Committed-but-unflushed data is bounded: above the limit, proposals wait.
+
+use super::GroupId;
+use super::entry::EntryHeader;
+use super::group::{Event, GroupConfig, GroupCore, GroupError, LogWrite};
+use super::memlog::RaftLog;
+use super::overlay::Piece;
+use super::transport::Transport;
+use crate::metrics::VolumeMetrics;
+use crate::sleds::SledPool;
+use crate::volume::rangelock::RangeLock;
+use crate::volume::store::{SledStore, StoreError};
+use crate::volume::{BLOCK, VolumeSpec};
+use bytes::Bytes;
+use common::ClusterKey;
+use common::ids::{Epoch, NodeId, VolumeId};
+use futures_util::future::BoxFuture;
+use raft::prelude::Message;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+/// Timing and limits of a group driver.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// Raft tick.
+    pub tick: Duration,
+    /// Raft timing and limits.
+    pub group: GroupConfig,
+    /// Committed data not yet on the sleds above which proposals wait.
+    pub max_unflushed_bytes: u64,
+    /// Flushes in flight at once.
+    pub flush_window: usize,
+    /// How often the flushed prefix is reported (as a `FlushedUpTo` entry).
+    pub flush_report_interval: Duration,
+    /// Input queue length.
+    pub queue: usize,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_millis(50),
+            group: GroupConfig::default(),
+            max_unflushed_bytes: 256 << 20,
+            flush_window: 64,
+            flush_report_interval: Duration::from_millis(50),
+            queue: 4096,
+        }
+    }
+}
+
+/// Makes log writes durable (the node's write-ahead log, or nothing in tests).
+pub trait Persist: Send + Sync + 'static {
+    /// Returns once `write` of `group` is durable.
+    fn persist<'a>(
+        &'a self,
+        group: GroupId,
+        write: &'a LogWrite,
+    ) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// Persists nothing (the log is in memory): for tests.
+#[derive(Debug, Default)]
+pub struct NoPersist;
+
+impl Persist for NoPersist {
+    fn persist<'a>(&'a self, _: GroupId, _: &'a LogWrite) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Errors of group operations, as callers see them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplError {
+    /// This node does not serve the volume now; `leader` does, if known.
+    #[error("not the serving leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader, if known.
+        leader: Option<NodeId>,
+    },
+    /// The group task has stopped.
+    #[error("the group is stopped")]
+    Stopped,
+    /// The volume has no description yet.
+    #[error("the volume is not created yet")]
+    NoVolume,
+    /// A sled error while serving.
+    #[error("{0}")]
+    Store(String),
+    /// The sleds are out of space.
+    #[error("no space left on the sleds")]
+    NoSpace,
+    /// The group failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ReplError {
+    /// True when retrying (possibly on another node) may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(self, ReplError::NotLeader { .. } | ReplError::NoVolume)
+    }
+}
+
+/// How to create the volume when the group has no description yet (until the control plane
+/// assigns volumes).
+#[derive(Debug, Clone)]
+pub struct VolumeTemplate {
+    /// Name.
+    pub name: String,
+    /// Size.
+    pub size: u64,
+    /// Replicas per chunk.
+    pub replicas: usize,
+}
+
+/// What the group looks like from outside.
+#[derive(Debug, Clone, Default)]
+pub struct GroupStatus {
+    /// Raft role (`Leader`, `Follower`, …) as text.
+    pub role: &'static str,
+    /// Term.
+    pub term: u64,
+    /// Known leader.
+    pub leader: Option<NodeId>,
+    /// This node is the leader and serves I/O.
+    pub serving: bool,
+    /// Applied index.
+    pub applied: u64,
+    /// Committed index.
+    pub committed: u64,
+    /// Flushed index (replicated).
+    pub flushed: u64,
+    /// Committed data bytes not known to be on the sleds.
+    pub unflushed_bytes: u64,
+    /// The volume, once created.
+    pub spec: Option<VolumeSpec>,
+    /// The sleds of the volume, as this node writes them.
+    pub store: Option<Arc<SledStore>>,
+    /// Set when the group failed.
+    pub failed: Option<String>,
+}
+
+type ProposeReply = oneshot::Sender<Result<u64, ReplError>>;
+type ReadReply = oneshot::Sender<Result<Vec<(u64, Piece)>, ReplError>>;
+/// A read waiting for its ReadIndex round: offset, length, reply.
+type PendingRead = (u64, u64, ReadReply);
+
+enum Input {
+    Raft(Message),
+    Unreachable(u64),
+    Propose {
+        header: EntryHeader,
+        data: Bytes,
+        reply: ProposeReply,
+    },
+    Read {
+        offset: u64,
+        len: u64,
+        reply: ReadReply,
+    },
+    FlushDone {
+        term: u64,
+        index: u64,
+        result: Result<(), StoreError>,
+    },
+    Claimed {
+        term: u64,
+        result: Result<(), StoreError>,
+    },
+    SpecReady {
+        term: u64,
+        spec: Result<VolumeSpec, String>,
+    },
+    Campaign,
+}
+
+/// A handle on a running group driver.
+#[derive(Debug, Clone)]
+pub struct GroupHandle {
+    group: GroupId,
+    tx: mpsc::Sender<Input>,
+    status: watch::Receiver<GroupStatus>,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Input::Raft(_) => "Raft",
+            Input::Unreachable(_) => "Unreachable",
+            Input::Propose { .. } => "Propose",
+            Input::Read { .. } => "Read",
+            Input::FlushDone { .. } => "FlushDone",
+            Input::Claimed { .. } => "Claimed",
+            Input::SpecReady { .. } => "SpecReady",
+            Input::Campaign => "Campaign",
+        })
+    }
+}
+
+impl GroupHandle {
+    /// The group.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// The latest status.
+    pub fn status(&self) -> GroupStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Waits until the status changes (or the group stops).
+    pub async fn changed(&self) {
+        let mut rx = self.status.clone();
+        let _ = rx.changed().await;
+    }
+
+    /// Hands a peer's Raft message to the group (dropped when the queue is full: Raft
+    /// retransmits).
+    pub fn deliver(&self, msg: Message) {
+        let _ = self.tx.try_send(Input::Raft(msg));
+    }
+
+    /// Starts an election on this node.
+    pub async fn campaign(&self) {
+        let _ = self.tx.send(Input::Campaign).await;
+    }
+
+    /// Proposes an entry and waits until it is committed and applied here.
+    pub async fn propose(&self, header: EntryHeader, data: Bytes) -> Result<u64, ReplError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Propose {
+                header,
+                data,
+                reply,
+            })
+            .await
+            .map_err(|_| ReplError::Stopped)?;
+        rx.await.unwrap_or(Err(ReplError::Stopped))
+    }
+
+    /// A linearizable read of the committed-unflushed data over `[offset, offset+len)`: pieces
+    /// from the overlay, and `Piece::Sled` where the caller must read the sleds.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<(u64, Piece)>, ReplError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Read { offset, len, reply })
+            .await
+            .map_err(|_| ReplError::Stopped)?;
+        rx.await.unwrap_or(Err(ReplError::Stopped))
+    }
+}
+
+/// Sends Raft messages through the transport, telling raft about unreachable peers.
+fn send_all<T: Transport>(
+    transport: &T,
+    group: GroupId,
+    tx: &mpsc::Sender<Input>,
+    msgs: Vec<Message>,
+) {
+    for m in msgs {
+        let to = m.to;
+        if let Err(e) = transport.send_raft(NodeId(to), group, m)
+            && e.is_unreachable()
+        {
+            let _ = tx.try_send(Input::Unreachable(to));
+        }
+    }
+}
+
+/// What the driver needs to reach the sleds.
+#[derive(Debug, Clone)]
+pub struct SledAccess {
+    /// The sleds.
+    pub pool: Arc<SledPool>,
+    /// The cluster key.
+    pub key: ClusterKey,
+    /// Volume metrics.
+    pub metrics: VolumeMetrics,
+}
+
+struct Flusher {
+    jobs: mpsc::UnboundedSender<(u64, EntryHeader, Bytes)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Driver<L: RaftLog, T: Transport> {
+    core: GroupCore<L>,
+    group: GroupId,
+    node: NodeId,
+    cfg: DriverConfig,
+    rx: mpsc::Receiver<Input>,
+    tx: mpsc::Sender<Input>,
+    status: watch::Sender<GroupStatus>,
+    transport: Arc<T>,
+    persist: Arc<dyn Persist>,
+    sleds: SledAccess,
+    template: Option<VolumeTemplate>,
+    store: Option<Arc<SledStore>>,
+    serving: Option<u64>,
+    claiming: Option<u64>,
+    proposals: HashMap<u64, ProposeReply>,
+    deferred: VecDeque<(EntryHeader, Bytes, ProposeReply)>,
+    read_next: Vec<PendingRead>,
+    read_inflight: Option<(u64, Option<u64>, Vec<PendingRead>)>,
+    flusher: Option<Flusher>,
+    flush_done: BTreeSet<u64>,
+    flush_reported: u64,
+    flush_due: bool,
+    next_tag: u64,
+    failed: Option<String>,
+}
+
+/// Starts the driver of one group.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn<L: RaftLog, T: Transport>(
+    group: GroupId,
+    node: NodeId,
+    log: L,
+    cfg: DriverConfig,
+    transport: Arc<T>,
+    persist: Arc<dyn Persist>,
+    sleds: SledAccess,
+    template: Option<VolumeTemplate>,
+) -> Result<(GroupHandle, tokio::task::JoinHandle<()>), GroupError> {
+    let seed = rand::random();
+    let core = GroupCore::new(group, node, log, cfg.group.clone(), seed)?;
+    let (tx, rx) = mpsc::channel(cfg.queue);
+    let (status, status_rx) = watch::channel(GroupStatus::default());
+    let mut d = Driver {
+        core,
+        group,
+        node,
+        cfg,
+        rx,
+        tx: tx.clone(),
+        status,
+        transport,
+        persist,
+        sleds,
+        template,
+        store: None,
+        serving: None,
+        claiming: None,
+        proposals: HashMap::new(),
+        deferred: VecDeque::new(),
+        read_next: Vec::new(),
+        read_inflight: None,
+        flusher: None,
+        flush_done: BTreeSet::new(),
+        flush_reported: 0,
+        flush_due: false,
+        next_tag: 1,
+        failed: None,
+    };
+    d.sync_store();
+    d.publish();
+    let task = tokio::spawn(async move { d.run().await });
+    Ok((
+        GroupHandle {
+            group,
+            tx,
+            status: status_rx,
+        },
+        task,
+    ))
+}
+
+impl<L: RaftLog, T: Transport> Driver<L, T> {
+    async fn run(&mut self) {
+        let mut tick = tokio::time::interval(self.cfg.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut report = tokio::time::interval(self.cfg.flush_report_interval);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                input = self.rx.recv() => {
+                    let Some(input) = input else { break };
+                    self.handle(input);
+                    // Drain what else is queued: it all rides the next Ready.
+                    for _ in 0..1024 {
+                        match self.rx.try_recv() {
+                            Ok(i) => self.handle(i),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tick.tick() => self.core.tick(),
+                _ = report.tick() => self.flush_due = true,
+            }
+            self.after_inputs();
+            self.process_ready().await;
+            self.after_ready();
+            self.publish();
+            if self.failed.is_some() {
+                // A group that cannot apply its log stops; its status says why.
+                break;
+            }
+        }
+        self.flusher = None;
+    }
+
+    fn next_tag(&mut self) -> u64 {
+        self.next_tag += 1;
+        self.next_tag
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Raft(m) => {
+                let _ = self.core.step(m);
+            }
+            Input::Unreachable(p) => self.core.report_unreachable(p),
+            Input::Campaign => {
+                let _ = self.core.campaign();
+            }
+            Input::Propose {
+                header,
+                data,
+                reply,
+            } => {
+                if self.serving.is_none() {
+                    let _ = reply.send(Err(self.not_leader()));
+                } else {
+                    self.deferred.push_back((header, data, reply));
+                }
+            }
+            Input::Read { offset, len, reply } => {
+                if self.serving.is_none() {
+                    let _ = reply.send(Err(self.not_leader()));
+                } else {
+                    self.read_next.push((offset, len, reply));
+                }
+            }
+            Input::FlushDone {
+                term,
+                index,
+                result,
+            } => {
+                if self.serving != Some(term) {
+                    return;
+                }
+                match result {
+                    Ok(()) => {
+                        self.flush_done.insert(index);
+                    }
+                    Err(StoreError::Deposed { epoch, .. }) => self.core.fenced(epoch.0),
+                    Err(e) => {
+                        // The flusher retries I/O errors itself; anything else is fatal here.
+                        tracing::error!(group = %self.group, index, error = %e, "flush failed");
+                    }
+                }
+            }
+            Input::Claimed { term, result } => {
+                if self.claiming != Some(term) {
+                    return;
+                }
+                self.claiming = None;
+                match result {
+                    Ok(()) if self.core.is_leader() && self.core.term() == term => {
+                        self.start_serving(term)
+                    }
+                    Ok(()) => {}
+                    Err(StoreError::Deposed { epoch, .. }) => self.core.fenced(epoch.0),
+                    Err(e) => {
+                        tracing::warn!(group = %self.group, term, error = %e,
+                            "claiming the volume's sleds failed; retrying");
+                        self.start_claim(term);
+                    }
+                }
+            }
+            Input::SpecReady { term, spec } => {
+                if !(self.core.is_leader() && self.core.term() == term) {
+                    return;
+                }
+                match spec {
+                    Ok(spec) => {
+                        let tag = self.next_tag();
+                        if let Err(e) =
+                            self.core
+                                .propose(tag, &EntryHeader::Spec(spec), Bytes::new())
+                        {
+                            tracing::warn!(group = %self.group, error = %e, "proposing the volume description");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(group = %self.group, error = %e, "cannot create the volume; retrying");
+                        self.start_spec(term);
+                    }
+                }
+            }
+        }
+    }
+
+    fn not_leader(&self) -> ReplError {
+        let leader = self.core.leader().filter(|l| *l != self.node);
+        ReplError::NotLeader { leader }
+    }
+
+    /// Work that calls into the core, done only between readies.
+    fn after_inputs(&mut self) {
+        // Proposals, within the unflushed-data bound.
+        while self.serving.is_some()
+            && self.core.overlay.bytes() < self.cfg.max_unflushed_bytes
+            && let Some((header, data, reply)) = self.deferred.pop_front()
+        {
+            let tag = self.next_tag();
+            match self.core.propose(tag, &header, data) {
+                Ok(_) => {
+                    self.proposals.insert(tag, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(match e {
+                        GroupError::NotLeader { leader } => ReplError::NotLeader { leader },
+                        other => ReplError::Failed(other.to_string()),
+                    }));
+                }
+            }
+        }
+        // One ReadIndex round for every read that arrived since the last one.
+        if self.read_inflight.is_none() && !self.read_next.is_empty() {
+            let tag = self.next_tag();
+            let batch = std::mem::take(&mut self.read_next);
+            match self.core.read_index(tag) {
+                Ok(()) => self.read_inflight = Some((tag, None, batch)),
+                Err(_) => {
+                    let e = self.not_leader();
+                    for (_, _, r) in batch {
+                        let _ = r.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        // Report the flushed prefix now and then.
+        if self.flush_due && self.serving.is_some() {
+            self.flush_due = false;
+            let f = self.flushed_prefix();
+            if f > self.flush_reported {
+                let tag = self.next_tag();
+                if self
+                    .core
+                    .propose(tag, &EntryHeader::FlushedUpTo { index: f }, Bytes::new())
+                    .is_ok()
+                {
+                    self.flush_reported = f;
+                }
+            }
+        }
+    }
+
+    /// Highest index such that every data entry at or below it is on the sleds.
+    fn flushed_prefix(&mut self) -> u64 {
+        let base = self.core.state.flushed.max(self.flush_reported);
+        let mut upto = self.core.applied();
+        for (k, _) in self.core.overlay.entries_after(base) {
+            if !self.flush_done.contains(&k) {
+                upto = k - 1;
+                break;
+            }
+        }
+        self.flush_done.retain(|k| *k > upto);
+        upto.max(base)
+    }
+
+    async fn process_ready(&mut self) {
+        while self.core.has_ready() {
+            let Some(mut work) = self.core.ready() else {
+                break;
+            };
+            send_all(
+                &*self.transport,
+                self.group,
+                &self.tx,
+                std::mem::take(&mut work.messages),
+            );
+            self.handle_events();
+            if !work.write.is_empty()
+                && let Err(e) = self.persist.persist(self.group, &work.write).await
+            {
+                // A node that cannot write its log must not take part any more.
+                tracing::error!(group = %self.group, error = %e, "log write failed; stopping the group");
+                self.failed = Some(format!("log write failed: {e}"));
+                return;
+            }
+            match self.core.persisted(work) {
+                Ok(msgs) => send_all(&*self.transport, self.group, &self.tx, msgs),
+                Err(e) => {
+                    tracing::error!(group = %self.group, error = %e, "advancing raft failed");
+                    self.failed = Some(e.to_string());
+                    return;
+                }
+            }
+            self.handle_events();
+        }
+    }
+
+    /// Reacts to the core's events (no calls into the core that feed it input).
+    fn handle_events(&mut self) {
+        for ev in self.core.take_events() {
+            match ev {
+                Event::Applied { tag, index } => {
+                    if let Some(r) = self.proposals.remove(&tag) {
+                        let _ = r.send(Ok(index));
+                    }
+                }
+                Event::Dropped { tag } => {
+                    if let Some(r) = self.proposals.remove(&tag) {
+                        let _ = r.send(Err(self.not_leader()));
+                    }
+                    if self
+                        .read_inflight
+                        .as_ref()
+                        .is_some_and(|(t, _, _)| *t == tag)
+                    {
+                        let (_, _, batch) = self.read_inflight.take().expect("checked");
+                        let e = self.not_leader();
+                        for (_, _, r) in batch {
+                            let _ = r.send(Err(e.clone()));
+                        }
+                    }
+                }
+                Event::ReadReady { tag, index } => {
+                    if let Some((t, idx, _)) = self.read_inflight.as_mut()
+                        && *t == tag
+                    {
+                        *idx = Some(index);
+                    }
+                }
+                Event::LeaderReady { term } => {
+                    tracing::info!(group = %self.group, node_id = self.node.0, term, "leader; claiming the volume's sleds");
+                    if self.core.state.spec.is_none() {
+                        self.start_spec(term);
+                    } else {
+                        self.start_claim(term);
+                    }
+                }
+                Event::SteppedDown { term, leader } => {
+                    if self.serving.is_some() || self.claiming.is_some() {
+                        tracing::info!(group = %self.group, node_id = self.node.0, term,
+                            leader = leader.map(|l| l.0), "stopped leading");
+                    }
+                    self.stop_serving();
+                }
+                Event::Committed { index } => {
+                    if let Some(f) = &self.flusher
+                        && let Some((_, e)) = self
+                            .core
+                            .overlay
+                            .entries_after(index - 1)
+                            .find(|(k, _)| *k == index)
+                    {
+                        let _ = f.jobs.send((index, e.header.clone(), e.data.clone()));
+                    }
+                }
+                Event::StateChanged | Event::SnapshotApplied { .. } => {
+                    self.sync_store();
+                    // A volume just created by this leader: claim it now.
+                    if self.core.is_leader()
+                        && self.serving.is_none()
+                        && self.claiming.is_none()
+                        && self.store.is_some()
+                    {
+                        let term = self.core.term();
+                        self.start_claim(term);
+                    }
+                }
+                Event::Flushed { index } => {
+                    self.flush_done.retain(|k| *k > index);
+                }
+                Event::Fatal(e) => self.failed = Some(e),
+            }
+        }
+    }
+
+    /// After a ready: serve the reads whose index is applied.
+    fn after_ready(&mut self) {
+        if let Some((_, Some(idx), _)) = &self.read_inflight
+            && self.core.applied() >= *idx
+        {
+            let (_, _, batch) = self.read_inflight.take().expect("checked");
+            for (offset, len, r) in batch {
+                let _ = r.send(Ok(self.core.overlay.lookup(offset, len)));
+            }
+        }
+        if self.failed.is_some() {
+            let e = ReplError::Failed(self.failed.clone().unwrap_or_default());
+            for (_, r) in self.proposals.drain() {
+                let _ = r.send(Err(e.clone()));
+            }
+        }
+    }
+
+    fn sync_store(&mut self) {
+        let Some(spec) = self.core.state.spec.clone() else {
+            return;
+        };
+        match &self.store {
+            Some(s) => {
+                if s.spec() != spec {
+                    s.set_spec(spec);
+                }
+            }
+            None => {
+                self.store = Some(Arc::new(SledStore::new(
+                    spec,
+                    self.sleds.pool.clone(),
+                    self.sleds.key.clone(),
+                    self.node,
+                    Epoch(self.core.term()),
+                    self.sleds.metrics.clone(),
+                )));
+            }
+        }
+    }
+
+    fn start_spec(&mut self, term: u64) {
+        let Some(t) = self.template.clone() else {
+            tracing::warn!(group = %self.group, "leader of a group without a volume; waiting for one");
+            return;
+        };
+        let pool = self.sleds.pool.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let spec = create_spec(&pool, &t).await;
+            let _ = tx.send(Input::SpecReady { term, spec }).await;
+        });
+    }
+
+    fn start_claim(&mut self, term: u64) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        self.claiming = Some(term);
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            store.set_epoch(Epoch(term));
+            let result = store.open().await;
+            let _ = tx.send(Input::Claimed { term, result }).await;
+        });
+    }
+
+    fn start_serving(&mut self, term: u64) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        tracing::info!(group = %self.group, node_id = self.node.0, term,
+            flushed = self.core.state.flushed, applied = self.core.applied(),
+            unflushed_bytes = self.core.overlay.bytes(), "serving the volume");
+        self.serving = Some(term);
+        self.flush_done.clear();
+        self.flush_reported = self.core.state.flushed;
+        let (jobs, rx) = mpsc::unbounded_channel();
+        // Re-flush the whole unflushed tail: the previous leader may not have finished it.
+        for (index, e) in self.core.overlay.entries_after(self.core.state.flushed) {
+            let _ = jobs.send((index, e.header.clone(), e.data.clone()));
+        }
+        let task = tokio::spawn(flusher(
+            term,
+            store,
+            rx,
+            self.tx.clone(),
+            self.cfg.flush_window,
+        ));
+        self.flusher = Some(Flusher { jobs, task });
+    }
+
+    fn stop_serving(&mut self) {
+        self.serving = None;
+        self.claiming = None;
+        self.flusher = None;
+        self.flush_done.clear();
+        let e = self.not_leader();
+        for (_, _, r) in self.deferred.drain(..) {
+            let _ = r.send(Err(e.clone()));
+        }
+        for (_, _, r) in self.read_next.drain(..) {
+            let _ = r.send(Err(e.clone()));
+        }
+        if let Some((_, _, batch)) = self.read_inflight.take() {
+            for (_, _, r) in batch {
+                let _ = r.send(Err(e.clone()));
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let role = match self.core.role() {
+            raft::StateRole::Leader => "leader",
+            raft::StateRole::Follower => "follower",
+            raft::StateRole::Candidate => "candidate",
+            raft::StateRole::PreCandidate => "pre-candidate",
+        };
+        let st = GroupStatus {
+            role,
+            term: self.core.term(),
+            leader: self.core.leader(),
+            serving: self.serving.is_some(),
+            applied: self.core.applied(),
+            committed: self.core.committed(),
+            flushed: self.core.state.flushed,
+            unflushed_bytes: self.core.overlay.bytes(),
+            spec: self.core.state.spec.clone(),
+            store: self.store.clone(),
+            failed: self.failed.clone(),
+        };
+        self.status.send_if_modified(|old| {
+            let changed = old.role != st.role
+                || old.term != st.term
+                || old.leader != st.leader
+                || old.serving != st.serving
+                || old.applied != st.applied
+                || old.flushed != st.flushed
+                || old.spec != st.spec
+                || old.failed != st.failed
+                || old.store.is_some() != st.store.is_some();
+            *old = st;
+            changed
+        });
+    }
+}
+
+/// Places a new volume over the sleds this node reaches.
+async fn create_spec(pool: &SledPool, t: &VolumeTemplate) -> Result<VolumeSpec, String> {
+    let reached = pool.discover().await;
+    if reached.is_empty() {
+        return Err("no sled reachable".into());
+    }
+    let mut chunk = None;
+    for (_, conn) in &reached {
+        if let Ok(c) = conn.client().await
+            && let Ok(st) = c.stat().await
+            && let Some(d) = st.devices.first()
+        {
+            chunk = Some(d.chunk_size);
+            break;
+        }
+    }
+    let chunk = chunk.ok_or("no sled reported its chunk size")?;
+    let ids: Vec<_> = reached.iter().map(|(id, _)| *id).collect();
+    let replicas = t.replicas.min(ids.len());
+    VolumeSpec::place(VolumeId::random(), &t.name, t.size, chunk, &ids, replicas)
+        .map_err(|e| e.to_string())
+}
+
+/// Writes committed entries to the sleds in log order (per block range), many at a time,
+/// retrying I/O errors; reports each one done. A `Fenced` answer ends it.
+async fn flusher(
+    term: u64,
+    store: Arc<SledStore>,
+    mut jobs: mpsc::UnboundedReceiver<(u64, EntryHeader, Bytes)>,
+    done: mpsc::Sender<Input>,
+    window: usize,
+) {
+    let locks = RangeLock::new();
+    let window = Arc::new(Semaphore::new(window.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    while let Some((index, header, data)) = jobs.recv().await {
+        let (offset, len) = match &header {
+            EntryHeader::Write { offset, len } => (*offset, u64::from(*len)),
+            EntryHeader::Zero { offset, len, .. } => (*offset, *len),
+            _ => continue,
+        };
+        if len == 0 {
+            continue;
+        }
+        // Taken in log order: overlapping entries are written in log order.
+        let guard = locks.lock(offset / BLOCK, (offset + len - 1) / BLOCK).await;
+        let Ok(permit) = window.clone().acquire_owned().await else {
+            return;
+        };
+        let store = store.clone();
+        let done = done.clone();
+        tasks.spawn(async move {
+            let mut backoff = Duration::from_millis(20);
+            let result = loop {
+                let r = match &header {
+                    EntryHeader::Write { .. } => store.write(offset, data.clone()).await,
+                    EntryHeader::Zero { free, .. } => store.zero(offset, len, *free).await,
+                    _ => Ok(()),
+                };
+                match r {
+                    Ok(()) => break Ok(()),
+                    Err(e @ StoreError::Deposed { .. }) => break Err(e),
+                    Err(e) => {
+                        tracing::warn!(index, error = %e, "write-back failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            };
+            let _ = done
+                .send(Input::FlushDone {
+                    term,
+                    index,
+                    result,
+                })
+                .await;
+            drop((guard, permit));
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+}

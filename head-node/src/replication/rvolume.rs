@@ -1,0 +1,615 @@
+//! A replicated volume as NBD sees it, on every node of its group.
+//!
+//! On the leader, a write is ordered by a first-come-first-served range lock (which also makes
+//! read-modify-write of unaligned requests atomic), proposed, and acknowledged once committed
+//! (durable in a majority of logs): FLUSH and FUA are satisfied by commit. A read gets a
+//! ReadIndex barrier and the overlay of committed-unflushed data from the group, and reads the
+//! rest from the sleds. On any other node the same calls are forwarded to the leader over the
+//! peer transport; when there is no leader (an election) or it changes, the call waits and
+//! tries again until `failover_timeout`, so a client connected to a surviving node sees a pause,
+//! not an error.
+
+use super::GroupId;
+use super::driver::{GroupHandle, ReplError};
+use super::entry::EntryHeader;
+use super::overlay::Piece;
+use super::transport::{Transport, TransportError};
+use crate::nbd::{ExportInfo, Extent, Volume, VolumeError};
+use crate::volume::rangelock::RangeLock;
+use crate::volume::store::StoreError;
+use crate::volume::{BLOCK, VolumeSpec};
+use common::AlignedBuf;
+use common::ids::NodeId;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A volume operation forwarded to the leader. Append-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeRpc {
+    /// Read (block-aligned).
+    Read {
+        /// Group.
+        group: GroupId,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Write the call's data (any alignment: the leader does the read-modify-write).
+    Write {
+        /// Group.
+        group: GroupId,
+        /// Offset.
+        offset: u64,
+    },
+    /// Write zeroes over a range (any alignment).
+    WriteZeroes {
+        /// Group.
+        group: GroupId,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Keep the range allocated.
+        no_hole: bool,
+    },
+    /// Trim a range (whole blocks inside it).
+    Trim {
+        /// Group.
+        group: GroupId,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Allocation of a range.
+    BlockStatus {
+        /// Group.
+        group: GroupId,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+/// The answer to a [`VolumeRpc`]. Append-only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeRpcReply {
+    /// Done.
+    Ok,
+    /// Read data follows.
+    Data,
+    /// `(length, allocated)` runs.
+    Extents(Vec<(u64, bool)>),
+    /// Not the leader (retry there).
+    NotLeader(Option<NodeId>),
+    /// No such group on that node.
+    NoGroup,
+    /// Out of space.
+    NoSpace,
+    /// Failed.
+    Failed(String),
+}
+
+/// Errors of one attempt.
+#[derive(Debug)]
+enum Attempt {
+    Retry,
+    Fatal(VolumeError),
+}
+
+fn repl_error(e: ReplError) -> Attempt {
+    match e {
+        ReplError::NotLeader { .. } | ReplError::NoVolume | ReplError::Stopped => Attempt::Retry,
+        ReplError::NoSpace => Attempt::Fatal(VolumeError::NoSpace),
+        other => Attempt::Fatal(VolumeError::io(std::io::Error::other(other.to_string()))),
+    }
+}
+
+fn store_error(e: StoreError) -> Attempt {
+    match e {
+        StoreError::NoSpace(_) => Attempt::Fatal(VolumeError::NoSpace),
+        StoreError::OutOfRange { offset, len } => Attempt::Fatal(VolumeError::OutOfRange {
+            offset,
+            length: len,
+        }),
+        // A deposed store: the group steps down; the request goes to the new leader.
+        StoreError::Deposed { .. } => Attempt::Retry,
+        StoreError::Io(m) => Attempt::Fatal(VolumeError::io(std::io::Error::other(m))),
+    }
+}
+
+const fn floor(v: u64) -> u64 {
+    v / BLOCK * BLOCK
+}
+
+const fn ceil(v: u64) -> u64 {
+    v.div_ceil(BLOCK) * BLOCK
+}
+
+/// A replicated volume on one node.
+pub struct ReplicatedVolume<T: Transport> {
+    group: GroupHandle,
+    node: NodeId,
+    name: String,
+    transport: Arc<T>,
+    locks: RangeLock,
+    failover_timeout: Duration,
+    detached: tokio::sync::watch::Sender<bool>,
+}
+
+impl<T: Transport> std::fmt::Debug for ReplicatedVolume<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicatedVolume")
+            .field("group", &self.group.group())
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Transport> ReplicatedVolume<T> {
+    /// The volume of `group` on this node.
+    pub fn new(
+        group: GroupHandle,
+        node: NodeId,
+        name: String,
+        transport: Arc<T>,
+        failover_timeout: Duration,
+    ) -> Self {
+        let (detached, _) = tokio::sync::watch::channel(false);
+        Self {
+            group,
+            node,
+            name,
+            transport,
+            locks: RangeLock::new(),
+            failover_timeout,
+            detached,
+        }
+    }
+
+    /// The group's handle.
+    pub fn handle(&self) -> &GroupHandle {
+        &self.group
+    }
+
+    /// The volume's description, once created.
+    pub fn spec(&self) -> Option<VolumeSpec> {
+        self.group.status().spec
+    }
+
+    /// Detaches: connections finish what they have in flight and disconnect.
+    pub fn detach(&self) {
+        self.detached.send_replace(true);
+    }
+
+    /// Runs `op` on the leader — here when this node serves, forwarded otherwise — retrying
+    /// through elections until `failover_timeout`.
+    async fn with_leader<R, L, F, LF, FF>(
+        &self,
+        mut local: L,
+        mut forward: F,
+    ) -> Result<R, VolumeError>
+    where
+        L: FnMut() -> LF,
+        LF: std::future::Future<Output = Result<R, Attempt>>,
+        F: FnMut(NodeId) -> FF,
+        FF: std::future::Future<Output = Result<R, Attempt>>,
+    {
+        let deadline = Instant::now() + self.failover_timeout;
+        loop {
+            if *self.detached.borrow() {
+                return Err(VolumeError::ShuttingDown);
+            }
+            let st = self.group.status();
+            if let Some(e) = st.failed {
+                return Err(VolumeError::io(std::io::Error::other(e)));
+            }
+            let attempt = if st.serving {
+                Some(local().await)
+            } else if let Some(l) = st.leader.filter(|l| *l != self.node) {
+                Some(forward(l).await)
+            } else {
+                None
+            };
+            match attempt {
+                Some(Ok(r)) => return Ok(r),
+                Some(Err(Attempt::Fatal(e))) => return Err(e),
+                Some(Err(Attempt::Retry)) | None => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VolumeError::io(std::io::Error::other(format!(
+                    "volume {}: no leader could serve the request within {:?}",
+                    self.name, self.failover_timeout
+                ))));
+            }
+            let wait = (deadline - now).min(Duration::from_millis(50));
+            let _ = tokio::time::timeout(wait, self.group.changed()).await;
+        }
+    }
+
+    async fn forward(
+        &self,
+        to: NodeId,
+        rpc: VolumeRpc,
+        data: Option<Arc<AlignedBuf>>,
+    ) -> Result<(VolumeRpcReply, AlignedBuf), Attempt> {
+        let ctl = postcard::to_stdvec(&rpc)
+            .map_err(|e| Attempt::Fatal(VolumeError::io(std::io::Error::other(e))))?;
+        match self
+            .transport
+            .call(to, ctl, data, self.failover_timeout)
+            .await
+        {
+            Ok((ctl, data)) => match postcard::from_bytes::<VolumeRpcReply>(&ctl) {
+                Ok(VolumeRpcReply::NotLeader(_)) | Ok(VolumeRpcReply::NoGroup) => {
+                    Err(Attempt::Retry)
+                }
+                Ok(VolumeRpcReply::NoSpace) => Err(Attempt::Fatal(VolumeError::NoSpace)),
+                Ok(VolumeRpcReply::Failed(m)) => {
+                    Err(Attempt::Fatal(VolumeError::io(std::io::Error::other(m))))
+                }
+                Ok(r) => Ok((r, data)),
+                Err(e) => Err(Attempt::Fatal(VolumeError::io(std::io::Error::other(e)))),
+            },
+            Err(TransportError::UnknownPeer(_)) => Err(Attempt::Fatal(VolumeError::io(
+                std::io::Error::other("leader is not a known peer"),
+            ))),
+            // Connection trouble: the leader may be dying; ask again.
+            Err(_) => Err(Attempt::Retry),
+        }
+    }
+
+    // ---- leader-side operations (also what forwarded calls run) ----
+
+    /// Reads block-aligned `[offset, offset+len)` as the serving leader.
+    async fn local_read(&self, offset: u64, len: u64) -> Result<AlignedBuf, Attempt> {
+        let pieces = self.group.read(offset, len).await.map_err(repl_error)?;
+        let store = self.group.status().store.ok_or(Attempt::Retry)?;
+        if let [(l, Piece::Sled)] = pieces.as_slice()
+            && *l == len
+        {
+            return store.read(offset, len).await.map_err(store_error);
+        }
+        let mut out = AlignedBuf::zeroed(len as usize);
+        let mut pos = 0u64;
+        for (l, p) in pieces {
+            let at = pos as usize;
+            match p {
+                Piece::Data(d) => out[at..at + l as usize].copy_from_slice(&d),
+                Piece::Zero => {}
+                Piece::Sled => {
+                    let b = store.read(offset + pos, l).await.map_err(store_error)?;
+                    out[at..at + l as usize].copy_from_slice(&b);
+                }
+            }
+            pos += l;
+        }
+        Ok(out)
+    }
+
+    async fn local_write(&self, offset: u64, data: bytes::Bytes) -> Result<(), Attempt> {
+        let len = data.len() as u32;
+        self.group
+            .propose(EntryHeader::Write { offset, len }, data)
+            .await
+            .map(|_| ())
+            .map_err(repl_error)
+    }
+
+    async fn local_zero(&self, offset: u64, len: u64, free: bool) -> Result<(), Attempt> {
+        self.group
+            .propose(EntryHeader::Zero { offset, len, free }, bytes::Bytes::new())
+            .await
+            .map(|_| ())
+            .map_err(repl_error)
+    }
+
+    fn local_allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, Attempt> {
+        let st = self.group.status();
+        let store = st.store.ok_or(Attempt::Retry)?;
+        // Unflushed data counts as allocated: report whole chunks with overlay data as data.
+        Ok(store
+            .allocation(offset, len)
+            .into_iter()
+            .map(|(l, a)| (l, a || st.unflushed_bytes > 0))
+            .collect())
+    }
+
+    /// Serves a forwarded call (this node is, or was, the leader).
+    pub async fn serve_rpc(
+        &self,
+        rpc: VolumeRpc,
+        data: AlignedBuf,
+    ) -> (VolumeRpcReply, Option<AlignedBuf>) {
+        if !self.group.status().serving {
+            return (VolumeRpcReply::NotLeader(self.group.status().leader), None);
+        }
+        let reply = |r: Result<VolumeRpcReply, Attempt>| match r {
+            Ok(r) => r,
+            Err(Attempt::Retry) => VolumeRpcReply::NotLeader(self.group.status().leader),
+            Err(Attempt::Fatal(VolumeError::NoSpace)) => VolumeRpcReply::NoSpace,
+            Err(Attempt::Fatal(e)) => VolumeRpcReply::Failed(e.to_string()),
+        };
+        match rpc {
+            VolumeRpc::Read { offset, len, .. } => match self.local_read(offset, len).await {
+                Ok(buf) => (VolumeRpcReply::Data, Some(buf)),
+                Err(e) => (reply(Err(e)), None),
+            },
+            VolumeRpc::Write { offset, .. } => (
+                reply(
+                    self.leader_write(offset, data.into_bytes())
+                        .await
+                        .map(|_| VolumeRpcReply::Ok),
+                ),
+                None,
+            ),
+            VolumeRpc::WriteZeroes {
+                offset,
+                len,
+                no_hole,
+                ..
+            } => (
+                reply(
+                    self.leader_write_zeroes(offset, len, no_hole)
+                        .await
+                        .map(|_| VolumeRpcReply::Ok),
+                ),
+                None,
+            ),
+            VolumeRpc::Trim { offset, len, .. } => (
+                reply(
+                    self.leader_trim(offset, len)
+                        .await
+                        .map(|_| VolumeRpcReply::Ok),
+                ),
+                None,
+            ),
+            VolumeRpc::BlockStatus { offset, len, .. } => (
+                reply(
+                    self.local_allocation(offset, len)
+                        .map(VolumeRpcReply::Extents),
+                ),
+                None,
+            ),
+        }
+    }
+
+    async fn lock(&self, offset: u64, len: u64) -> crate::volume::rangelock::RangeGuard {
+        self.locks
+            .lock(offset / BLOCK, (offset + len.max(1) - 1) / BLOCK)
+            .await
+    }
+
+    /// Read-modify-write of `bytes` at `offset` over whole blocks, as the serving leader (the
+    /// caller holds the lock).
+    async fn leader_rmw(&self, offset: u64, bytes: &[u8]) -> Result<(), Attempt> {
+        let end = offset + bytes.len() as u64;
+        let (start, stop) = (floor(offset), ceil(end));
+        let mut buf = self.local_read(start, stop - start).await?;
+        let at = (offset - start) as usize;
+        buf[at..at + bytes.len()].copy_from_slice(bytes);
+        self.local_write(start, buf.into_bytes()).await
+    }
+
+    /// A write of any alignment, as the serving leader.
+    async fn leader_write(&self, offset: u64, data: bytes::Bytes) -> Result<(), Attempt> {
+        let len = data.len() as u64;
+        let _g = self.lock(offset, len).await;
+        if offset.is_multiple_of(BLOCK) && len.is_multiple_of(BLOCK) {
+            self.local_write(offset, data).await
+        } else {
+            self.leader_rmw(offset, &data).await
+        }
+    }
+
+    /// Write-zeroes of any alignment, as the serving leader.
+    async fn leader_write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+    ) -> Result<(), Attempt> {
+        let end = offset + len;
+        let _g = self.lock(offset, len).await;
+        let (start, stop) = (ceil(offset), floor(end));
+        if start >= stop {
+            return self.leader_rmw(offset, &vec![0u8; len as usize]).await;
+        }
+        if offset < start {
+            self.leader_rmw(offset, &vec![0u8; (start - offset) as usize])
+                .await?;
+        }
+        if stop < end {
+            self.leader_rmw(stop, &vec![0u8; (end - stop) as usize])
+                .await?;
+        }
+        self.local_zero(start, stop - start, !no_hole).await
+    }
+
+    /// Trim, as the serving leader: the whole blocks inside the range.
+    async fn leader_trim(&self, offset: u64, len: u64) -> Result<(), Attempt> {
+        let (start, stop) = (ceil(offset), floor(offset + len));
+        if start >= stop {
+            return Ok(());
+        }
+        let _g = self.lock(start, stop - start).await;
+        self.local_zero(start, stop - start, true).await
+    }
+
+    fn rpc_ok(r: (VolumeRpcReply, AlignedBuf)) -> Result<(), Attempt> {
+        match r.0 {
+            VolumeRpcReply::Ok => Ok(()),
+            _ => Err(Attempt::Retry),
+        }
+    }
+}
+
+impl<T: Transport> Volume for ReplicatedVolume<T> {
+    fn info(&self) -> ExportInfo {
+        let spec = self.spec();
+        ExportInfo {
+            name: self.name.clone(),
+            description: spec
+                .as_ref()
+                .map(|s| format!("stockade volume {}", s.id))
+                .unwrap_or_default(),
+            size: spec.map_or(0, |s| s.size),
+            read_only: false,
+            multi_conn: true,
+            min_block: 512,
+            preferred_block: BLOCK as u32,
+            max_block: crate::volume::direct::MAX_PAYLOAD,
+        }
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, VolumeError> {
+        let end = offset + u64::from(len);
+        let (start, stop) = (floor(offset), ceil(end));
+        let gid = self.group.group();
+        let buf = self
+            .with_leader(
+                || self.local_read(start, stop - start),
+                |l| async move {
+                    let rpc = VolumeRpc::Read {
+                        group: gid,
+                        offset: start,
+                        len: stop - start,
+                    };
+                    let (_, data) = self.forward(l, rpc, None).await?;
+                    if data.len() as u64 == stop - start {
+                        Ok(data)
+                    } else {
+                        Err(Attempt::Fatal(VolumeError::io(std::io::Error::other(
+                            "short forwarded read",
+                        ))))
+                    }
+                },
+            )
+            .await?;
+        if start == offset && stop == end {
+            return Ok(buf);
+        }
+        let at = (offset - start) as usize;
+        Ok(AlignedBuf::from_slice(&buf[at..at + len as usize]))
+    }
+
+    async fn write(&self, offset: u64, data: AlignedBuf, _fua: bool) -> Result<(), VolumeError> {
+        let gid = self.group.group();
+        let shared = Arc::new(data);
+        let bytes = AlignedBuf::shared_bytes(shared.clone());
+        self.with_leader(
+            || self.leader_write(offset, bytes.clone()),
+            |l| {
+                let payload = shared.clone();
+                async move {
+                    let r = self
+                        .forward(l, VolumeRpc::Write { group: gid, offset }, Some(payload))
+                        .await?;
+                    Self::rpc_ok(r)
+                }
+            },
+        )
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), VolumeError> {
+        // Every acknowledged write is committed: durable in a majority of the group's logs.
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u64, _fua: bool) -> Result<(), VolumeError> {
+        let gid = self.group.group();
+        self.with_leader(
+            || self.leader_trim(offset, len),
+            |l| async move {
+                let r = self
+                    .forward(
+                        l,
+                        VolumeRpc::Trim {
+                            group: gid,
+                            offset,
+                            len,
+                        },
+                        None,
+                    )
+                    .await?;
+                Self::rpc_ok(r)
+            },
+        )
+        .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        _fast_only: bool,
+        _fua: bool,
+    ) -> Result<(), VolumeError> {
+        let gid = self.group.group();
+        self.with_leader(
+            || self.leader_write_zeroes(offset, len, no_hole),
+            |l| async move {
+                let rpc = VolumeRpc::WriteZeroes {
+                    group: gid,
+                    offset,
+                    len,
+                    no_hole,
+                };
+                let r = self.forward(l, rpc, None).await?;
+                Self::rpc_ok(r)
+            },
+        )
+        .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, VolumeError> {
+        let gid = self.group.group();
+        let runs = self
+            .with_leader(
+                || async { self.local_allocation(offset, len) },
+                |l| async move {
+                    match self
+                        .forward(
+                            l,
+                            VolumeRpc::BlockStatus {
+                                group: gid,
+                                offset,
+                                len,
+                            },
+                            None,
+                        )
+                        .await?
+                    {
+                        (VolumeRpcReply::Extents(e), _) => Ok(e),
+                        _ => Err(Attempt::Retry),
+                    }
+                },
+            )
+            .await?;
+        if runs.is_empty() {
+            return Err(VolumeError::OutOfRange {
+                offset,
+                length: len,
+            });
+        }
+        Ok(runs
+            .into_iter()
+            .map(|(l, a)| if a { Extent::data(l) } else { Extent::hole(l) })
+            .collect())
+    }
+
+    async fn cache(&self, _offset: u64, _len: u64) -> Result<(), VolumeError> {
+        Ok(())
+    }
+
+    async fn closed(&self) {
+        let mut rx = self.detached.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+}
