@@ -26,6 +26,13 @@ fn scratch() -> tempfile::TempDir {
         .unwrap()
 }
 
+/// A node's replication layer, its transport, and its view of the volume.
+type TestNode = (
+    Arc<ReplNode<TcpTransport>>,
+    Arc<TcpTransport>,
+    Arc<ReplicatedVolume<TcpTransport>>,
+);
+
 struct Cluster {
     _dir: tempfile::TempDir,
     key: common::ClusterKey,
