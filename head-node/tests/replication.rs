@@ -37,14 +37,7 @@ struct Cluster {
     _dir: tempfile::TempDir,
     key: common::ClusterKey,
     sleds: Vec<sled_controller::app::Running>,
-    nodes: HashMap<
-        u64,
-        (
-            Arc<ReplNode<TcpTransport>>,
-            Arc<TcpTransport>,
-            Arc<ReplicatedVolume<TcpTransport>>,
-        ),
-    >,
+    nodes: HashMap<u64, TestNode>,
 }
 
 async fn cluster(volume_size: u64) -> Cluster {
