@@ -7,13 +7,13 @@
 
 use crate::AlignedBuf;
 use crate::Credential;
-use bytes::Bytes;
 use crate::cred::{ClusterKey, HandshakeRole, nonce};
 use crate::ids::{ChunkIndex, NodeId, SledId, VolumeId};
 use crate::sled_proto::{
     ErrorCode, KIND_REQUEST, KIND_RESPONSE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtoError,
     Request, Response, SledStat, VolumeStat, WireError, encode_frame, read_frame, write_frame,
 };
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -285,13 +285,8 @@ impl SledClient {
             .await
             .map_err(|_| ClientError::Disconnected(self.addr))?;
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        let (head, _) = encode_frame(
-            KIND_REQUEST,
-            tag,
-            req,
-            data.as_deref().unwrap_or(&[]),
-        )
-        .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let (head, _) = encode_frame(KIND_REQUEST, tag, req, data.as_deref().unwrap_or(&[]))
+            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
         let (wtx, wrx) = oneshot::channel();
         self.pending
             .lock()

@@ -1,16 +1,20 @@
-//! Starting and stopping a head node: sleds, volumes, the NBD server and the admin/metrics
-//! listener.
+//! Starting and stopping a head node: the Raft log, the peer transport, one Raft group per
+//! volume, the NBD server and the admin/metrics listener.
 
 use crate::config::{ConfigError, HeadConfig};
 use crate::metrics::HeadMetrics;
 use crate::nbd::{ExportInfo, Exports, NbdServer, Volume};
+use crate::replication::GroupId;
+use crate::replication::driver::{DriverConfig, SledAccess, VolumeTemplate};
+use crate::replication::group::GroupConfig;
+use crate::replication::node::ReplNode;
+use crate::replication::rvolume::ReplicatedVolume;
+use crate::replication::transport::TcpTransport;
+use crate::replication::wal::Wal;
+use crate::replication::walpersist::{WalPersist, new_group_log};
 use crate::sleds::SledPool;
-use crate::state::{StateDir, StateError};
-use crate::volume::direct::DirectVolume;
-use crate::volume::store::{SledStore, StoreError};
-use crate::volume::{PlacementError, VolumeSpec};
 use common::cred::{ClusterKey, KeyError};
-use common::ids::VolumeId;
+use sha2::Digest;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -24,29 +28,14 @@ pub enum StartError {
     /// The cluster key.
     #[error(transparent)]
     Key(#[from] KeyError),
-    /// The state directory.
-    #[error(transparent)]
-    State(#[from] StateError),
-    /// Sleds disagree or cannot be reached.
-    #[error("{0}")]
-    Sleds(String),
-    /// A volume cannot be placed.
-    #[error("volume {name}: {source}")]
-    Placement {
-        /// Volume.
-        name: String,
+    /// The Raft log.
+    #[error("raft log in {dir}: {source}")]
+    Wal {
+        /// Its directory.
+        dir: String,
         /// Cause.
         #[source]
-        source: PlacementError,
-    },
-    /// A volume could not be opened on its sleds.
-    #[error("volume {name}: {source}")]
-    Open {
-        /// Volume.
-        name: String,
-        /// Cause.
-        #[source]
-        source: StoreError,
+        source: crate::replication::wal::WalError,
     },
     /// A listener.
     #[error("binding {what} on {addr}: {source}")]
@@ -59,7 +48,7 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// Metrics or NBD server setup.
+    /// Setting up a component.
     #[error("{0}")]
     Setup(String),
 }
@@ -67,20 +56,20 @@ pub enum StartError {
 /// The volumes this node serves, by name.
 #[derive(Debug, Default)]
 pub struct VolumeSet {
-    volumes: RwLock<BTreeMap<String, Arc<DirectVolume>>>,
+    volumes: RwLock<BTreeMap<String, Arc<ReplicatedVolume<TcpTransport>>>>,
 }
 
 impl VolumeSet {
     /// Adds or replaces a volume.
-    pub fn insert(&self, v: Arc<DirectVolume>) {
+    pub fn insert(&self, name: &str, v: Arc<ReplicatedVolume<TcpTransport>>) {
         self.volumes
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(v.spec().name.clone(), v);
+            .insert(name.to_string(), v);
     }
 
     /// Removes a volume (its connections are detached by the caller).
-    pub fn remove(&self, name: &str) -> Option<Arc<DirectVolume>> {
+    pub fn remove(&self, name: &str) -> Option<Arc<ReplicatedVolume<TcpTransport>>> {
         self.volumes
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -88,7 +77,7 @@ impl VolumeSet {
     }
 
     /// Every volume.
-    pub fn all(&self) -> Vec<Arc<DirectVolume>> {
+    pub fn all(&self) -> Vec<Arc<ReplicatedVolume<TcpTransport>>> {
         self.volumes
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -99,18 +88,25 @@ impl VolumeSet {
 }
 
 impl Exports for VolumeSet {
-    type V = DirectVolume;
+    type V = ReplicatedVolume<TcpTransport>;
 
-    fn get(&self, name: &str) -> Option<Arc<DirectVolume>> {
+    fn get(&self, name: &str) -> Option<Arc<Self::V>> {
         let vols = self.volumes.read().unwrap_or_else(|p| p.into_inner());
-        if name.is_empty() && vols.len() == 1 {
-            return vols.values().next().cloned();
-        }
-        vols.get(name).cloned()
+        let v = if name.is_empty() && vols.len() == 1 {
+            vols.values().next().cloned()
+        } else {
+            vols.get(name).cloned()
+        };
+        // A volume not created yet (its group has no leader so far) is not offered.
+        v.filter(|v| v.spec().is_some())
     }
 
     fn list(&self) -> Vec<ExportInfo> {
-        self.all().iter().map(|v| v.info()).collect()
+        self.all()
+            .iter()
+            .filter(|v| v.spec().is_some())
+            .map(|v| v.info())
+            .collect()
     }
 }
 
@@ -125,10 +121,10 @@ pub struct ReadyInfo {
     pub nbd: SocketAddr,
     /// Admin and metrics address.
     pub admin: SocketAddr,
+    /// Peer (Raft) address.
+    pub peer: SocketAddr,
     /// PID.
     pub pid: u32,
-    /// Epoch of this run.
-    pub epoch: u64,
 }
 
 /// A running head node.
@@ -138,8 +134,13 @@ pub struct Running {
     pub nbd: SocketAddr,
     /// Bound admin/metrics address.
     pub admin: SocketAddr,
+    /// Bound peer address.
+    pub peer: SocketAddr,
     /// The volumes served.
     pub volumes: Arc<VolumeSet>,
+    /// The replication layer.
+    pub node: Arc<ReplNode<TcpTransport>>,
+    transport: Arc<TcpTransport>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -148,175 +149,125 @@ impl Running {
     /// Stops: NBD connections answer what they have in flight, then everything exits.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks.drain(..) {
+        // The NBD server answers what is in flight (forwarding may still need the peers), then
+        // the peer transport closes.
+        let mut tasks = std::mem::take(&mut self.tasks);
+        let serve_peers = tasks.remove(0);
+        for t in tasks {
             let _ = t.await;
         }
+        self.transport.shutdown();
+        let _ = serve_peers.await;
     }
 }
 
-/// Creates or loads a volume's description, growing it to the configured size.
-fn volume_spec(
-    state: &StateDir,
-    name: &str,
-    size: u64,
-    chunk_size: u64,
-    sleds: &[common::ids::SledId],
-    replicas: usize,
-) -> Result<VolumeSpec, StartError> {
-    let placement = |source| StartError::Placement {
-        name: name.to_string(),
-        source,
-    };
-    match state.load_volume(name)? {
-        Some(mut spec) => {
-            if size < spec.size {
-                return Err(StartError::Config(ConfigError::Invalid(format!(
-                    "volume {name} is {} bytes; it cannot shrink to {size}",
-                    spec.size
-                ))));
-            }
-            if size > spec.size {
-                spec.grow(size, sleds, replicas).map_err(placement)?;
-                state.save_volume(&spec)?;
-                tracing::info!(volume = name, size, "volume grown");
-            }
-            Ok(spec)
-        }
-        None => {
-            let spec =
-                VolumeSpec::place(VolumeId::random(), name, size, chunk_size, sleds, replicas)
-                    .map_err(placement)?;
-            state.save_volume(&spec)?;
-            tracing::info!(volume = name, volume_id = %spec.id, size, "volume created");
-            Ok(spec)
-        }
-    }
+/// The group of a volume named in configuration: derived from the name, so every node that
+/// lists the volume agrees on it (until the control plane assigns groups).
+pub fn group_of(name: &str) -> GroupId {
+    let d = sha2::Sha256::digest(format!("stockade-volume-group\0{name}"));
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    GroupId(u128::from_le_bytes(b))
+}
+
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { what, addr, source };
+    let l = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let a = l.local_addr().map_err(err)?;
+    Ok((l, a))
 }
 
 /// Starts a head node. `registry` receives its metrics.
 pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Running, StartError> {
     cfg.validate()?;
     let key = ClusterKey::load(&cfg.cluster_key_file)?;
-    let state = StateDir::open(&cfg.state_dir)?;
-    let epoch = state.bump_epoch()?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+        StartError::Setup(format!("state directory {}: {e}", cfg.state_dir.display()))
+    })?;
     let metrics = HeadMetrics::new(&registry).map_err(|e| StartError::Setup(e.to_string()))?;
-    let pool = Arc::new(SledPool::new(&cfg.sleds, key.clone(), cfg.node_id));
-    let reached = pool.discover().await;
-    if reached.is_empty() {
-        return Err(StartError::Sleds(format!(
-            "none of the sleds {:?} can be reached",
-            cfg.sleds
-        )));
-    }
-    // Every sled must use the same chunk size (it is a volume's chunk size).
-    let mut chunk_size = None;
-    for (id, conn) in &reached {
-        let client = conn
-            .client()
+
+    // The Raft log of every group on this node.
+    let wal_dir = cfg.state_dir.join("wal");
+    let (wal, mut recovered) = {
+        let (dir, wcfg, reg) = (wal_dir.clone(), cfg.wal.clone(), registry.clone());
+        tokio::task::spawn_blocking(move || Wal::open(&dir, &wcfg, &reg))
             .await
-            .map_err(|e| StartError::Sleds(e.to_string()))?;
-        let st = client
-            .stat()
-            .await
-            .map_err(|e| StartError::Sleds(e.to_string()))?;
-        for d in &st.devices {
-            match chunk_size {
-                None => chunk_size = Some(d.chunk_size),
-                Some(c) if c != d.chunk_size => {
-                    return Err(StartError::Sleds(format!(
-                        "sled {id} uses {}-byte chunks, others {c}: all sleds must share a chunk size",
-                        d.chunk_size
-                    )));
-                }
-                Some(_) => {}
-            }
-        }
-    }
-    let chunk_size =
-        chunk_size.ok_or_else(|| StartError::Sleds("the sleds report no devices".into()))?;
-    let sled_ids: Vec<_> = reached.iter().map(|(id, _)| *id).collect();
-    let replicas = cfg.replicas.min(sled_ids.len());
-    if replicas < cfg.replicas {
-        tracing::warn!(
-            replicas,
-            wanted = cfg.replicas,
-            sleds = sled_ids.len(),
-            "fewer sleds than replicas: placing fewer replicas"
-        );
+            .map_err(|e| StartError::Setup(e.to_string()))?
+            .map_err(|source| StartError::Wal {
+                dir: wal_dir.display().to_string(),
+                source,
+            })?
+    };
+    if let Some(t) = &recovered.torn_tail {
+        tracing::warn!(file = %t.file.display(), offset = t.offset, dropped_bytes = t.dropped_bytes,
+            "cut a torn tail off the raft log (an unacknowledged write)");
     }
 
+    // The peers.
+    let (peer_listener, peer) = bind("peer", cfg.peer_listen).await?;
+    let peers = cfg.peer.iter().map(|p| (p.id, p.addr)).collect();
+    let transport = Arc::new(
+        TcpTransport::new(cfg.node_id, key.clone(), peers, &registry)
+            .map_err(|e| StartError::Setup(e.to_string()))?,
+    );
+    let mut tasks = vec![tokio::spawn(transport.serve(peer_listener))];
+
+    let driver = DriverConfig {
+        tick: cfg.raft.tick,
+        group: GroupConfig {
+            election_tick: cfg.raft.election_tick,
+            heartbeat_tick: cfg.raft.heartbeat_tick,
+            ..GroupConfig::default()
+        },
+        max_unflushed_bytes: cfg.raft.max_unflushed.0,
+        ..DriverConfig::default()
+    };
+    let node = ReplNode::new(
+        cfg.node_id,
+        transport.clone(),
+        Arc::new(WalPersist::new(wal.clone())),
+        driver,
+        cfg.raft.failover_timeout,
+    );
+    let pool = Arc::new(SledPool::new(&cfg.sleds, key.clone(), cfg.node_id));
+    let mut voters: Vec<u64> = cfg.peer.iter().map(|p| p.id.0).collect();
+    voters.push(cfg.node_id.0);
+    voters.sort_unstable();
+
     let volumes = Arc::new(VolumeSet::default());
-    let mut epoch = epoch;
     for v in &cfg.volume {
-        let spec = volume_spec(&state, &v.name, v.size.0, chunk_size, &sled_ids, replicas)?;
-        let vm = metrics.volume(&v.name);
-        let mut attempt = 0;
-        let store = loop {
-            vm.epoch.set(epoch.0 as i64);
-            let store = Arc::new(SledStore::new(
-                spec.clone(),
-                pool.clone(),
-                key.clone(),
-                cfg.node_id,
-                epoch,
-                vm.clone(),
-            ));
-            match store.open().await {
-                Ok(()) => break store,
-                // Until volumes have a Raft group, the node started last serves the volume: it
-                // claims above the holder it finds, which fences that holder out at the sleds.
-                Err(StoreError::Deposed {
-                    epoch: theirs,
-                    holder,
-                }) if attempt == 0 => {
-                    tracing::warn!(volume = %v.name, stored_epoch = theirs.0, stored_holder = holder.0,
-                        "volume claimed by another head node; taking it over with a higher epoch");
-                    epoch = state.raise_epoch(common::ids::Epoch(theirs.0 + 1))?;
-                    attempt += 1;
-                }
-                Err(source) => {
-                    return Err(StartError::Open {
-                        name: v.name.clone(),
-                        source,
-                    });
-                }
-            }
+        let gid = group_of(&v.name);
+        let log = match recovered.groups.remove(&gid) {
+            Some(log) => log,
+            None => new_group_log(&wal, gid, &voters)
+                .await
+                .map_err(StartError::Setup)?,
         };
-        volumes.insert(Arc::new(DirectVolume::new(store)));
+        let sleds = SledAccess {
+            pool: pool.clone(),
+            key: key.clone(),
+            metrics: metrics.volume(&v.name),
+        };
+        let template = VolumeTemplate {
+            name: v.name.clone(),
+            size: v.size.0,
+            replicas: cfg.replicas,
+        };
+        let vol = node
+            .add_group(gid, &v.name, log, sleds, Some(template))
+            .map_err(|e| StartError::Setup(format!("volume {}: {e}", v.name)))?;
+        volumes.insert(&v.name, vol);
+        tracing::info!(volume = %v.name, group = %gid, voters = ?voters, "volume group started");
     }
 
     let server = NbdServer::new(volumes.clone(), cfg.nbd.clone(), &registry)
         .map_err(|e| StartError::Setup(e.to_string()))?;
-    let nbd_listener = tokio::net::TcpListener::bind(cfg.nbd_listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: "NBD",
-            addr: cfg.nbd_listen,
-            source,
-        })?;
-    let nbd = nbd_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "NBD",
-            addr: cfg.nbd_listen,
-            source,
-        })?;
-    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: "admin",
-            addr: cfg.admin_listen,
-            source,
-        })?;
-    let admin = admin_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "admin",
-            addr: cfg.admin_listen,
-            source,
-        })?;
+    let (nbd_listener, nbd) = bind("NBD", cfg.nbd_listen).await?;
+    let (admin_listener, admin) = bind("admin", cfg.admin_listen).await?;
     let (shutdown, rx) = tokio::sync::watch::channel(false);
-    let mut tasks = Vec::new();
     let mut nrx = rx.clone();
     tasks.push(tokio::spawn(async move {
         let stop = async move {
@@ -342,17 +293,21 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
             node_id: cfg.node_id.0,
             nbd,
             admin,
+            peer,
             pid: std::process::id(),
-            epoch: epoch.0,
         };
-        crate::state::write_json_atomic(path, &info)?;
+        crate::state::write_json_atomic(path, &info)
+            .map_err(|e| StartError::Setup(e.to_string()))?;
     }
-    tracing::info!(node_id = cfg.node_id.0, epoch = epoch.0, %nbd, %admin,
-        volumes = cfg.volume.len(), "head node ready");
+    tracing::info!(node_id = cfg.node_id.0, %nbd, %admin, %peer, volumes = cfg.volume.len(),
+        "head node ready");
     Ok(Running {
         nbd,
         admin,
+        peer,
         volumes,
+        node,
+        transport,
         shutdown,
         tasks,
     })

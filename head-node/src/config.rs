@@ -69,6 +69,68 @@ fn default_admin() -> SocketAddr {
 fn default_replicas() -> usize {
     3
 }
+fn default_peer_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7910))
+}
+
+/// Another head node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its node id.
+    pub id: NodeId,
+    /// Its peer address (its `peer-listen`).
+    pub addr: SocketAddr,
+}
+
+impl std::str::FromStr for PeerConfig {
+    type Err = String;
+    /// `ID=ADDR`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (id, addr) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected ID=ADDR, like 2=127.0.0.1:7911"))?;
+        Ok(Self {
+            id: id
+                .parse()
+                .map_err(|e: common::ids::ParseIdError| e.to_string())?,
+            addr: addr
+                .parse()
+                .map_err(|e: std::net::AddrParseError| format!("{addr:?}: {e}"))?,
+        })
+    }
+}
+
+/// Raft timing and limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// One logical tick.
+    #[serde(with = "common::units::duration")]
+    pub tick: std::time::Duration,
+    /// Ticks without hearing from the leader before a follower campaigns (plus up to as many
+    /// again at random).
+    pub election_tick: usize,
+    /// Ticks between the leader's heartbeats.
+    pub heartbeat_tick: usize,
+    /// Committed data not yet written back to the sleds above which writes wait.
+    pub max_unflushed: ByteSize,
+    /// How long a request rides out an election (retrying on the new leader) before it fails.
+    #[serde(with = "common::units::duration")]
+    pub failover_timeout: std::time::Duration,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            tick: std::time::Duration::from_millis(50),
+            election_tick: 10,
+            heartbeat_tick: 2,
+            max_unflushed: ByteSize(256 << 20),
+            failover_timeout: std::time::Duration::from_secs(30),
+        }
+    }
+}
 
 /// The head node's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,8 +146,20 @@ pub struct HeadConfig {
     pub admin_listen: SocketAddr,
     /// The cluster key (64 hex digits).
     pub cluster_key_file: PathBuf,
-    /// Where this head node keeps its state (epoch counter, volume descriptions).
+    /// Where this head node keeps its state (the Raft log of its groups).
     pub state_dir: PathBuf,
+    /// Where the other head nodes connect (Raft and forwarded volume I/O).
+    #[serde(default = "default_peer_listen")]
+    pub peer_listen: SocketAddr,
+    /// The other head nodes.
+    #[serde(default)]
+    pub peer: Vec<PeerConfig>,
+    /// Raft timing and limits.
+    #[serde(default)]
+    pub raft: RaftConfig,
+    /// The Raft log.
+    #[serde(default)]
+    pub wal: crate::replication::wal::WalConfig,
     /// Sled controllers to use.
     #[serde(default)]
     pub sleds: Vec<SocketAddr>,
@@ -153,6 +227,29 @@ impl HeadConfig {
         self.nbd
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut ids = std::collections::HashSet::from([self.node_id]);
+        for p in &self.peer {
+            if p.id.0 == 0 || !ids.insert(p.id) {
+                return Err(ConfigError::Invalid(format!(
+                    "peer id {} is zero or listed twice (or is this node's id)",
+                    p.id
+                )));
+            }
+        }
+        let r = &self.raft;
+        if r.tick.is_zero() || r.heartbeat_tick == 0 || r.election_tick <= r.heartbeat_tick {
+            return Err(ConfigError::Invalid(
+                "raft: tick must be positive and election-tick greater than heartbeat-tick".into(),
+            ));
+        }
+        if r.max_unflushed.0 < 64 << 20 {
+            return Err(ConfigError::Invalid(
+                "raft.max-unflushed must be at least 64MiB (two maximal writes)".into(),
+            ));
+        }
+        self.wal
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }
 }
@@ -166,6 +263,7 @@ mod tests {
         let c: HeadConfig = toml::from_str(include_str!("../head.example.toml")).unwrap();
         c.validate().unwrap();
         assert_eq!(c.sleds.len(), 3);
+        assert_eq!(c.peer.len(), 2);
         assert_eq!(c.volume[0].size, ByteSize(1 << 30));
     }
 
@@ -190,5 +288,12 @@ mod tests {
             "vol0:1G".parse::<VolumeConfig>().unwrap().size,
             ByteSize(1 << 30)
         );
+        assert_eq!("2=127.0.0.1:9".parse::<PeerConfig>().unwrap().id, NodeId(2));
+        assert!("2:127.0.0.1:9".parse::<PeerConfig>().is_err());
+        let c: HeadConfig = toml::from_str(&format!(
+            "{base}sleds = ['127.0.0.1:1']\n[[peer]]\nid = 1\naddr = '127.0.0.1:2'"
+        ))
+        .unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("peer id"));
     }
 }

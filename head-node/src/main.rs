@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use common::ids::NodeId;
-use head_node::config::{HeadConfig, VolumeConfig};
+use head_node::config::{HeadConfig, PeerConfig, VolumeConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -35,6 +35,12 @@ struct Args {
     /// Replicas per chunk.
     #[arg(long)]
     replicas: Option<usize>,
+    /// Address other head nodes connect to.
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
+    /// Another head node, ID=ADDR (repeatable; replaces the config file's list).
+    #[arg(long = "peer")]
+    peers: Vec<PeerConfig>,
     /// A volume to serve, NAME:SIZE (repeatable; replaces the config file's list).
     #[arg(long = "volume")]
     volumes: Vec<VolumeConfig>,
@@ -61,6 +67,10 @@ fn config(a: Args) -> anyhow::Result<HeadConfig> {
                 .clone()
                 .context("--state-dir is required without --config")?,
             sleds: Vec::new(),
+            peer_listen: "127.0.0.1:7910".parse()?,
+            peer: Vec::new(),
+            raft: Default::default(),
+            wal: Default::default(),
             replicas: 3,
             volume: Vec::new(),
             nbd: Default::default(),
@@ -75,6 +85,12 @@ fn config(a: Args) -> anyhow::Result<HeadConfig> {
     }
     if let Some(v) = a.admin_listen {
         cfg.admin_listen = v;
+    }
+    if let Some(v) = a.peer_listen {
+        cfg.peer_listen = v;
+    }
+    if !a.peers.is_empty() {
+        cfg.peer = a.peers;
     }
     if !a.sleds.is_empty() {
         cfg.sleds = a.sleds;

@@ -2,6 +2,8 @@
 //! is listed in `docs/metrics.md`.
 
 use common::metrics::{MetricsError, counter_vec, latency_vec};
+#[allow(unused_imports)]
+use prometheus::Histogram;
 use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use std::time::Instant;
 
@@ -14,6 +16,19 @@ pub struct HeadMetrics {
     chunks: IntGaugeVec,
     fallbacks: IntCounterVec,
     epoch: IntGaugeVec,
+    term: IntGaugeVec,
+    role: IntGaugeVec,
+    commit: IntGaugeVec,
+    applied: IntGaugeVec,
+    flushed: IntGaugeVec,
+    unflushed: IntGaugeVec,
+    batch: HistogramVec,
+    elections: IntCounterVec,
+    leader_changes: IntCounterVec,
+}
+
+fn int_gauge_vec(r: &Registry, name: &str, help: &str) -> Result<IntGaugeVec, MetricsError> {
+    common::metrics::register(r, IntGaugeVec::new(Opts::new(name, help), &["volume"])?)
 }
 
 impl HeadMetrics {
@@ -64,6 +79,55 @@ impl HeadMetrics {
                     &["volume"],
                 )?,
             )?,
+            term: int_gauge_vec(
+                r,
+                "stockade_raft_term",
+                "Current Raft term of the volume's group on this node.",
+            )?,
+            role: int_gauge_vec(
+                r,
+                "stockade_raft_role",
+                "Raft role of this node in the volume's group: 0 follower, 1 pre-candidate, 2 candidate, 3 leader serving, 4 leader not yet serving.",
+            )?,
+            commit: int_gauge_vec(
+                r,
+                "stockade_raft_commit_index",
+                "Highest committed log index known here.",
+            )?,
+            applied: int_gauge_vec(
+                r,
+                "stockade_raft_applied_index",
+                "Highest log index applied here.",
+            )?,
+            flushed: int_gauge_vec(
+                r,
+                "stockade_volume_flushed_index",
+                "Every write at or below this log index is on the sleds (replicated FlushedUpTo).",
+            )?,
+            unflushed: int_gauge_vec(
+                r,
+                "stockade_volume_unflushed_bytes",
+                "Committed write data held here and not yet known to be on the sleds.",
+            )?,
+            batch: common::metrics::histogram_vec(
+                r,
+                "stockade_raft_ready_entries",
+                "Log entries made durable per Raft ready (proposals riding one log write).",
+                &["volume"],
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            )?,
+            elections: counter_vec(
+                r,
+                "stockade_raft_elections_total",
+                "Elections this node started (became candidate or pre-candidate).",
+                &["volume"],
+            )?,
+            leader_changes: counter_vec(
+                r,
+                "stockade_raft_leader_changes_total",
+                "Times the leader known to this node changed.",
+                &["volume"],
+            )?,
         })
     }
 
@@ -77,6 +141,15 @@ impl HeadMetrics {
             chunks_allocated: self.chunks.with_label_values(&[name]),
             read_fallbacks: self.fallbacks.with_label_values(&[name]),
             epoch: self.epoch.with_label_values(&[name]),
+            term: self.term.with_label_values(&[name]),
+            role: self.role.with_label_values(&[name]),
+            commit_index: self.commit.with_label_values(&[name]),
+            applied_index: self.applied.with_label_values(&[name]),
+            flushed_index: self.flushed.with_label_values(&[name]),
+            unflushed_bytes: self.unflushed.with_label_values(&[name]),
+            ready_entries: self.batch.with_label_values(&[name]),
+            elections: self.elections.with_label_values(&[name]),
+            leader_changes: self.leader_changes.with_label_values(&[name]),
         }
     }
 }
@@ -96,6 +169,24 @@ pub struct VolumeMetrics {
     pub read_fallbacks: IntCounter,
     /// Current epoch.
     pub epoch: IntGauge,
+    /// Raft term.
+    pub term: IntGauge,
+    /// Raft role code.
+    pub role: IntGauge,
+    /// Commit index.
+    pub commit_index: IntGauge,
+    /// Applied index.
+    pub applied_index: IntGauge,
+    /// Flushed index.
+    pub flushed_index: IntGauge,
+    /// Unflushed bytes.
+    pub unflushed_bytes: IntGauge,
+    /// Entries per ready.
+    pub ready_entries: prometheus::Histogram,
+    /// Elections started.
+    pub elections: IntCounter,
+    /// Leader changes seen.
+    pub leader_changes: IntCounter,
 }
 
 impl VolumeMetrics {

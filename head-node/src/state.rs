@@ -1,11 +1,7 @@
-//! The head node's state directory: the fencing epoch counter and volume descriptions.
-//!
-//! Every file is replaced atomically (write a temporary file, fsync it, rename it over the old
+//! Small state files (the ready file), replaced atomically (write a temporary file, fsync it, rename it over the old
 //! one, fsync the directory), so a crash leaves either the old or the new version.
 
-use crate::volume::VolumeSpec;
-use common::ids::Epoch;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Errors of the state directory.
 #[derive(Debug, thiserror::Error)]
@@ -65,93 +61,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     Ok(())
 }
 
-/// The state directory.
-#[derive(Debug, Clone)]
-pub struct StateDir {
-    dir: PathBuf,
-}
-
-impl StateDir {
-    /// Opens (creating) a state directory.
-    pub fn open(dir: &Path) -> Result<Self, StateError> {
-        std::fs::create_dir_all(dir.join("volumes")).map_err(io(dir))?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-        })
-    }
-
-    /// Increments and returns the epoch counter (durably, before it is used).
-    pub fn bump_epoch(&self) -> Result<Epoch, StateError> {
-        let next = Epoch(self.epoch()?.0 + 1);
-        self.set_epoch(next)?;
-        Ok(next)
-    }
-
-    /// Raises the epoch counter to at least `at_least` (durably) and returns it.
-    pub fn raise_epoch(&self, at_least: Epoch) -> Result<Epoch, StateError> {
-        let e = self.epoch()?.max(at_least);
-        self.set_epoch(e)?;
-        Ok(e)
-    }
-
-    fn set_epoch(&self, e: Epoch) -> Result<(), StateError> {
-        write_atomic(&self.dir.join("epoch"), format!("{}\n", e.0).as_bytes())
-    }
-
-    /// The epoch counter (0 when never started).
-    pub fn epoch(&self) -> Result<Epoch, StateError> {
-        let path = self.dir.join("epoch");
-        let current = match std::fs::read_to_string(&path) {
-            Ok(t) => t.trim().parse::<u64>().map_err(|e| StateError::Corrupt {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(io(&path)(e)),
-        };
-        Ok(Epoch(current))
-    }
-
-    fn volume_path(&self, name: &str) -> PathBuf {
-        self.dir.join("volumes").join(format!("{name}.json"))
-    }
-
-    /// A volume's description, if it exists.
-    pub fn load_volume(&self, name: &str) -> Result<Option<VolumeSpec>, StateError> {
-        let path = self.volume_path(name);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| StateError::Corrupt {
-                    path: path.display().to_string(),
-                    message: e.to_string(),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io(&path)(e)),
-        }
-    }
-
-    /// Saves a volume's description.
-    pub fn save_volume(&self, spec: &VolumeSpec) -> Result<(), StateError> {
-        write_json_atomic(&self.volume_path(&spec.name), spec)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn epochs_increase_and_corruption_is_named() {
+    fn atomic_writes_replace_files() {
         let d = tempfile::tempdir().unwrap();
-        let s = StateDir::open(d.path()).unwrap();
-        assert_eq!(s.bump_epoch().unwrap(), Epoch(1));
-        assert_eq!(s.bump_epoch().unwrap(), Epoch(2));
-        std::fs::write(d.path().join("epoch"), "garbage").unwrap();
-        let e = s.bump_epoch().unwrap_err().to_string();
-        assert!(e.contains("corrupt"), "{e}");
-        std::fs::write(d.path().join("volumes/v.json"), "{").unwrap();
-        assert!(s.load_volume("v").is_err());
-        assert!(s.load_volume("missing").unwrap().is_none());
+        let p = d.path().join("x.json");
+        write_json_atomic(&p, &vec![1, 2]).unwrap();
+        write_json_atomic(&p, &vec![3]).unwrap();
+        let back: Vec<u32> = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(back, vec![3]);
+        assert!(!p.with_extension("tmp").exists());
+        assert!(write_json_atomic(&d.path().join("no/such/dir/x"), &1).is_err());
     }
 }

@@ -14,10 +14,10 @@ pub struct HeadReady {
     pub nbd: SocketAddr,
     /// Admin and metrics address.
     pub admin: SocketAddr,
+    /// Peer (Raft) address.
+    pub peer: SocketAddr,
     /// PID.
     pub pid: u32,
-    /// Epoch of this run.
-    pub epoch: u64,
 }
 
 /// A running head node.
@@ -63,11 +63,16 @@ impl HeadProc {
             args.push("--volume".into());
             args.push(v.to_string());
         }
+        if !extra.contains(&"--peer-listen") {
+            args.push("--peer-listen".into());
+            args.push("127.0.0.1:0".into());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut proc = Proc::spawn(name, &bin("head-node"), &args, dir);
         let ready: HeadReady = proc.wait_ready(START_TIMEOUT);
         proc.set_arg("--nbd-listen", &ready.nbd.to_string());
         proc.set_arg("--admin-listen", &ready.admin.to_string());
+        proc.set_arg("--peer-listen", &ready.peer.to_string());
         Self { proc, ready }
     }
 
@@ -75,6 +80,19 @@ impl HeadProc {
     pub fn restart(&mut self) {
         self.proc.start();
         self.ready = self.proc.wait_ready(START_TIMEOUT);
+    }
+
+    /// Waits until the export is served (its group elected a leader that created the volume).
+    pub fn wait_export(&self, export: &str, timeout: std::time::Duration) {
+        let uri = self.uri(export);
+        crate::eventually(timeout, &format!("export {uri}"), || {
+            std::process::Command::new("nbdinfo")
+                .args(["--size", &uri])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| ())
+        });
     }
 
     /// The NBD URI of an export.
@@ -122,6 +140,10 @@ impl Cluster {
             .collect();
         let addrs: Vec<SocketAddr> = sleds.iter().map(|s| s.ready.listen).collect();
         let head = HeadProc::start("head1", dir.path(), &key_path, 1, &addrs, volumes, &[]);
+        for v in volumes {
+            let name = v.split(':').next().unwrap_or_default();
+            head.wait_export(name, START_TIMEOUT);
+        }
         Self {
             dir,
             key_path,
@@ -134,5 +156,99 @@ impl Cluster {
     /// Sled protocol addresses.
     pub fn sled_addrs(&self) -> Vec<SocketAddr> {
         self.sleds.iter().map(|s| s.ready.listen).collect()
+    }
+}
+
+/// Picks `n` free loopback ports (bound and released; processes bind them right after).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    ls.iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+/// Sleds and three head nodes replicating each volume with Raft.
+#[derive(Debug)]
+pub struct Cluster3 {
+    /// Scratch directory (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// Key file.
+    pub key_path: PathBuf,
+    /// The key.
+    pub key: common::ClusterKey,
+    /// Sleds.
+    pub sleds: Vec<SledProc>,
+    /// Head nodes (node id = index + 1).
+    pub heads: Vec<HeadProc>,
+}
+
+impl Cluster3 {
+    /// `n_sleds` sleds and three head nodes serving `volumes` (`NAME:SIZE`), with `extra` flags
+    /// for every head node.
+    pub fn start(
+        name: &str,
+        n_sleds: usize,
+        sled_size: &str,
+        chunk: &str,
+        volumes: &[&str],
+        extra: &[&str],
+    ) -> Self {
+        let dir = scratch(name);
+        let (key_path, key) = key_file(dir.path());
+        let sleds: Vec<SledProc> = (1..=n_sleds)
+            .map(|i| {
+                let dev = format!(
+                    "{}:{sled_size}",
+                    dir.path().join(format!("sled{i}.img")).display()
+                );
+                SledProc::start(
+                    &format!("sled{i}"),
+                    dir.path(),
+                    &key_path,
+                    &[dev],
+                    None,
+                    &["--chunk-size", chunk],
+                )
+            })
+            .collect();
+        let addrs: Vec<SocketAddr> = sleds.iter().map(|s| s.ready.listen).collect();
+        let ports = free_ports(3);
+        let mut heads = Vec::new();
+        for i in 0..3usize {
+            let mut args: Vec<String> =
+                vec!["--peer-listen".into(), format!("127.0.0.1:{}", ports[i])];
+            for (j, port) in ports.iter().enumerate() {
+                if j != i {
+                    args.push("--peer".into());
+                    args.push(format!("{}=127.0.0.1:{port}", j + 1));
+                }
+            }
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            heads.push(HeadProc::start(
+                &format!("head{}", i + 1),
+                dir.path(),
+                &key_path,
+                i as u64 + 1,
+                &addrs,
+                volumes,
+                &a,
+            ));
+        }
+        for v in volumes {
+            let name = v.split(':').next().unwrap_or_default();
+            for h in &heads {
+                h.wait_export(name, START_TIMEOUT);
+            }
+        }
+        Self {
+            dir,
+            key_path,
+            key,
+            sleds,
+            heads,
+        }
     }
 }

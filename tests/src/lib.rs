@@ -20,6 +20,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod head;
+pub mod nbd;
 pub mod sled;
 
 /// The workspace root.

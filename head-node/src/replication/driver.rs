@@ -301,14 +301,17 @@ pub struct SledAccess {
     pub metrics: VolumeMetrics,
 }
 
+/// The write-back of one leadership. Dropping it stops the write-back: no new entries, and
+/// each write in progress makes at most one more attempt (whose outcome is harmless either
+/// way: committed data landing before a newer claim, or refused by one) before giving up.
 struct Flusher {
     jobs: mpsc::UnboundedSender<(u64, EntryHeader, Bytes)>,
-    task: tokio::task::JoinHandle<()>,
+    stopping: watch::Sender<bool>,
 }
 
 impl Drop for Flusher {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stopping.send_replace(true);
     }
 }
 
@@ -601,6 +604,12 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 &self.tx,
                 std::mem::take(&mut work.messages),
             );
+            if !work.write.entries.is_empty() {
+                self.sleds
+                    .metrics
+                    .ready_entries
+                    .observe(work.write.entries.len() as f64);
+            }
             self.handle_events();
             if !work.write.is_empty()
                 && let Err(e) = self.persist.persist(self.group, &work.write).await
@@ -782,14 +791,16 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         for (index, e) in self.core.overlay.entries_after(self.core.state.flushed) {
             let _ = jobs.send((index, e.header.clone(), e.data.clone()));
         }
-        let task = tokio::spawn(flusher(
+        let (stopping, stop_rx) = watch::channel(false);
+        tokio::spawn(flusher(
             term,
             store,
             rx,
             self.tx.clone(),
             self.cfg.flush_window,
+            stop_rx,
         ));
-        self.flusher = Some(Flusher { jobs, task });
+        self.flusher = Some(Flusher { jobs, stopping });
     }
 
     fn stop_serving(&mut self) {
@@ -818,6 +829,19 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             raft::StateRole::Candidate => "candidate",
             raft::StateRole::PreCandidate => "pre-candidate",
         };
+        let m = &self.sleds.metrics;
+        m.term.set(self.core.term() as i64);
+        m.role.set(match self.core.role() {
+            raft::StateRole::Follower => 0,
+            raft::StateRole::PreCandidate => 1,
+            raft::StateRole::Candidate => 2,
+            raft::StateRole::Leader if self.serving.is_some() => 3,
+            raft::StateRole::Leader => 4,
+        });
+        m.commit_index.set(self.core.committed() as i64);
+        m.applied_index.set(self.core.applied() as i64);
+        m.flushed_index.set(self.core.state.flushed as i64);
+        m.unflushed_bytes.set(self.core.overlay.bytes() as i64);
         let st = GroupStatus {
             role,
             term: self.core.term(),
@@ -831,6 +855,15 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             store: self.store.clone(),
             failed: self.failed.clone(),
         };
+        {
+            let prev = self.status.borrow();
+            if prev.leader != st.leader && st.leader.is_some() {
+                m.leader_changes.inc();
+            }
+            if prev.role != st.role && matches!(st.role, "candidate" | "pre-candidate") {
+                m.elections.inc();
+            }
+        }
         self.status.send_if_modified(|old| {
             let changed = old.role != st.role
                 || old.term != st.term
@@ -878,6 +911,7 @@ async fn flusher(
     mut jobs: mpsc::UnboundedReceiver<(u64, EntryHeader, Bytes)>,
     done: mpsc::Sender<Input>,
     window: usize,
+    stopping: watch::Receiver<bool>,
 ) {
     let locks = RangeLock::new();
     let window = Arc::new(Semaphore::new(window.max(1)));
@@ -896,8 +930,12 @@ async fn flusher(
         let Ok(permit) = window.clone().acquire_owned().await else {
             return;
         };
+        if *stopping.borrow() {
+            break;
+        }
         let store = store.clone();
         let done = done.clone();
+        let stopping = stopping.clone();
         tasks.spawn(async move {
             let mut backoff = Duration::from_millis(20);
             let result = loop {
@@ -909,6 +947,8 @@ async fn flusher(
                 match r {
                     Ok(()) => break Ok(()),
                     Err(e @ StoreError::Deposed { .. }) => break Err(e),
+                    // This leadership is over: no more retries.
+                    Err(e) if *stopping.borrow() => break Err(e),
                     Err(e) => {
                         tracing::warn!(index, error = %e, "write-back failed; retrying");
                         tokio::time::sleep(backoff).await;

@@ -154,8 +154,9 @@ pub struct LogWrite {
     pub conf_state: Option<ConfState>,
     /// A snapshot to install.
     pub snapshot: Option<Snapshot>,
-    /// Compact up to this index, with this snapshot data.
-    pub compact: Option<(u64, Vec<u8>)>,
+    /// Store this snapshot (metadata and volume state at its index) and drop the entries at or
+    /// below its index.
+    pub compact: Option<Snapshot>,
 }
 
 impl LogWrite {
@@ -191,6 +192,8 @@ pub struct GroupCore<L: RaftLog> {
     leader_ready_at: Option<u64>,
     leader_ready_sent: bool,
     pending_compact: Option<u64>,
+    /// A commit index was learned after the last persisted hard state.
+    commit_dirty: bool,
     events: Vec<Event>,
     /// Every applied entry `(index, term, context, data)`, for the simulation's invariants.
     #[cfg(test)]
@@ -269,6 +272,7 @@ impl<L: RaftLog> GroupCore<L> {
             leader_ready_at: None,
             leader_ready_sent: false,
             pending_compact: None,
+            commit_dirty: false,
             events: Vec::new(),
             #[cfg(test)]
             trace: Vec::new(),
@@ -432,7 +436,7 @@ impl<L: RaftLog> GroupCore<L> {
 
     /// True when the core has something for the driver.
     pub fn has_ready(&self) -> bool {
-        self.raw.has_ready() || self.pending_compact.is_some()
+        self.raw.has_ready() || self.pending_compact.is_some() || self.commit_dirty
     }
 
     fn observe_role(&mut self) {
@@ -562,20 +566,47 @@ impl<L: RaftLog> GroupCore<L> {
         }
     }
 
+    /// A snapshot at `f` (clamped to what is applied and in the log) carrying the volume state,
+    /// for compaction; `None` when the log is already compacted that far.
+    fn snapshot_at(&self, f: u64) -> Option<Snapshot> {
+        let first = self.log.first_index().ok()?;
+        let last = self.log.last_index().ok()?;
+        let f = f.min(self.applied).min(last);
+        if f < first {
+            return None;
+        }
+        let term = self.log.term(f).ok()?;
+        let mut snap = Snapshot::default();
+        let m = snap.mut_metadata();
+        m.index = f;
+        m.term = term;
+        m.set_conf_state(self.raw.raft.prs().conf().to_conf_state());
+        snap.data = self.state.encode().into();
+        Some(snap)
+    }
+
     /// Phase one of a `Ready`: returns the messages to send now and the write to make durable;
     /// the committed entries and a received snapshot are already applied. `None` when there is
     /// nothing to do.
     pub fn ready(&mut self) -> Option<ReadyWork> {
-        let compact = self.pending_compact.take().and_then(|f| {
-            let first = self.log.first_index().ok()?;
-            (f >= first).then(|| (f, self.state.encode()))
-        });
+        let compact = self
+            .pending_compact
+            .take()
+            .and_then(|f| self.snapshot_at(f));
         if !self.raw.has_ready() {
             self.observe_role();
-            return compact.map(|c| ReadyWork {
+            if compact.is_none() && !self.commit_dirty {
+                return None;
+            }
+            // A commit index learned from a light ready, or a compaction: the persisted hard
+            // state must cover them (raft-rs refuses to restart with a commit index below the
+            // snapshot).
+            self.commit_dirty = false;
+            return Some(ReadyWork {
                 messages: Vec::new(),
                 write: LogWrite {
-                    compact: Some(c),
+                    hard_state: Some(self.raw.raft.hard_state()),
+                    compact,
                     ..LogWrite::default()
                 },
                 ready: raft::Ready::default(),
@@ -622,6 +653,12 @@ impl<L: RaftLog> GroupCore<L> {
         }
         write.entries = rd.take_entries();
         write.hard_state = rd.hs().cloned();
+        if write.hard_state.is_none() && (write.compact.is_some() || self.commit_dirty) {
+            write.hard_state = Some(self.raw.raft.hard_state());
+        }
+        if write.hard_state.is_some() {
+            self.commit_dirty = false;
+        }
         self.observe_role();
         Some(ReadyWork {
             messages,
@@ -646,9 +683,8 @@ impl<L: RaftLog> GroupCore<L> {
         if let Some(cs) = write.conf_state {
             self.log.set_conf_state(cs);
         }
-        if let Some((index, data)) = write.compact {
-            let last = self.log.last_index()?;
-            self.log.compact(index.min(self.applied).min(last), data)?;
+        if let Some(snap) = write.compact {
+            self.log.compact(snap)?;
         }
         let mut msgs = ready.take_persisted_messages();
         // A work item made only for a compaction carries an empty ready (number 0): nothing to
@@ -657,6 +693,7 @@ impl<L: RaftLog> GroupCore<L> {
             let mut light = self.raw.advance(ready);
             if let Some(c) = light.commit_index() {
                 self.log.set_commit(c);
+                self.commit_dirty = true;
             }
             msgs.extend(light.take_messages());
             let committed = light.take_committed_entries();

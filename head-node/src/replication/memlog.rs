@@ -21,8 +21,9 @@ pub trait RaftLog: raft::Storage + Clone + Send + Sync + 'static {
     fn set_conf_state(&self, cs: ConfState);
     /// Replaces the log with a snapshot (a follower catching up).
     fn apply_snapshot(&self, snap: Snapshot) -> raft::Result<()>;
-    /// Drops entries at or below `index`; later snapshots are at `index` with `data`.
-    fn compact(&self, index: u64, data: Vec<u8>) -> raft::Result<()>;
+    /// Stores `snap` (built by the app at an index it has applied) as the log's snapshot and
+    /// drops the entries at or below its index.
+    fn compact(&self, snap: Snapshot) -> raft::Result<()>;
 }
 
 #[derive(Debug, Default)]
@@ -187,23 +188,18 @@ impl RaftLog for MemLog {
         Ok(())
     }
 
-    fn compact(&self, index: u64, data: Vec<u8>) -> raft::Result<()> {
+    fn compact(&self, snap: Snapshot) -> raft::Result<()> {
         let mut g = self.w();
+        let index = snap.get_metadata().index;
         if index <= g.snap.get_metadata().index {
             return Ok(());
         }
         if index > g.last() {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let term = g.entries[(index - g.first()) as usize].term;
         let drop = (index - g.first() + 1) as usize;
         g.entries.drain(..drop);
-        let cs = g.cs.clone();
-        let meta = g.snap.mut_metadata();
-        meta.index = index;
-        meta.term = term;
-        meta.set_conf_state(cs);
-        g.snap.data = data.into();
+        g.snap = snap;
         Ok(())
     }
 }

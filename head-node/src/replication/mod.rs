@@ -7,6 +7,7 @@
 pub mod driver;
 pub mod entry;
 pub mod group;
+pub mod log;
 pub mod memlog;
 pub mod node;
 pub mod overlay;
@@ -17,6 +18,8 @@ pub mod slog_bridge;
 #[cfg(test)]
 mod sim;
 pub mod transport;
+pub mod wal;
+pub mod walpersist;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -267,8 +267,10 @@ impl<T: Transport> ReplicatedVolume<T> {
 
     /// Reads block-aligned `[offset, offset+len)` as the serving leader.
     async fn local_read(&self, offset: u64, len: u64) -> Result<AlignedBuf, Attempt> {
+        let started = Instant::now();
         let pieces = self.group.read(offset, len).await.map_err(repl_error)?;
         let store = self.group.status().store.ok_or(Attempt::Retry)?;
+        store.metrics().observe_stage("read_index", started);
         if let [(l, Piece::Sled)] = pieces.as_slice()
             && *l == len
         {
@@ -293,11 +295,21 @@ impl<T: Transport> ReplicatedVolume<T> {
 
     async fn local_write(&self, offset: u64, data: bytes::Bytes) -> Result<(), Attempt> {
         let len = data.len() as u32;
-        self.group
+        // Space first: a write the sleds cannot hold is refused now, not after it commits.
+        let store = self.group.status().store.ok_or(Attempt::Retry)?;
+        store
+            .ensure_allocated(offset, u64::from(len))
+            .await
+            .map_err(store_error)?;
+        let started = Instant::now();
+        let r = self
+            .group
             .propose(EntryHeader::Write { offset, len }, data)
             .await
             .map(|_| ())
-            .map_err(repl_error)
+            .map_err(repl_error);
+        store.metrics().observe_stage("raft_commit", started);
+        r
     }
 
     async fn local_zero(&self, offset: u64, len: u64, free: bool) -> Result<(), Attempt> {
@@ -309,14 +321,10 @@ impl<T: Transport> ReplicatedVolume<T> {
     }
 
     fn local_allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, Attempt> {
-        let st = self.group.status();
-        let store = st.store.ok_or(Attempt::Retry)?;
-        // Unflushed data counts as allocated: report whole chunks with overlay data as data.
-        Ok(store
-            .allocation(offset, len)
-            .into_iter()
-            .map(|(l, a)| (l, a || st.unflushed_bytes > 0))
-            .collect())
+        let store = self.group.status().store.ok_or(Attempt::Retry)?;
+        // Every write allocates its chunks on the sleds before it is committed, so the sleds'
+        // allocation covers unflushed data too (zeroed ranges may show as data: allowed).
+        Ok(store.allocation(offset, len))
     }
 
     /// Serves a forwarded call (this node is, or was, the leader).
@@ -462,7 +470,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
             multi_conn: true,
             min_block: 512,
             preferred_block: BLOCK as u32,
-            max_block: crate::volume::direct::MAX_PAYLOAD,
+            max_block: crate::volume::MAX_PAYLOAD,
         }
     }
 

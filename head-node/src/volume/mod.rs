@@ -5,11 +5,8 @@
 //! * [`store::SledStore`] — block-aligned replicated I/O on the sleds of one volume, with this
 //!   head node's fencing credential: every write to every replica, reads from one replica with
 //!   fall-back, zeroing and trimming as sled operations, claims.
-//! * [`direct::DirectVolume`] — the NBD [`crate::nbd::Volume`] over a `SledStore`: ordering of
-//!   overlapping writes, read-modify-write for requests not aligned to 4 KiB, block status.
 //! * [`rangelock::RangeLock`] — first-come-first-served block-range locks.
 
-pub mod direct;
 pub mod rangelock;
 pub mod store;
 
@@ -18,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 /// The block size of the sled layer: every sled I/O is aligned to it.
 pub const BLOCK: u64 = 4096;
+
+/// Largest NBD READ/WRITE payload advertised.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
 
 /// What a volume is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

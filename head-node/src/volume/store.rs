@@ -477,6 +477,25 @@ impl SledStore {
         Ok(())
     }
 
+    /// Allocates, on every replica, the chunks of `[offset, offset+len)` not known to be
+    /// allocated. A write-back log calls this before accepting a write, so a sled that is out of
+    /// space refuses the write with `NoSpace` instead of failing its write-back later.
+    pub async fn ensure_allocated(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.check_deposed()?;
+        let spec = self.check_range(offset, len)?;
+        for seg in spec.segments(offset, len) {
+            if !self.is_empty(seg.chunk) {
+                continue;
+            }
+            self.on_replicas(&spec, seg, |c, cred| async move {
+                c.allocate(&cred, seg.chunk).await
+            })
+            .await?;
+            self.set_empty(seg.chunk, false, spec.chunks());
+        }
+        Ok(())
+    }
+
     /// Allocation of `[offset, offset+len)` by chunk: `(length, allocated)` runs.
     pub fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
         let spec = self.spec();
@@ -493,6 +512,11 @@ impl SledStore {
             }
         }
         out
+    }
+
+    /// The volume's metrics.
+    pub fn metrics(&self) -> &VolumeMetrics {
+        &self.metrics
     }
 
     /// The cluster key (for re-minting after an epoch change).

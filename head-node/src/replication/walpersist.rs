@@ -1,0 +1,108 @@
+//! The write-ahead log as the group drivers' log: [`RaftLog`] for [`GroupStorage`] and
+//! [`Persist`] over [`Wal`].
+
+use super::GroupId;
+use super::driver::Persist;
+use super::group::LogWrite;
+use super::log::{GroupStorage, GroupWrite, LogError};
+use super::memlog::RaftLog;
+use super::wal::Wal;
+use futures_util::future::BoxFuture;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+
+impl RaftLog for GroupStorage {
+    fn append(&self, ents: &[Entry]) -> raft::Result<()> {
+        Ok(GroupStorage::append(self, ents)?)
+    }
+
+    fn set_hard_state(&self, hs: HardState) {
+        GroupStorage::set_hard_state(self, hs);
+    }
+
+    fn set_commit(&self, commit: u64) {
+        GroupStorage::set_commit(self, commit);
+    }
+
+    fn set_conf_state(&self, cs: ConfState) {
+        GroupStorage::set_conf_state(self, cs);
+    }
+
+    fn apply_snapshot(&self, snap: Snapshot) -> raft::Result<()> {
+        Ok(GroupStorage::apply_snapshot(self, snap)?)
+    }
+
+    fn compact(&self, snap: Snapshot) -> raft::Result<()> {
+        let index = snap.get_metadata().index;
+        GroupStorage::set_snapshot(self, snap)?;
+        Ok(GroupStorage::compact(self, index + 1)?)
+    }
+}
+
+/// The WAL record sequence of one [`LogWrite`], in the order the group core applies it.
+pub fn group_write(group: GroupId, w: &LogWrite) -> GroupWrite {
+    let mut g = GroupWrite::new(group);
+    if let Some(s) = &w.snapshot {
+        g.apply_snapshot(s.clone());
+    }
+    g.append(w.entries.clone());
+    if let Some(hs) = &w.hard_state {
+        g.hard_state(hs.clone());
+    }
+    if let Some(cs) = &w.conf_state {
+        g.conf_state(cs.clone());
+    }
+    if let Some(s) = &w.compact {
+        let index = s.get_metadata().index;
+        g.set_snapshot(s.clone());
+        g.compact(index + 1);
+    }
+    g
+}
+
+/// Persists group writes in the node's WAL (group commit across all groups).
+#[derive(Debug, Clone)]
+pub struct WalPersist {
+    wal: Wal,
+}
+
+impl WalPersist {
+    /// Over an open WAL.
+    pub fn new(wal: Wal) -> Self {
+        Self { wal }
+    }
+
+    /// The WAL.
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+}
+
+impl Persist for WalPersist {
+    fn persist<'a>(
+        &'a self,
+        group: GroupId,
+        write: &'a LogWrite,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let g = group_write(group, write);
+            self.wal.write(&[g]).await.map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// A new group's log with its initial membership, made durable.
+pub async fn new_group_log(
+    wal: &Wal,
+    group: GroupId,
+    voters: &[u64],
+) -> Result<GroupStorage, String> {
+    let cs = ConfState::from((voters.to_vec(), vec![]));
+    let mut w = GroupWrite::new(group);
+    w.conf_state(cs);
+    wal.write(std::slice::from_ref(&w))
+        .await
+        .map_err(|e| e.to_string())?;
+    let log = GroupStorage::new();
+    log.apply(&w).map_err(|e: LogError| e.to_string())?;
+    Ok(log)
+}

@@ -1,0 +1,389 @@
+//! Three head nodes replicating a volume with Raft over three sleds: leader kills under load,
+//! a frozen (SIGSTOP) leader fenced out at the sleds, followers catching up from the log and
+//! from a snapshot, a torn log tail.
+
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tests::head::{Cluster3, HeadProc};
+use tests::http_get;
+use tests::nbd::NbdClient;
+
+const BS: usize = 64 * 1024;
+
+fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics").ok()?;
+    Some(
+        body.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+/// The index of the head node serving the volume (role 3), once there is one.
+fn serving(heads: &[HeadProc], timeout: Duration) -> usize {
+    tests::eventually(timeout, "a serving leader", || {
+        heads
+            .iter()
+            .position(|h| metric(h.ready.admin, "stockade_raft_role") == Some(3.0))
+    })
+}
+
+fn block(id: u64) -> Vec<u8> {
+    let mut b = vec![(id % 251) as u8 + 1; BS];
+    b[..8].copy_from_slice(&id.to_le_bytes());
+    b
+}
+
+#[derive(Default)]
+struct Ledger {
+    /// offset → id of the last acknowledged write.
+    acked: HashMap<u64, u64>,
+    /// offset → writes after the last acknowledged one that failed (a node died): they may or
+    /// may not have landed (committed before the failure without the reply getting through).
+    maybe: HashMap<u64, Vec<u64>>,
+    /// The write in flight right now: (offset, id).
+    in_flight: Option<(u64, u64)>,
+    /// id → (offset, outcome) of every write attempted (for failure messages).
+    history: HashMap<u64, (u64, &'static str)>,
+    writes: u64,
+    longest_gap: Duration,
+}
+
+/// Writes random 64 KiB blocks through `target` (reconnecting to whatever `target` says when the
+/// connection fails), recording every acknowledged write.
+fn writer(
+    seed: u64,
+    size: u64,
+    target: Arc<Mutex<SocketAddr>>,
+    ledger: Arc<Mutex<Ledger>>,
+    stop: Arc<AtomicBool>,
+    pause: Arc<AtomicBool>,
+) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let blocks = size / BS as u64;
+    let mut id = 0u64;
+    let mut conn: Option<NbdClient> = None;
+    let mut last_ok = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        if pause.load(Ordering::SeqCst) {
+            conn = None;
+            std::thread::sleep(Duration::from_millis(10));
+            last_ok = Instant::now();
+            continue;
+        }
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => {
+                let addr = *target.lock().unwrap();
+                match NbdClient::connect(addr, "vol0", Duration::from_secs(60)) {
+                    Ok(c) => conn.insert(c),
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                }
+            }
+        };
+        id += 1;
+        let off = rng.gen_range(0..blocks) * BS as u64;
+        ledger.lock().unwrap().in_flight = Some((off, id));
+        match c.write(off, &block(id)) {
+            Ok(()) => {
+                let mut l = ledger.lock().unwrap();
+                l.acked.insert(off, id);
+                l.maybe.remove(&off);
+                l.history.insert(id, (off, "acked"));
+                l.in_flight = None;
+                l.writes += 1;
+                l.longest_gap = l.longest_gap.max(last_ok.elapsed());
+                last_ok = Instant::now();
+            }
+            Err(_) => {
+                // Unacknowledged: it may or may not have landed.
+                let mut l = ledger.lock().unwrap();
+                l.maybe.entry(off).or_default().push(id);
+                l.history.insert(id, (off, "failed"));
+                l.in_flight = None;
+                conn = None;
+            }
+        }
+    }
+}
+
+/// Every acknowledged write reads back — or a later write to the same block whose outcome is
+/// unknown (it failed when a node died, or was in flight when the writer paused).
+fn verify(addr: SocketAddr, ledger: &Ledger, what: &str) {
+    let mut c =
+        NbdClient::connect(addr, "vol0", Duration::from_secs(60)).expect("connect to verify");
+    for (off, id) in &ledger.acked {
+        let got = c.read(*off, BS as u32).expect("read");
+        let got_id = u64::from_le_bytes(got[..8].try_into().unwrap());
+        let unknown = ledger.maybe.get(off).is_some_and(|m| m.contains(&got_id))
+            || ledger
+                .in_flight
+                .is_some_and(|(o, i)| o == *off && i == got_id);
+        let ok = got_id == *id || (got_id > *id && unknown);
+        assert!(
+            ok,
+            "{what}: block at {off} holds write {got_id} (attempted: {:?}), last acknowledged {id}; in flight {:?}",
+            ledger.history.get(&got_id),
+            ledger.in_flight
+        );
+        assert_eq!(got, block(got_id), "{what}: block at {off} is torn");
+    }
+}
+
+#[test]
+fn killing_the_leader_under_load_loses_no_acknowledged_write() {
+    let rounds: usize = std::env::var("STOCKADE_FAILOVER_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let seed: u64 = std::env::var("STOCKADE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
+    eprintln!("seed {seed}, {rounds} rounds");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let size = 128u64 << 20;
+    let mut c = Cluster3::start("failover-kill", 3, "2GiB", "8MiB", &["vol0:128MiB"], &[]);
+    let leader = serving(&c.heads, Duration::from_secs(60));
+    let first_target = (leader + 1) % 3;
+    let target = Arc::new(Mutex::new(c.heads[first_target].ready.nbd));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pause = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (t, l, s, p) = (target.clone(), ledger.clone(), stop.clone(), pause.clone());
+        std::thread::spawn(move || writer(seed, size, t, l, s, p))
+    };
+    let mut resumes = Vec::new();
+    for round in 0..rounds {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(300..1200)));
+        let leader = serving(&c.heads, Duration::from_secs(60));
+        // The writer goes through a node that survives.
+        let survivor = (leader + 1 + rng.gen_range(0..2)) % 3;
+        *target.lock().unwrap() = c.heads[survivor].ready.nbd;
+        let before = ledger.lock().unwrap().writes;
+        c.heads[leader].proc.kill9();
+        let killed = Instant::now();
+        // I/O resumes through the survivor.
+        tests::eventually(
+            Duration::from_secs(60),
+            "writes to resume after the leader died",
+            || (ledger.lock().unwrap().writes > before + 3).then_some(()),
+        );
+        let resumed = killed.elapsed();
+        resumes.push(resumed);
+        eprintln!(
+            "round {round}: killed head{} ; writes resumed after {resumed:?}",
+            leader + 1
+        );
+        // Check everything acknowledged so far, with the writer paused.
+        pause.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        let snapshot = {
+            let l = ledger.lock().unwrap();
+            Ledger {
+                acked: l.acked.clone(),
+                maybe: l.maybe.clone(),
+                history: l.history.clone(),
+                in_flight: l.in_flight,
+                ..Ledger::default()
+            }
+        };
+        verify(
+            c.heads[survivor].ready.nbd,
+            &snapshot,
+            &format!("round {round}"),
+        );
+        c.heads[leader].restart();
+        pause.store(false, Ordering::SeqCst);
+    }
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let l = ledger.lock().unwrap();
+    eprintln!(
+        "{} writes acknowledged; resume times {resumes:?}; longest pause {:?}",
+        l.writes, l.longest_gap
+    );
+    assert!(l.writes > 50, "too few writes went through");
+    // After everything, every node serves every acknowledged write.
+    let leader = serving(&c.heads, Duration::from_secs(60));
+    for h in &c.heads {
+        verify(h.ready.nbd, &l, "final");
+    }
+    let _ = leader;
+}
+
+#[test]
+fn a_frozen_leader_is_fenced_at_the_sleds_and_steps_down() {
+    let mut c = Cluster3::start("failover-freeze", 3, "2GiB", "8MiB", &["vol0:64MiB"], &[]);
+    let l1 = serving(&c.heads, Duration::from_secs(60));
+    let mut cl =
+        NbdClient::connect(c.heads[l1].ready.nbd, "vol0", Duration::from_secs(30)).unwrap();
+    // Allocate the chunks, then take sled 3 away: write-back to it fails and retries.
+    cl.write(0, &block(1)).unwrap();
+    tests::eventually(Duration::from_secs(30), "write-back", || {
+        (metric(c.heads[l1].ready.admin, "stockade_volume_unflushed_bytes") == Some(0.0))
+            .then_some(())
+    });
+    c.sleds[2].proc.kill9();
+    // X: acknowledged (in the Raft log of a majority), not yet on every sled.
+    cl.write(0, &block(2)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        metric(c.heads[l1].ready.admin, "stockade_volume_unflushed_bytes").unwrap_or(0.0) > 0.0
+    );
+    drop(cl);
+    // Freeze the leader with its write-back pending.
+    c.heads[l1].proc.sigstop();
+    let others: Vec<usize> = (0..3).filter(|i| *i != l1).collect();
+    let l2 = tests::eventually(Duration::from_secs(60), "a new leader", || {
+        others
+            .iter()
+            .copied()
+            .find(|i| metric(c.heads[*i].ready.admin, "stockade_raft_role") == Some(3.0))
+    });
+    c.sleds[2].restart();
+    // Y: new data on the same block through the new leader, written back everywhere.
+    let mut c2 =
+        NbdClient::connect(c.heads[l2].ready.nbd, "vol0", Duration::from_secs(30)).unwrap();
+    c2.write(0, &block(3)).unwrap();
+    tests::eventually(
+        Duration::from_secs(30),
+        "write-back by the new leader",
+        || {
+            (metric(c.heads[l2].ready.admin, "stockade_volume_unflushed_bytes") == Some(0.0))
+                .then_some(())
+        },
+    );
+    let fenced_before: f64 = c
+        .sleds
+        .iter()
+        .filter_map(|s| metric(s.ready.metrics, "stockade_sled_fenced_writes_total"))
+        .sum();
+    // Resume the old leader cut off from the other head nodes (frozen in turn), so it cannot
+    // learn of the new term from them: its pending write-back of X goes to the sleds, which
+    // refuse it, and it steps down on that alone.
+    for i in &others {
+        c.heads[*i].proc.sigstop();
+    }
+    c.heads[l1].proc.sigcont();
+    tests::eventually(Duration::from_secs(30), "the old leader fenced", || {
+        let fenced: f64 = c
+            .sleds
+            .iter()
+            .filter_map(|s| metric(s.ready.metrics, "stockade_sled_fenced_writes_total"))
+            .sum();
+        (fenced > fenced_before).then_some(())
+    });
+    tests::eventually(
+        Duration::from_secs(30),
+        "the old leader to step down",
+        || (metric(c.heads[l1].ready.admin, "stockade_raft_role") == Some(0.0)).then_some(()),
+    );
+    assert!(metric(c.heads[l1].ready.admin, "stockade_volume_fenced_total").unwrap_or(0.0) >= 1.0);
+    for i in &others {
+        c.heads[*i].proc.sigcont();
+    }
+    let _ = serving(&c.heads, Duration::from_secs(60));
+    // The sleds hold Y, on every replica: read with each of them as the only one up.
+    std::thread::sleep(Duration::from_millis(500));
+    for h in &c.heads {
+        let mut r = NbdClient::connect(h.ready.nbd, "vol0", Duration::from_secs(30)).unwrap();
+        assert_eq!(
+            r.read(0, BS as u32).unwrap(),
+            block(3),
+            "head{} reads stale data",
+            h.ready.node_id
+        );
+    }
+    let log = c.heads[l1].proc.log_text();
+    assert!(
+        log.contains("stopped leading"),
+        "old leader did not log stepping down"
+    );
+}
+
+#[test]
+fn followers_catch_up_from_the_log_and_from_a_snapshot() {
+    let mut c = Cluster3::start("failover-catchup", 3, "2GiB", "8MiB", &["vol0:64MiB"], &[]);
+    let leader = serving(&c.heads, Duration::from_secs(60));
+    let f = (leader + 1) % 3;
+    c.heads[f].proc.kill9();
+    let mut cl =
+        NbdClient::connect(c.heads[leader].ready.nbd, "vol0", Duration::from_secs(30)).unwrap();
+    // Enough writes for write-back to advance the flushed index and compact the log past
+    // what the dead follower has.
+    for i in 0..400u64 {
+        cl.write((i % 512) * BS as u64, &block(1000 + i)).unwrap();
+    }
+    tests::eventually(Duration::from_secs(30), "write-back and compaction", || {
+        let a = c.heads[leader].ready.admin;
+        (metric(a, "stockade_volume_unflushed_bytes") == Some(0.0)
+            && metric(a, "stockade_volume_flushed_index").unwrap_or(0.0) > 300.0)
+            .then_some(())
+    });
+    c.heads[f].restart();
+    let committed = metric(c.heads[leader].ready.admin, "stockade_raft_commit_index").unwrap();
+    tests::eventually(Duration::from_secs(60), "the follower to catch up", || {
+        (metric(c.heads[f].ready.admin, "stockade_raft_applied_index").unwrap_or(0.0) >= committed)
+            .then_some(())
+    });
+    // Now make it matter: kill the old leader; the caught-up nodes serve everything.
+    c.heads[leader].proc.kill9();
+    let _ = serving(&c.heads, Duration::from_secs(60));
+    let mut r = NbdClient::connect(c.heads[f].ready.nbd, "vol0", Duration::from_secs(60)).unwrap();
+    for i in 0..400u64 {
+        if i + 512 < 400 {
+            continue; // overwritten later
+        }
+        assert_eq!(
+            r.read((i % 512) * BS as u64, BS as u32).unwrap(),
+            block(1000 + i),
+            "write {i}"
+        );
+    }
+}
+
+#[test]
+fn a_torn_log_tail_is_cut_on_restart() {
+    let mut c = Cluster3::start("failover-torn", 3, "2GiB", "8MiB", &["vol0:64MiB"], &[]);
+    let leader = serving(&c.heads, Duration::from_secs(60));
+    let mut cl =
+        NbdClient::connect(c.heads[leader].ready.nbd, "vol0", Duration::from_secs(30)).unwrap();
+    for i in 0..20u64 {
+        cl.write(i * BS as u64, &block(i + 1)).unwrap();
+    }
+    let victim = (leader + 1) % 3;
+    c.heads[victim].proc.kill9();
+    // Append half a record's worth of garbage to its newest log segment.
+    let wal = c.dir.path().join(format!("head{}-state/wal", victim + 1));
+    let mut segs: Vec<_> = std::fs::read_dir(&wal)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    segs.sort();
+    let last = segs.last().expect("a segment");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(last).unwrap();
+        f.write_all(&[0x5a; 37]).unwrap();
+    }
+    c.heads[victim].restart();
+    let log = c.heads[victim].proc.log_text();
+    assert!(log.contains("torn tail"), "the torn tail was not reported");
+    // It rejoins and serves (forwarding) everything.
+    let mut r =
+        NbdClient::connect(c.heads[victim].ready.nbd, "vol0", Duration::from_secs(60)).unwrap();
+    for i in 0..20u64 {
+        assert_eq!(r.read(i * BS as u64, BS as u32).unwrap(), block(i + 1));
+    }
+}
