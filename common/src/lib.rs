@@ -1,6 +1,7 @@
 //! Shared foundations of Stockade: identifiers, credentials, the sled wire protocol, aligned
 //! buffers, units, the injected clock, metrics and logging conventions.
 
+pub mod admin;
 pub mod aligned;
 pub mod clock;
 pub mod cred;

@@ -2,10 +2,12 @@
 //! volume, the NBD server and the admin/metrics listener.
 
 use crate::config::{ConfigError, HeadConfig};
+use crate::control::state::NodeRecord;
+use crate::control::{AdminRequest, ControlMetrics, ControlPlane, ControlSetup};
 use crate::metrics::HeadMetrics;
 use crate::nbd::{ExportInfo, Exports, NbdServer, Volume};
 use crate::replication::GroupId;
-use crate::replication::driver::{DriverConfig, SledAccess, VolumeTemplate};
+use crate::replication::driver::{DriverConfig, GroupKind, SledAccess};
 use crate::replication::group::GroupConfig;
 use crate::replication::node::ReplNode;
 use crate::replication::rvolume::ReplicatedVolume;
@@ -14,7 +16,6 @@ use crate::replication::wal::Wal;
 use crate::replication::walpersist::{WalPersist, new_group_log};
 use crate::sleds::SledPool;
 use common::cred::{ClusterKey, KeyError};
-use sha2::Digest;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -74,6 +75,45 @@ impl VolumeSet {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name)
+    }
+
+    /// The exported volume of this name.
+    pub fn by_name(&self, name: &str) -> Option<Arc<ReplicatedVolume<TcpTransport>>> {
+        self.volumes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Names exported.
+    pub fn names(&self) -> Vec<String> {
+        self.volumes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Removes the exports of `group`.
+    pub fn remove_group(&self, group: GroupId) -> Vec<Arc<ReplicatedVolume<TcpTransport>>> {
+        let mut vols = self.volumes.write().unwrap_or_else(|p| p.into_inner());
+        let names: Vec<String> = vols
+            .iter()
+            .filter(|(_, v)| v.handle().group() == group)
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.iter().filter_map(|n| vols.remove(n)).collect()
+    }
+
+    /// True when `group`'s volume is exported (and not detached).
+    pub fn exports_group(&self, group: GroupId) -> bool {
+        self.volumes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|v| v.handle().group() == group && !v.is_detached())
     }
 
     /// Every volume.
@@ -140,6 +180,8 @@ pub struct Running {
     pub volumes: Arc<VolumeSet>,
     /// The replication layer.
     pub node: Arc<ReplNode<TcpTransport>>,
+    /// The control plane.
+    pub control: Arc<ControlPlane>,
     transport: Arc<TcpTransport>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -161,15 +203,6 @@ impl Running {
     }
 }
 
-/// The group of a volume named in configuration: derived from the name, so every node that
-/// lists the volume agrees on it (until the control plane assigns groups).
-pub fn group_of(name: &str) -> GroupId {
-    let d = sha2::Sha256::digest(format!("stockade-volume-group\0{name}"));
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&d[..16]);
-    GroupId(u128::from_le_bytes(b))
-}
-
 async fn bind(
     what: &'static str,
     addr: SocketAddr,
@@ -178,6 +211,20 @@ async fn bind(
     let l = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
     let a = l.local_addr().map_err(err)?;
     Ok((l, a))
+}
+
+/// Reads the admin token (whitespace around it ignored).
+fn read_token(path: &std::path::Path) -> Result<String, StartError> {
+    let t = std::fs::read_to_string(path)
+        .map_err(|e| StartError::Setup(format!("admin token file {}: {e}", path.display())))?;
+    let t = t.trim().to_string();
+    if t.len() < 16 {
+        return Err(StartError::Setup(format!(
+            "admin token file {}: the token must be at least 16 characters",
+            path.display()
+        )));
+    }
+    Ok(t)
 }
 
 /// Starts a head node. `registry` receives its metrics.
@@ -233,41 +280,121 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
         cfg.raft.failover_timeout,
     );
     let pool = Arc::new(SledPool::new(&cfg.sleds, key.clone(), cfg.node_id));
+    let sleds = SledAccess {
+        pool,
+        key: key.clone(),
+        metrics: metrics.clone(),
+    };
     let mut voters: Vec<u64> = cfg.peer.iter().map(|p| p.id.0).collect();
     voters.push(cfg.node_id.0);
     voters.sort_unstable();
 
-    let volumes = Arc::new(VolumeSet::default());
-    for v in &cfg.volume {
-        let gid = group_of(&v.name);
-        let log = match recovered.groups.remove(&gid) {
-            Some(log) => log,
-            None => new_group_log(&wal, gid, &voters)
-                .await
-                .map_err(StartError::Setup)?,
-        };
-        let sleds = SledAccess {
-            pool: pool.clone(),
-            key: key.clone(),
-            metrics: metrics.volume(&v.name),
-        };
-        let template = VolumeTemplate {
-            name: v.name.clone(),
-            size: v.size.0,
-            replicas: cfg.replicas,
-        };
-        let vol = node
-            .add_group(gid, &v.name, log, sleds, Some(template))
-            .map_err(|e| StartError::Setup(format!("volume {}: {e}", v.name)))?;
-        volumes.insert(&v.name, vol);
-        tracing::info!(volume = %v.name, group = %gid, voters = ?voters, "volume group started");
+    // The metadata group, on every configured head node.
+    let fresh_meta = !recovered.groups.contains_key(&GroupId::META);
+    let meta_log = match recovered.groups.remove(&GroupId::META) {
+        Some(log) => log,
+        None => new_group_log(&wal, GroupId::META, &voters)
+            .await
+            .map_err(StartError::Setup)?,
+    };
+    node.add_group(
+        GroupId::META,
+        "_meta",
+        meta_log,
+        sleds.clone(),
+        GroupKind::Meta,
+    )
+    .map_err(|e| StartError::Setup(format!("metadata group: {e}")))?;
+    let meta = node
+        .handle(GroupId::META)
+        .ok_or_else(|| StartError::Setup("metadata group did not start".into()))?;
+    if fresh_meta && voters.first() == Some(&cfg.node_id.0) {
+        // A new cluster: the lowest id starts the first election at once.
+        meta.campaign().await;
+    }
+    // The groups this node ran before it stopped serve again at once; the control plane
+    // stops any that were deleted meanwhile.
+    for (gid, log) in std::mem::take(&mut recovered.groups) {
+        let label = format!("_pool-{}", &gid.to_string()[..8]);
+        node.add_group(
+            gid,
+            &label,
+            log,
+            sleds.clone(),
+            GroupKind::Volume { template: None },
+        )
+        .map_err(|e| StartError::Setup(format!("group {gid}: {e}")))?;
     }
 
+    let volumes = Arc::new(VolumeSet::default());
     let server = NbdServer::new(volumes.clone(), cfg.nbd.clone(), &registry)
         .map_err(|e| StartError::Setup(e.to_string()))?;
     let (nbd_listener, nbd) = bind("NBD", cfg.nbd_listen).await?;
     let (admin_listener, admin) = bind("admin", cfg.admin_listen).await?;
     let (shutdown, rx) = tokio::sync::watch::channel(false);
+
+    let token = match &cfg.admin_token_file {
+        Some(p) => Some(read_token(p)?),
+        None => None,
+    };
+    let control = ControlPlane::new(
+        ControlSetup {
+            me: NodeRecord {
+                id: cfg.node_id.0,
+                nbd,
+                admin,
+                peer,
+                domain: cfg.domain.clone(),
+                capacity_iops: cfg.throttle.capacity_iops,
+            },
+            cfg: cfg.control.clone(),
+            replicas: cfg.replicas,
+            token,
+            sled_domains: cfg.sled_domains.clone(),
+        },
+        node.clone(),
+        transport.clone(),
+        meta,
+        volumes.clone(),
+        wal.clone(),
+        std::collections::HashMap::new(),
+        sleds,
+        Arc::new(common::SystemClock::new()),
+        ControlMetrics::new(&registry).map_err(|e| StartError::Setup(e.to_string()))?,
+    );
+    tasks.extend(control.start(rx.clone()));
+    // Volumes named in the configuration: created (or grown) and attached through the
+    // control plane, like an operator would.
+    if !cfg.volume.is_empty() {
+        let (cp, vols, mut stop) = (control.clone(), cfg.volume.clone(), rx.clone());
+        tasks.push(tokio::spawn(async move {
+            for v in vols {
+                loop {
+                    let r = cp
+                        .admin(AdminRequest::Ensure {
+                            name: v.name.clone(),
+                            size: v.size.0,
+                            attach: true,
+                        })
+                        .await;
+                    if r.status == 200 {
+                        break;
+                    }
+                    if (400..500).contains(&r.status) && r.status != 409 {
+                        tracing::error!(volume = %v.name, status = r.status, answer = %r.body,
+                            "the configured volume was refused");
+                        break;
+                    }
+                    tracing::info!(volume = %v.name, status = r.status, answer = %r.body,
+                        "configured volume not ready yet; retrying");
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }));
+    }
     let mut nrx = rx.clone();
     tasks.push(tokio::spawn(async move {
         let stop = async move {
@@ -278,8 +405,9 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
         }
     }));
     let mut arx = rx.clone();
+    let api_cp = control.clone();
     tasks.push(tokio::spawn(async move {
-        let router = common::metrics::router(registry);
+        let router = common::metrics::router(registry).merge(crate::control::api::router(api_cp));
         let stop = async move {
             let _ = arx.wait_for(|s| *s).await;
         };
@@ -307,6 +435,7 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
         peer,
         volumes,
         node,
+        control,
         transport,
         shutdown,
         tasks,

@@ -132,6 +132,53 @@ impl Default for RaftConfig {
     }
 }
 
+/// Control-plane settings. The metadata leader's apply to the whole cluster: keep them the
+/// same on every head node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Head nodes in each volume's Raft group (fewer when the cluster has fewer).
+    pub group_size: usize,
+    /// Ready, validated Raft groups kept in the pool for fast creates (0: no pool).
+    pub pool_size: usize,
+    /// Provisioned bytes (size × replicas of every volume) may reach the sleds' capacity
+    /// times this.
+    pub overcommit_ratio: f64,
+    /// QoS of volumes created without one (default: unlimited).
+    pub default_qos: common::throttle::QosConfig,
+    /// How often each head node reports to the metadata leader.
+    #[serde(with = "common::units::duration")]
+    pub heartbeat_interval: std::time::Duration,
+    /// A head node or sled not heard of for this long is down.
+    #[serde(with = "common::units::duration")]
+    pub down_after: std::time::Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            group_size: 3,
+            pool_size: 2,
+            overcommit_ratio: 2.0,
+            default_qos: common::throttle::QosConfig::UNLIMITED,
+            heartbeat_interval: std::time::Duration::from_millis(500),
+            down_after: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
+/// Throttling of the head node (its global bucket).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ThrottleConfig {
+    /// The node's capacity in ops per second (unset: unlimited). The sum of the baselines of
+    /// the volumes it serves never exceeds it.
+    pub capacity_iops: Option<u64>,
+    /// While the node has spare capacity, above-baseline I/O is charged to volumes at this
+    /// factor in (0, 1] (unset: exact limits).
+    pub spare_capacity_discount: Option<f64>,
+}
+
 /// The head node's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -175,9 +222,50 @@ pub struct HeadConfig {
     /// When set, written with the bound addresses once ready (JSON).
     #[serde(default)]
     pub ready_file: Option<PathBuf>,
+    /// The admin API token (a file holding it). Without it the admin API refuses every
+    /// request.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// This node's failure domain (rack, host…): a volume's group spreads over domains.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Failure domains of sleds, by address.
+    #[serde(default)]
+    pub sled_domains: std::collections::BTreeMap<SocketAddr, String>,
+    /// Control plane.
+    #[serde(default)]
+    pub control: ControlConfig,
+    /// Throttling.
+    #[serde(default)]
+    pub throttle: ThrottleConfig,
 }
 
 impl HeadConfig {
+    /// A configuration with every default.
+    pub fn new(node_id: NodeId, cluster_key_file: PathBuf, state_dir: PathBuf) -> Self {
+        Self {
+            node_id,
+            nbd_listen: default_nbd(),
+            admin_listen: default_admin(),
+            cluster_key_file,
+            state_dir,
+            peer_listen: default_peer_listen(),
+            peer: Vec::new(),
+            raft: RaftConfig::default(),
+            wal: Default::default(),
+            sleds: Vec::new(),
+            replicas: default_replicas(),
+            volume: Vec::new(),
+            nbd: Default::default(),
+            ready_file: None,
+            admin_token_file: None,
+            domain: None,
+            sled_domains: Default::default(),
+            control: ControlConfig::default(),
+            throttle: ThrottleConfig::default(),
+        }
+    }
+
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -205,12 +293,7 @@ impl HeadConfig {
         }
         let mut names = std::collections::HashSet::new();
         for v in &self.volume {
-            if v.name.is_empty() || v.name.len() > 128 || v.name.contains('/') {
-                return Err(ConfigError::Invalid(format!(
-                    "volume name {:?} must be 1-128 characters without '/'",
-                    v.name
-                )));
-            }
+            common::admin::validate_name(&v.name).map_err(ConfigError::Invalid)?;
             if !names.insert(&v.name) {
                 return Err(ConfigError::Invalid(format!(
                     "volume {} listed twice",
@@ -250,6 +333,51 @@ impl HeadConfig {
         self.wal
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let c = &self.control;
+        if c.group_size == 0 || c.group_size > 7 {
+            return Err(ConfigError::Invalid(
+                "control.group-size must be between 1 and 7".into(),
+            ));
+        }
+        if c.pool_size > 64 {
+            return Err(ConfigError::Invalid(
+                "control.pool-size must be at most 64".into(),
+            ));
+        }
+        if !(c.overcommit_ratio.is_finite()
+            && c.overcommit_ratio > 0.0
+            && c.overcommit_ratio <= 100.0)
+        {
+            return Err(ConfigError::Invalid(
+                "control.overcommit-ratio must be greater than 0 and at most 100".into(),
+            ));
+        }
+        c.default_qos
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("control.default-qos: {e}")))?;
+        if c.heartbeat_interval.is_zero() || c.down_after <= c.heartbeat_interval {
+            return Err(ConfigError::Invalid(
+                "control: heartbeat-interval must be positive and down-after longer".into(),
+            ));
+        }
+        let t = &self.throttle;
+        if t.capacity_iops == Some(0) {
+            return Err(ConfigError::Invalid(
+                "throttle.capacity-iops must be positive (omit it for no limit)".into(),
+            ));
+        }
+        if let Some(d) = t.spare_capacity_discount {
+            if !(d > 0.0 && d <= 1.0) {
+                return Err(ConfigError::Invalid(
+                    "throttle.spare-capacity-discount must be in (0, 1]".into(),
+                ));
+            }
+            if t.capacity_iops.is_none() {
+                return Err(ConfigError::Invalid(
+                    "throttle.spare-capacity-discount needs throttle.capacity-iops".into(),
+                ));
+            }
+        }
         Ok(())
     }
 }

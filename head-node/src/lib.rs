@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod config;
+pub mod control;
 pub mod metrics;
 pub mod nbd;
 pub mod replication;

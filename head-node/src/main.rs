@@ -47,35 +47,39 @@ struct Args {
     /// Write the bound addresses here (JSON) once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// The admin API token file.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// This node's failure domain.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Head nodes per volume group.
+    #[arg(long)]
+    group_size: Option<usize>,
+    /// Ready Raft groups kept in the pool (0: none).
+    #[arg(long)]
+    pool_size: Option<usize>,
+    /// Provisioned bytes may reach the sleds' capacity times this.
+    #[arg(long)]
+    overcommit_ratio: Option<f64>,
+    /// The node's throttling capacity, ops per second.
+    #[arg(long)]
+    capacity_iops: Option<u64>,
 }
 
 fn config(a: Args) -> anyhow::Result<HeadConfig> {
     let mut cfg = match &a.config {
         Some(p) => HeadConfig::load(p)?,
-        None => HeadConfig {
-            node_id: a
-                .node_id
+        None => HeadConfig::new(
+            a.node_id
                 .context("--node-id is required without --config")?,
-            nbd_listen: "127.0.0.1:10809".parse()?,
-            admin_listen: "127.0.0.1:7900".parse()?,
-            cluster_key_file: a
-                .cluster_key_file
+            a.cluster_key_file
                 .clone()
                 .context("--cluster-key-file is required without --config")?,
-            state_dir: a
-                .state_dir
+            a.state_dir
                 .clone()
                 .context("--state-dir is required without --config")?,
-            sleds: Vec::new(),
-            peer_listen: "127.0.0.1:7910".parse()?,
-            peer: Vec::new(),
-            raft: Default::default(),
-            wal: Default::default(),
-            replicas: 3,
-            volume: Vec::new(),
-            nbd: Default::default(),
-            ready_file: None,
-        },
+        ),
     };
     if let Some(v) = a.node_id {
         cfg.node_id = v;
@@ -109,6 +113,24 @@ fn config(a: Args) -> anyhow::Result<HeadConfig> {
     }
     if a.ready_file.is_some() {
         cfg.ready_file = a.ready_file;
+    }
+    if a.admin_token_file.is_some() {
+        cfg.admin_token_file = a.admin_token_file;
+    }
+    if a.domain.is_some() {
+        cfg.domain = a.domain;
+    }
+    if let Some(v) = a.group_size {
+        cfg.control.group_size = v;
+    }
+    if let Some(v) = a.pool_size {
+        cfg.control.pool_size = v;
+    }
+    if let Some(v) = a.overcommit_ratio {
+        cfg.control.overcommit_ratio = v;
+    }
+    if a.capacity_iops.is_some() {
+        cfg.throttle.capacity_iops = a.capacity_iops;
     }
     cfg.validate()?;
     Ok(cfg)

@@ -154,6 +154,37 @@ impl HeadMetrics {
     }
 }
 
+impl HeadMetrics {
+    /// Drops every series of `name` (a deleted volume, or a pool group's placeholder label
+    /// once the group serves a volume), so gone volumes do not linger on dashboards.
+    pub fn forget(&self, name: &str) {
+        let one = [name];
+        let _ = self.fenced.remove_label_values(&one);
+        let _ = self.claims.remove_label_values(&one);
+        let _ = self.chunks.remove_label_values(&one);
+        let _ = self.fallbacks.remove_label_values(&one);
+        let _ = self.epoch.remove_label_values(&one);
+        let _ = self.term.remove_label_values(&one);
+        let _ = self.role.remove_label_values(&one);
+        let _ = self.commit.remove_label_values(&one);
+        let _ = self.applied.remove_label_values(&one);
+        let _ = self.flushed.remove_label_values(&one);
+        let _ = self.unflushed.remove_label_values(&one);
+        let _ = self.batch.remove_label_values(&one);
+        let _ = self.elections.remove_label_values(&one);
+        let _ = self.leader_changes.remove_label_values(&one);
+        for stage in [
+            "sled_read",
+            "sled_write",
+            "sled_zero",
+            "read_index",
+            "raft_commit",
+        ] {
+            let _ = self.stage.remove_label_values(&[name, stage]);
+        }
+    }
+}
+
 /// Metrics of one volume.
 #[derive(Debug, Clone)]
 pub struct VolumeMetrics {

@@ -6,7 +6,9 @@ use common::ids::NodeId;
 use head_node::metrics::HeadMetrics;
 use head_node::nbd::Volume;
 use head_node::replication::GroupId;
-use head_node::replication::driver::{DriverConfig, NoPersist, SledAccess, VolumeTemplate};
+use head_node::replication::driver::{
+    DriverConfig, GroupKind, NoPersist, SledAccess, VolumeTemplate,
+};
 use head_node::replication::memlog::MemLog;
 use head_node::replication::node::ReplNode;
 use head_node::replication::rvolume::ReplicatedVolume;
@@ -92,9 +94,7 @@ async fn cluster(volume_size: u64) -> Cluster {
             Duration::from_secs(20),
         );
         let pool = Arc::new(SledPool::new(&sled_addrs, key.clone(), NodeId(id)));
-        let metrics = HeadMetrics::new(&prometheus::Registry::new())
-            .unwrap()
-            .volume("vol0");
+        let metrics = HeadMetrics::new(&prometheus::Registry::new()).unwrap();
         let vol = node
             .add_group(
                 GroupId(42),
@@ -105,11 +105,13 @@ async fn cluster(volume_size: u64) -> Cluster {
                     key: key.clone(),
                     metrics,
                 },
-                Some(VolumeTemplate {
-                    name: "vol0".into(),
-                    size: volume_size,
-                    replicas: 3,
-                }),
+                GroupKind::Volume {
+                    template: Some(VolumeTemplate {
+                        name: "vol0".into(),
+                        size: volume_size,
+                        replicas: 3,
+                    }),
+                },
             )
             .unwrap();
         nodes.insert(id, (node, t, vol));

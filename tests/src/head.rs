@@ -1,7 +1,7 @@
 //! Starting head nodes and small clusters (sleds plus head nodes) for tests.
 
 use crate::sled::{START_TIMEOUT, SledProc};
-use crate::{Proc, bin, key_file, scratch};
+use crate::{Proc, bin, key_file, scratch, token_file};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -54,6 +54,8 @@ impl HeadProc {
             state.display().to_string(),
             "--ready-file".into(),
             dir.join(format!("{name}.ready.json")).display().to_string(),
+            "--admin-token-file".into(),
+            token_file(dir).display().to_string(),
         ];
         for s in sleds {
             args.push("--sled".into());
@@ -99,13 +101,16 @@ impl HeadProc {
     pub fn uri(&self, export: &str) -> String {
         format!("nbd://{}/{export}", self.ready.nbd)
     }
+
+    /// The admin API base URL.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.ready.admin)
+    }
 }
 
 /// Sleds and one head node serving volumes.
 #[derive(Debug)]
 pub struct Cluster {
-    /// Scratch directory (removed on drop).
-    pub dir: tempfile::TempDir,
     /// Key file.
     pub key_path: PathBuf,
     /// The key.
@@ -114,12 +119,27 @@ pub struct Cluster {
     pub sleds: Vec<SledProc>,
     /// Head node.
     pub head: HeadProc,
+    /// Scratch directory (removed on drop; declared last so the processes, whose drop prints
+    /// their logs after a failure, go first).
+    pub dir: tempfile::TempDir,
 }
 
 impl Cluster {
     /// `n` sleds with `sled_size` device files (chunk size `chunk`), one head node serving
     /// `volumes` (`NAME:SIZE`).
     pub fn start(name: &str, n: usize, sled_size: &str, chunk: &str, volumes: &[&str]) -> Self {
+        Self::start_with(name, n, sled_size, chunk, volumes, &[])
+    }
+
+    /// The same with `extra` head-node flags.
+    pub fn start_with(
+        name: &str,
+        n: usize,
+        sled_size: &str,
+        chunk: &str,
+        volumes: &[&str],
+        extra: &[&str],
+    ) -> Self {
         let dir = scratch(name);
         let (key_path, key) = key_file(dir.path());
         let sleds: Vec<SledProc> = (1..=n)
@@ -139,7 +159,7 @@ impl Cluster {
             })
             .collect();
         let addrs: Vec<SocketAddr> = sleds.iter().map(|s| s.ready.listen).collect();
-        let head = HeadProc::start("head1", dir.path(), &key_path, 1, &addrs, volumes, &[]);
+        let head = HeadProc::start("head1", dir.path(), &key_path, 1, &addrs, volumes, extra);
         for v in volumes {
             let name = v.split(':').next().unwrap_or_default();
             head.wait_export(name, START_TIMEOUT);
@@ -172,8 +192,6 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 /// Sleds and three head nodes replicating each volume with Raft.
 #[derive(Debug)]
 pub struct Cluster3 {
-    /// Scratch directory (removed on drop).
-    pub dir: tempfile::TempDir,
     /// Key file.
     pub key_path: PathBuf,
     /// The key.
@@ -182,6 +200,8 @@ pub struct Cluster3 {
     pub sleds: Vec<SledProc>,
     /// Head nodes (node id = index + 1).
     pub heads: Vec<HeadProc>,
+    /// Scratch directory (removed on drop; declared last, see [`Cluster::dir`]).
+    pub dir: tempfile::TempDir,
 }
 
 impl Cluster3 {

@@ -88,6 +88,16 @@ pub fn key_file(dir: &Path) -> (PathBuf, common::ClusterKey) {
     (p, k)
 }
 
+/// The admin token every test cluster uses (written next to the key as `admin.token`).
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// Writes `admin.token` in `dir` and returns its path.
+pub fn token_file(dir: &Path) -> PathBuf {
+    let p = dir.join("admin.token");
+    std::fs::write(&p, format!("{ADMIN_TOKEN}\n")).expect("token file");
+    p
+}
+
 /// A child process started by a test.
 #[derive(Debug)]
 pub struct Proc {

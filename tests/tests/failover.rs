@@ -19,6 +19,8 @@ fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
     Some(
         body.lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            // Internal groups (the metadata group, pool groups) are not the test's volume.
+            .filter(|l| !l.contains("volume=\"_"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum(),
     )

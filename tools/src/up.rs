@@ -73,6 +73,15 @@ pub struct ClusterInfo {
     pub cluster_key_file: PathBuf,
     /// The processes.
     pub processes: Vec<ProcessInfo>,
+    /// Admin API endpoints (`http://ADDR`), one per head node.
+    #[serde(default)]
+    pub admin_endpoints: Vec<String>,
+    /// The admin token file.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// NBD URI of the attached default volume.
+    #[serde(default)]
+    pub nbd_uri: Option<String>,
 }
 
 fn free_port(taken: &[u16]) -> anyhow::Result<u16> {
@@ -323,6 +332,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 log: m.log.clone(),
             })
             .collect(),
+        admin_endpoints: Vec::new(),
+        admin_token_file: None,
+        nbd_uri: None,
     };
     let cluster_json = dir.join("cluster.json");
     std::fs::write(&cluster_json, serde_json::to_string_pretty(&info)?)?;

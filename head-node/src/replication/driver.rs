@@ -25,7 +25,8 @@ use super::group::{Event, GroupConfig, GroupCore, GroupError, LogWrite};
 use super::memlog::RaftLog;
 use super::overlay::Piece;
 use super::transport::Transport;
-use crate::metrics::VolumeMetrics;
+use crate::control::state::ClusterState;
+use crate::metrics::{HeadMetrics, VolumeMetrics};
 use crate::sleds::SledPool;
 use crate::volume::rangelock::RangeLock;
 use crate::volume::store::{SledStore, StoreError};
@@ -34,7 +35,7 @@ use bytes::Bytes;
 use common::ClusterKey;
 use common::ids::{Epoch, NodeId, VolumeId};
 use futures_util::future::BoxFuture;
-use raft::prelude::Message;
+use raft::prelude::{ConfChangeV2, Message};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,6 +136,19 @@ pub struct VolumeTemplate {
     pub replicas: usize,
 }
 
+/// What a group is for.
+#[derive(Debug, Clone)]
+pub enum GroupKind {
+    /// The metadata group: serves as soon as it leads (no sleds), snapshots exactly.
+    Meta,
+    /// A volume's group (or a pool group waiting for its volume); `template` creates the
+    /// volume when the group leads without one (volumes named in configuration, tests).
+    Volume {
+        /// How to create the volume.
+        template: Option<VolumeTemplate>,
+    },
+}
+
 /// What the group looks like from outside.
 #[derive(Debug, Clone, Default)]
 pub struct GroupStatus {
@@ -160,6 +174,16 @@ pub struct GroupStatus {
     pub store: Option<Arc<SledStore>>,
     /// Set when the group failed.
     pub failed: Option<String>,
+    /// Voters.
+    pub voters: Vec<u64>,
+    /// Learners.
+    pub learners: Vec<u64>,
+    /// On the leader: each member's matched log index.
+    pub progress: Vec<(u64, u64)>,
+    /// Last log index here.
+    pub last_index: u64,
+    /// The cluster state (metadata group).
+    pub cluster: Option<Arc<ClusterState>>,
 }
 
 type ProposeReply = oneshot::Sender<Result<u64, ReplError>>;
@@ -194,6 +218,15 @@ enum Input {
         spec: Result<VolumeSpec, String>,
     },
     Campaign,
+    /// A metadata proposal on the leader, serving or not (binding a volume to a pool group).
+    ProposeAsLeader {
+        header: EntryHeader,
+        reply: ProposeReply,
+    },
+    ConfChange {
+        cc: ConfChangeV2,
+        reply: ProposeReply,
+    },
 }
 
 /// A handle on a running group driver.
@@ -215,6 +248,8 @@ impl std::fmt::Debug for Input {
             Input::Claimed { .. } => "Claimed",
             Input::SpecReady { .. } => "SpecReady",
             Input::Campaign => "Campaign",
+            Input::ProposeAsLeader { .. } => "ProposeAsLeader",
+            Input::ConfChange { .. } => "ConfChange",
         })
     }
 }
@@ -261,6 +296,28 @@ impl GroupHandle {
         rx.await.unwrap_or(Err(ReplError::Stopped))
     }
 
+    /// Proposes a metadata entry on the leader even before it serves (giving a pool group its
+    /// volume) and waits until it is applied here.
+    pub async fn propose_as_leader(&self, header: EntryHeader) -> Result<u64, ReplError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::ProposeAsLeader { header, reply })
+            .await
+            .map_err(|_| ReplError::Stopped)?;
+        rx.await.unwrap_or(Err(ReplError::Stopped))
+    }
+
+    /// Proposes a membership change on the leader and waits until it is applied here. (The
+    /// change may have been refused as an empty entry: check the membership.)
+    pub async fn change_membership(&self, cc: ConfChangeV2) -> Result<u64, ReplError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::ConfChange { cc, reply })
+            .await
+            .map_err(|_| ReplError::Stopped)?;
+        rx.await.unwrap_or(Err(ReplError::Stopped))
+    }
+
     /// A linearizable read of the committed-unflushed data over `[offset, offset+len)`: pieces
     /// from the overlay, and `Piece::Sled` where the caller must read the sleds.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<(u64, Piece)>, ReplError> {
@@ -297,8 +354,8 @@ pub struct SledAccess {
     pub pool: Arc<SledPool>,
     /// The cluster key.
     pub key: ClusterKey,
-    /// Volume metrics.
-    pub metrics: VolumeMetrics,
+    /// Metric families (each group labels them with its volume's name).
+    pub metrics: HeadMetrics,
 }
 
 /// The write-back of one leadership. Dropping it stops the write-back: no new entries, and
@@ -326,7 +383,9 @@ struct Driver<L: RaftLog, T: Transport> {
     transport: Arc<T>,
     persist: Arc<dyn Persist>,
     sleds: SledAccess,
-    template: Option<VolumeTemplate>,
+    kind: GroupKind,
+    vm: VolumeMetrics,
+    vm_label: String,
     store: Option<Arc<SledStore>>,
     serving: Option<u64>,
     claiming: Option<u64>,
@@ -338,8 +397,24 @@ struct Driver<L: RaftLog, T: Transport> {
     flush_done: BTreeSet<u64>,
     flush_reported: u64,
     flush_due: bool,
+    /// Highest data entry known to be on the sleds in this leadership.
+    flush_data_max: u64,
     next_tag: u64,
     failed: Option<String>,
+    cluster: Option<Arc<ClusterState>>,
+}
+
+/// The metrics label of a group: its volume's name, `_meta`, or a placeholder while in the
+/// pool.
+fn metrics_label(group: GroupId, kind: &GroupKind, spec: Option<&VolumeSpec>) -> String {
+    match (kind, spec) {
+        (GroupKind::Meta, _) => "_meta".to_string(),
+        (_, Some(s)) => s.name.clone(),
+        (GroupKind::Volume { template: Some(t) }, None) => t.name.clone(),
+        (GroupKind::Volume { template: None }, None) => {
+            format!("_pool-{}", &group.to_string()[..8])
+        }
+    }
 }
 
 /// Starts the driver of one group.
@@ -352,10 +427,16 @@ pub fn spawn<L: RaftLog, T: Transport>(
     transport: Arc<T>,
     persist: Arc<dyn Persist>,
     sleds: SledAccess,
-    template: Option<VolumeTemplate>,
+    kind: GroupKind,
 ) -> Result<(GroupHandle, tokio::task::JoinHandle<()>), GroupError> {
     let seed = rand::random();
-    let core = GroupCore::new(group, node, log, cfg.group.clone(), seed)?;
+    let mut gcfg = cfg.group.clone();
+    if matches!(kind, GroupKind::Meta) {
+        gcfg.exact_snapshots = true;
+    }
+    let core = GroupCore::new(group, node, log, gcfg, seed)?;
+    let vm_label = metrics_label(group, &kind, core.state.spec.as_ref());
+    let vm = sleds.metrics.volume(&vm_label);
     let (tx, rx) = mpsc::channel(cfg.queue);
     let (status, status_rx) = watch::channel(GroupStatus::default());
     let mut d = Driver {
@@ -369,7 +450,9 @@ pub fn spawn<L: RaftLog, T: Transport>(
         transport,
         persist,
         sleds,
-        template,
+        kind,
+        vm,
+        vm_label,
         store: None,
         serving: None,
         claiming: None,
@@ -381,9 +464,12 @@ pub fn spawn<L: RaftLog, T: Transport>(
         flush_done: BTreeSet::new(),
         flush_reported: 0,
         flush_due: false,
+        flush_data_max: 0,
         next_tag: 1,
         failed: None,
+        cluster: None,
     };
+    d.sync_cluster();
     d.sync_store();
     d.publish();
     let task = tokio::spawn(async move { d.run().await });
@@ -445,6 +531,28 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             Input::Campaign => {
                 let _ = self.core.campaign();
             }
+            Input::ProposeAsLeader { header, reply } => {
+                let tag = self.next_tag();
+                match self.core.propose(tag, &header, Bytes::new()) {
+                    Ok(_) => {
+                        self.proposals.insert(tag, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(group_error(e)));
+                    }
+                }
+            }
+            Input::ConfChange { cc, reply } => {
+                let tag = self.next_tag();
+                match self.core.propose_conf_change(tag, cc) {
+                    Ok(_) => {
+                        self.proposals.insert(tag, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(group_error(e)));
+                    }
+                }
+            }
             Input::Propose {
                 header,
                 data,
@@ -474,6 +582,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 match result {
                     Ok(()) => {
                         self.flush_done.insert(index);
+                        self.flush_data_max = self.flush_data_max.max(index);
                     }
                     Err(StoreError::Deposed { epoch, .. }) => self.core.fenced(epoch.0),
                     Err(e) => {
@@ -541,10 +650,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                     self.proposals.insert(tag, reply);
                 }
                 Err(e) => {
-                    let _ = reply.send(Err(match e {
-                        GroupError::NotLeader { leader } => ReplError::NotLeader { leader },
-                        other => ReplError::Failed(other.to_string()),
-                    }));
+                    let _ = reply.send(Err(group_error(e)));
                 }
             }
         }
@@ -562,8 +668,9 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 }
             }
         }
-        // Report the flushed prefix now and then.
-        if self.flush_due && self.serving.is_some() {
+        // Report the flushed prefix now and then (only when data reached the sleds: an idle
+        // group proposes nothing).
+        if self.flush_due && self.serving.is_some() && self.flush_data_max > self.flush_reported {
             self.flush_due = false;
             let f = self.flushed_prefix();
             if f > self.flush_reported {
@@ -605,8 +712,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 std::mem::take(&mut work.messages),
             );
             if !work.write.entries.is_empty() {
-                self.sleds
-                    .metrics
+                self.vm
                     .ready_entries
                     .observe(work.write.entries.len() as f64);
             }
@@ -663,6 +769,10 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                         *idx = Some(index);
                     }
                 }
+                Event::LeaderReady { term } if matches!(self.kind, GroupKind::Meta) => {
+                    tracing::info!(group = %self.group, node_id = self.node.0, term, "metadata leader");
+                    self.serving = Some(term);
+                }
                 Event::LeaderReady { term } => {
                     tracing::info!(group = %self.group, node_id = self.node.0, term, "leader; claiming the volume's sleds");
                     if self.core.state.spec.is_none() {
@@ -690,6 +800,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                     }
                 }
                 Event::StateChanged | Event::SnapshotApplied { .. } => {
+                    self.sync_cluster();
                     self.sync_store();
                     // A volume just created by this leader: claim it now.
                     if self.core.is_leader()
@@ -727,10 +838,25 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         }
     }
 
+    fn sync_cluster(&mut self) {
+        if let Some(c) = &self.core.state.cluster
+            && self.cluster.as_deref() != Some(c)
+        {
+            self.cluster = Some(Arc::new(c.clone()));
+        }
+    }
+
     fn sync_store(&mut self) {
         let Some(spec) = self.core.state.spec.clone() else {
             return;
         };
+        let label = metrics_label(self.group, &self.kind, Some(&spec));
+        if label != self.vm_label {
+            // A pool group bound to its volume: its series move to the volume's name.
+            self.sleds.metrics.forget(&self.vm_label);
+            self.vm = self.sleds.metrics.volume(&label);
+            self.vm_label = label;
+        }
         match &self.store {
             Some(s) => {
                 if s.spec() != spec {
@@ -744,15 +870,15 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                     self.sleds.key.clone(),
                     self.node,
                     Epoch(self.core.term()),
-                    self.sleds.metrics.clone(),
+                    self.vm.clone(),
                 )));
             }
         }
     }
 
     fn start_spec(&mut self, term: u64) {
-        let Some(t) = self.template.clone() else {
-            tracing::warn!(group = %self.group, "leader of a group without a volume; waiting for one");
+        let GroupKind::Volume { template: Some(t) } = self.kind.clone() else {
+            tracing::debug!(group = %self.group, "leader of a group without a volume (a pool group); waiting for one");
             return;
         };
         let pool = self.sleds.pool.clone();
@@ -786,6 +912,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         self.serving = Some(term);
         self.flush_done.clear();
         self.flush_reported = self.core.state.flushed;
+        self.flush_data_max = 0;
         let (jobs, rx) = mpsc::unbounded_channel();
         // Re-flush the whole unflushed tail: the previous leader may not have finished it.
         for (index, e) in self.core.overlay.entries_after(self.core.state.flushed) {
@@ -829,7 +956,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             raft::StateRole::Candidate => "candidate",
             raft::StateRole::PreCandidate => "pre-candidate",
         };
-        let m = &self.sleds.metrics;
+        let m = &self.vm;
         m.term.set(self.core.term() as i64);
         m.role.set(match self.core.role() {
             raft::StateRole::Follower => 0,
@@ -854,6 +981,11 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             spec: self.core.state.spec.clone(),
             store: self.store.clone(),
             failed: self.failed.clone(),
+            voters: self.core.voters(),
+            learners: self.core.learners(),
+            progress: self.core.progress(),
+            last_index: self.core.last_index(),
+            cluster: self.cluster.clone(),
         };
         {
             let prev = self.status.borrow();
@@ -873,10 +1005,29 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 || old.flushed != st.flushed
                 || old.spec != st.spec
                 || old.failed != st.failed
-                || old.store.is_some() != st.store.is_some();
+                || old.store.is_some() != st.store.is_some()
+                || old.voters != st.voters
+                || old.learners != st.learners
+                || old.progress != st.progress
+                || !opt_arc_eq(&old.cluster, &st.cluster);
             *old = st;
             changed
         });
+    }
+}
+
+fn group_error(e: GroupError) -> ReplError {
+    match e {
+        GroupError::NotLeader { leader } => ReplError::NotLeader { leader },
+        other => ReplError::Failed(other.to_string()),
+    }
+}
+
+fn opt_arc_eq<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }
 

@@ -9,6 +9,7 @@
 //! The Raft snapshot is only metadata ([`VolumeState`]): the data lives on the sleds, so a
 //! snapshot is taken at the flushed index and carries no blocks.
 
+use crate::control::state::{ClusterState, MetaCmd};
 use crate::volume::VolumeSpec;
 use common::ids::SledId;
 use common::throttle::{QosConfig, QosState};
@@ -72,6 +73,8 @@ pub enum EntryHeader {
         /// Stale (true) or resynchronised (false).
         stale: bool,
     },
+    /// A change of the cluster state (metadata group only).
+    Meta(MetaCmd),
 }
 
 impl EntryHeader {
@@ -115,12 +118,17 @@ pub struct VolumeState {
     pub qos_state: Option<QosState>,
     /// Sleds that must not be read for this volume until resynchronised.
     pub stale: BTreeSet<SledId>,
+    /// The cluster state (metadata group only).
+    pub cluster: Option<ClusterState>,
 }
 
 impl VolumeState {
     /// Applies a metadata entry (data entries change nothing here). Every change is absolute,
     /// so replaying entries over a state that already has them is harmless — which is what
     /// makes a snapshot taken at the flushed index with the state of a later index correct.
+    /// (Cluster commands are absolute too, but a put replayed after a later remove would
+    /// resurrect it: the metadata group snapshots exactly at its applied index instead, see
+    /// [`GroupConfig::exact_snapshots`](super::group::GroupConfig::exact_snapshots).)
     pub fn apply(&mut self, h: &EntryHeader) {
         match h {
             EntryHeader::Write { .. } | EntryHeader::Zero { .. } => {}
@@ -135,6 +143,7 @@ impl VolumeState {
                     self.stale.remove(sled);
                 }
             }
+            EntryHeader::Meta(cmd) => self.cluster.get_or_insert_default().apply(cmd),
         }
     }
 

@@ -40,6 +40,11 @@ pub struct GroupConfig {
     pub max_inflight_msgs: usize,
     /// Largest batch of committed entries handed out per ready.
     pub max_committed_size_per_ready: u64,
+    /// Snapshot exactly at the applied index, every `compact_every` state entries (the
+    /// metadata group, whose state is not replay-safe), instead of at the flushed index.
+    pub exact_snapshots: bool,
+    /// State entries between two exact snapshots.
+    pub compact_every: u64,
 }
 
 impl Default for GroupConfig {
@@ -50,6 +55,8 @@ impl Default for GroupConfig {
             max_size_per_msg: 4 << 20,
             max_inflight_msgs: 256,
             max_committed_size_per_ready: 64 << 20,
+            exact_snapshots: false,
+            compact_every: 256,
         }
     }
 }
@@ -192,6 +199,8 @@ pub struct GroupCore<L: RaftLog> {
     leader_ready_at: Option<u64>,
     leader_ready_sent: bool,
     pending_compact: Option<u64>,
+    /// State entries applied since the last exact snapshot.
+    since_snapshot: u64,
     /// A commit index was learned after the last persisted hard state.
     commit_dirty: bool,
     events: Vec<Event>,
@@ -272,6 +281,7 @@ impl<L: RaftLog> GroupCore<L> {
             leader_ready_at: None,
             leader_ready_sent: false,
             pending_compact: None,
+            since_snapshot: 0,
             commit_dirty: false,
             events: Vec::new(),
             #[cfg(test)]
@@ -401,9 +411,56 @@ impl<L: RaftLog> GroupCore<L> {
         Ok(index)
     }
 
-    /// Proposes a membership change.
-    pub fn propose_conf_change(&mut self, cc: ConfChangeV2) -> Result<(), GroupError> {
-        Ok(self.raw.propose_conf_change(vec![], cc)?)
+    /// Proposes a membership change; `tag` comes back like a proposal's. (raft-rs turns a
+    /// change proposed while another is pending into an empty entry: check the membership
+    /// once applied.)
+    pub fn propose_conf_change(&mut self, tag: u64, cc: ConfChangeV2) -> Result<u64, GroupError> {
+        if !self.is_leader() {
+            return Err(GroupError::NotLeader {
+                leader: self.leader(),
+            });
+        }
+        let before = self.raw.raft.raft_log.last_index();
+        self.raw.propose_conf_change(vec![], cc)?;
+        let index = self.raw.raft.raft_log.last_index();
+        if index == before {
+            return Err(GroupError::Raft("membership change dropped".into()));
+        }
+        self.pending.insert(index, (self.raw.raft.term, tag));
+        Ok(index)
+    }
+
+    /// Learners of the group.
+    pub fn learners(&self) -> Vec<u64> {
+        self.raw
+            .raft
+            .prs()
+            .conf()
+            .learners()
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// On the leader: each peer's matched index.
+    pub fn progress(&self) -> Vec<(u64, u64)> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        let mut v: Vec<(u64, u64)> = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, pr)| (*id, pr.matched))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Last index in the log.
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
     }
 
     /// Asks for a linearizable read; [`Event::ReadReady`] carries `tag` back.
@@ -542,6 +599,16 @@ impl<L: RaftLog> GroupCore<L> {
                 });
             }
         }
+        if conf.is_some() {
+            // Store a snapshot with the new membership: a node just added may need one to
+            // catch up, and raft-rs refuses a snapshot whose membership lacks its recipient.
+            let at = if self.cfg.exact_snapshots {
+                self.applied
+            } else {
+                self.state.flushed
+            };
+            self.pending_compact = Some(self.pending_compact.unwrap_or(0).max(at));
+        }
         self.maybe_leader_ready();
         conf
     }
@@ -562,17 +629,33 @@ impl<L: RaftLog> GroupCore<L> {
             _ => {
                 self.state.apply(&h);
                 self.events.push(Event::StateChanged);
+                if self.cfg.exact_snapshots {
+                    self.since_snapshot += 1;
+                    if self.since_snapshot >= self.cfg.compact_every {
+                        self.since_snapshot = 0;
+                        self.pending_compact = Some(index);
+                    }
+                }
             }
         }
     }
 
-    /// A snapshot at `f` (clamped to what is applied and in the log) carrying the volume state,
-    /// for compaction; `None` when the log is already compacted that far.
+    /// A snapshot at `f` (clamped to what is applied and in the log; with exact snapshots, at
+    /// the applied index) carrying the state and the current membership, for compaction;
+    /// `None` when there is nothing to store. At `first - 1` it re-stores the snapshot there
+    /// with the current membership.
     fn snapshot_at(&self, f: u64) -> Option<Snapshot> {
         let first = self.log.first_index().ok()?;
         let last = self.log.last_index().ok()?;
-        let f = f.min(self.applied).min(last);
-        if f < first {
+        let f = if self.cfg.exact_snapshots {
+            if self.applied > last {
+                return None;
+            }
+            self.applied
+        } else {
+            f.max(first - 1).min(self.applied).min(last)
+        };
+        if f == 0 || f + 1 < first {
             return None;
         }
         let term = self.log.term(f).ok()?;
@@ -589,10 +672,17 @@ impl<L: RaftLog> GroupCore<L> {
     /// the committed entries and a received snapshot are already applied. `None` when there is
     /// nothing to do.
     pub fn ready(&mut self) -> Option<ReadyWork> {
-        let compact = self
-            .pending_compact
-            .take()
-            .and_then(|f| self.snapshot_at(f));
+        let compact = match self.pending_compact.take() {
+            Some(f) => {
+                let snap = self.snapshot_at(f);
+                if snap.is_none() && self.cfg.exact_snapshots && self.applied > f.max(1) {
+                    // Applied entries not in the log yet: try again after the next write.
+                    self.pending_compact = Some(f);
+                }
+                snap
+            }
+            None => None,
+        };
         if !self.raw.has_ready() {
             self.observe_role();
             if compact.is_none() && !self.commit_dirty {

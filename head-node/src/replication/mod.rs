@@ -29,6 +29,9 @@ use std::fmt;
 pub struct GroupId(pub u128);
 
 impl GroupId {
+    /// The metadata group (the control plane), on every head node.
+    pub const META: GroupId = GroupId(0x6d65_7461);
+
     /// A fresh random id.
     pub fn random() -> Self {
         Self(common::ids::VolumeId::random().0)

@@ -2,14 +2,16 @@
 //! serves forwarded volume calls from the other nodes.
 
 use super::GroupId;
-use super::driver::{self, DriverConfig, GroupHandle, Persist, SledAccess, VolumeTemplate};
+use super::driver::{self, DriverConfig, GroupHandle, GroupKind, Persist, SledAccess};
 use super::group::GroupError;
 use super::memlog::RaftLog;
 use super::rvolume::{ReplicatedVolume, VolumeRpc, VolumeRpcReply};
 use super::transport::{Inbound, InboundRaft, Transport, handler_fn};
+use common::AlignedBuf;
 use common::ids::NodeId;
+use futures_util::future::BoxFuture;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -17,6 +19,18 @@ struct Member<T: Transport> {
     handle: GroupHandle,
     volume: Arc<ReplicatedVolume<T>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Serves the calls that are not volume I/O: group operations from the control plane and
+/// admin requests forwarded to the metadata leader.
+pub trait ControlHandler: Send + Sync + 'static {
+    /// Answers `rpc` (a `Group` or `Admin` call) from `from`.
+    fn handle(
+        &self,
+        from: NodeId,
+        rpc: VolumeRpc,
+        data: AlignedBuf,
+    ) -> BoxFuture<'static, (VolumeRpcReply, Option<AlignedBuf>)>;
 }
 
 /// The groups of this node.
@@ -28,6 +42,7 @@ pub struct ReplNode<T: Transport> {
     failover_timeout: Duration,
     groups: RwLock<HashMap<GroupId, Member<T>>>,
     router: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    control: OnceLock<Arc<dyn ControlHandler>>,
 }
 
 impl<T: Transport> std::fmt::Debug for ReplNode<T> {
@@ -69,6 +84,7 @@ impl<T: Transport> ReplNode<T> {
             failover_timeout,
             groups: RwLock::new(HashMap::new()),
             router: std::sync::Mutex::new(None),
+            control: OnceLock::new(),
         });
         let (tx, mut rx) = mpsc::channel::<InboundRaft>(16384);
         let weak: Weak<Self> = Arc::downgrade(&this);
@@ -89,13 +105,19 @@ impl<T: Transport> ReplNode<T> {
         *this.router.lock().unwrap_or_else(|p| p.into_inner()) = Some(router);
         let hweak = weak;
         transport.set_inbound(Inbound::new(tx).with_rpc(handler_fn(
-            move |_from, ctl: Vec<u8>, data| {
+            move |from, ctl: Vec<u8>, data| {
                 let node = hweak.upgrade();
                 async move {
                     let reply = match (node, postcard::from_bytes::<VolumeRpc>(&ctl)) {
                         (None, _) => (VolumeRpcReply::Failed("node stopping".into()), None),
                         (_, Err(e)) => {
                             (VolumeRpcReply::Failed(format!("malformed call: {e}")), None)
+                        }
+                        (Some(node), Ok(rpc @ (VolumeRpc::Group { .. } | VolumeRpc::Admin))) => {
+                            match node.control.get().cloned() {
+                                Some(c) => c.handle(from, rpc, data).await,
+                                None => (VolumeRpcReply::Failed("node starting".into()), None),
+                            }
                         }
                         (Some(node), Ok(rpc)) => {
                             let group = match &rpc {
@@ -104,6 +126,14 @@ impl<T: Transport> ReplNode<T> {
                                 | VolumeRpc::WriteZeroes { group, .. }
                                 | VolumeRpc::Trim { group, .. }
                                 | VolumeRpc::BlockStatus { group, .. } => *group,
+                                VolumeRpc::Group { group, .. } => *group,
+                                VolumeRpc::Admin => {
+                                    return (
+                                        postcard::to_stdvec(&VolumeRpcReply::NoGroup)
+                                            .unwrap_or_default(),
+                                        None,
+                                    );
+                                }
                             };
                             match node.volume(group) {
                                 Some(v) => v.serve_rpc(rpc, data).await,
@@ -123,15 +153,19 @@ impl<T: Transport> ReplNode<T> {
         self.node
     }
 
-    /// Starts a group on this node over `log` (its persisted state). `template` creates the
-    /// volume when the group has none yet.
+    /// Installs the handler of control calls (once).
+    pub fn set_control(&self, h: Arc<dyn ControlHandler>) {
+        let _ = self.control.set(h);
+    }
+
+    /// Starts a group on this node over `log` (its persisted state).
     pub fn add_group<L: RaftLog>(
         &self,
         group: GroupId,
         name: &str,
         log: L,
         sleds: SledAccess,
-        template: Option<VolumeTemplate>,
+        kind: GroupKind,
     ) -> Result<Arc<ReplicatedVolume<T>>, GroupError> {
         let (handle, task) = driver::spawn(
             group,
@@ -141,7 +175,7 @@ impl<T: Transport> ReplNode<T> {
             self.transport.clone(),
             self.persist.clone(),
             sleds,
-            template,
+            kind,
         )?;
         let volume = Arc::new(ReplicatedVolume::new(
             handle.clone(),
@@ -162,6 +196,34 @@ impl<T: Transport> ReplNode<T> {
             old.task.abort();
         }
         Ok(volume)
+    }
+
+    /// Stops a group on this node (its log is the caller's to remove); returns its handle.
+    pub fn remove_group(&self, group: GroupId) -> Option<GroupHandle> {
+        let m = self
+            .groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group)?;
+        m.volume.detach();
+        m.task.abort();
+        Some(m.handle)
+    }
+
+    /// The handle of a group on this node.
+    pub fn handle(&self, group: GroupId) -> Option<GroupHandle> {
+        self.groups
+            .read()
+            .ok()
+            .and_then(|g| g.get(&group).map(|m| m.handle.clone()))
+    }
+
+    /// Groups on this node.
+    pub fn groups(&self) -> Vec<GroupId> {
+        self.groups
+            .read()
+            .map(|g| g.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// The volume of a group on this node.

@@ -72,6 +72,16 @@ pub enum VolumeRpc {
         /// Length.
         len: u64,
     },
+    /// A control-plane operation on a group (see `control::rpc`).
+    Group {
+        /// Group.
+        group: GroupId,
+        /// The operation.
+        op: crate::control::rpc::GroupOp,
+    },
+    /// An admin API request forwarded to the metadata leader; the call's data is the JSON
+    /// request.
+    Admin,
 }
 
 /// The answer to a [`VolumeRpc`]. Append-only.
@@ -91,6 +101,10 @@ pub enum VolumeRpcReply {
     NoSpace,
     /// Failed.
     Failed(String),
+    /// The answer to a `Group` call.
+    Group(crate::control::rpc::GroupReply),
+    /// The answer to an `Admin` call: the HTTP status; the data is the JSON body.
+    Admin(u16),
 }
 
 /// Errors of one attempt.
@@ -138,6 +152,22 @@ pub struct ReplicatedVolume<T: Transport> {
     locks: RangeLock,
     failover_timeout: Duration,
     detached: tokio::sync::watch::Sender<bool>,
+    inflight: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts one NBD request in flight on a volume (for draining at detach).
+struct InFlight<'a> {
+    n: &'a std::sync::atomic::AtomicUsize,
+    idle: &'a tokio::sync::Notify,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
 }
 
 impl<T: Transport> std::fmt::Debug for ReplicatedVolume<T> {
@@ -167,6 +197,33 @@ impl<T: Transport> ReplicatedVolume<T> {
             locks: RangeLock::new(),
             failover_timeout,
             detached,
+            inflight: std::sync::atomic::AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn track(&self) -> InFlight<'_> {
+        self.inflight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight {
+            n: &self.inflight,
+            idle: &self.idle,
+        }
+    }
+
+    /// Requests of NBD clients being served now.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once no NBD request is in flight.
+    pub async fn drained(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.inflight() == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 
@@ -183,6 +240,21 @@ impl<T: Transport> ReplicatedVolume<T> {
     /// Detaches: connections finish what they have in flight and disconnect.
     pub fn detach(&self) {
         self.detached.send_replace(true);
+    }
+
+    /// Attaches again after a detach.
+    pub fn attach(&self) {
+        self.detached.send_replace(false);
+    }
+
+    /// True once detached.
+    pub fn is_detached(&self) -> bool {
+        *self.detached.borrow()
+    }
+
+    /// The volume's name (its description's, once bound).
+    pub fn name(&self) -> String {
+        self.spec().map_or_else(|| self.name.clone(), |s| s.name)
     }
 
     /// Runs `op` on the leader — here when this node serves, forwarded otherwise — retrying
@@ -320,11 +392,61 @@ impl<T: Transport> ReplicatedVolume<T> {
             .map_err(repl_error)
     }
 
-    fn local_allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, Attempt> {
+    async fn local_allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, Attempt> {
         let store = self.group.status().store.ok_or(Attempt::Retry)?;
-        // Every write allocates its chunks on the sleds before it is committed, so the sleds'
-        // allocation covers unflushed data too (zeroed ranges may show as data: allowed).
-        Ok(store.allocation(offset, len))
+        let size = store.spec().size;
+        let end = offset.saturating_add(len);
+        if len == 0 || end > size {
+            return Ok(Vec::new());
+        }
+        // Committed data not yet on the sleds decides where it lies: a committed trim is a
+        // hole now, a committed write is data (the sleds' allocation covers the rest).
+        let (start, stop) = (floor(offset), ceil(end).min(size));
+        let pieces = self
+            .group
+            .read(start, stop - start)
+            .await
+            .map_err(repl_error)?;
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut push = |l: u64, a: bool| match runs.last_mut() {
+            Some((n, b)) if *b == a => *n += l,
+            _ => runs.push((l, a)),
+        };
+        let mut pos = start;
+        for (l, p) in pieces {
+            match p {
+                Piece::Data(_) => push(l, true),
+                Piece::Zero => push(l, false),
+                Piece::Sled => {
+                    for (n, a) in store.allocation(pos, l) {
+                        push(n, a);
+                    }
+                }
+            }
+            pos += l;
+        }
+        // Cut the block-aligned runs back to the request.
+        let mut cut = offset - start;
+        while cut > 0 && !runs.is_empty() {
+            let take = cut.min(runs[0].0);
+            runs[0].0 -= take;
+            cut -= take;
+            if runs[0].0 == 0 {
+                runs.remove(0);
+            }
+        }
+        let mut cut = stop - end;
+        while cut > 0
+            && let Some(last) = runs.last_mut()
+        {
+            let take = cut.min(last.0);
+            last.0 -= take;
+            cut -= take;
+            if last.0 == 0 {
+                runs.pop();
+            }
+        }
+        Ok(runs)
     }
 
     /// Serves a forwarded call (this node is, or was, the leader).
@@ -376,9 +498,13 @@ impl<T: Transport> ReplicatedVolume<T> {
                 ),
                 None,
             ),
+            VolumeRpc::Group { .. } | VolumeRpc::Admin => {
+                (VolumeRpcReply::Failed("not a volume call".into()), None)
+            }
             VolumeRpc::BlockStatus { offset, len, .. } => (
                 reply(
                     self.local_allocation(offset, len)
+                        .await
                         .map(VolumeRpcReply::Extents),
                 ),
                 None,
@@ -460,7 +586,9 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
     fn info(&self) -> ExportInfo {
         let spec = self.spec();
         ExportInfo {
-            name: self.name.clone(),
+            name: spec
+                .as_ref()
+                .map_or_else(|| self.name.clone(), |s| s.name.clone()),
             description: spec
                 .as_ref()
                 .map(|s| format!("stockade volume {}", s.id))
@@ -475,6 +603,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, VolumeError> {
+        let _t = self.track();
         let end = offset + u64::from(len);
         let (start, stop) = (floor(offset), ceil(end));
         let gid = self.group.group();
@@ -506,6 +635,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
     }
 
     async fn write(&self, offset: u64, data: AlignedBuf, _fua: bool) -> Result<(), VolumeError> {
+        let _t = self.track();
         let gid = self.group.group();
         let shared = Arc::new(data);
         let bytes = AlignedBuf::shared_bytes(shared.clone());
@@ -530,6 +660,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
     }
 
     async fn trim(&self, offset: u64, len: u64, _fua: bool) -> Result<(), VolumeError> {
+        let _t = self.track();
         let gid = self.group.group();
         self.with_leader(
             || self.leader_trim(offset, len),
@@ -559,6 +690,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
         _fast_only: bool,
         _fua: bool,
     ) -> Result<(), VolumeError> {
+        let _t = self.track();
         let gid = self.group.group();
         self.with_leader(
             || self.leader_write_zeroes(offset, len, no_hole),
@@ -577,10 +709,11 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, VolumeError> {
+        let _t = self.track();
         let gid = self.group.group();
         let runs = self
             .with_leader(
-                || async { self.local_allocation(offset, len) },
+                || self.local_allocation(offset, len),
                 |l| async move {
                     match self
                         .forward(

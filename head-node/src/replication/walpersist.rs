@@ -90,19 +90,37 @@ impl Persist for WalPersist {
     }
 }
 
-/// A new group's log with its initial membership, made durable.
+/// A new group's log, made durable: a snapshot at index 1 (term 1) holding the initial
+/// membership and an empty state. Starting from a snapshot rather than a bare membership means
+/// a node added later, which starts with an empty log, is brought up to date with a snapshot
+/// carrying the membership — raft-rs would otherwise replay the membership changes onto an
+/// empty configuration.
 pub async fn new_group_log(
     wal: &Wal,
     group: GroupId,
     voters: &[u64],
 ) -> Result<GroupStorage, String> {
-    let cs = ConfState::from((voters.to_vec(), vec![]));
+    let mut snap = raft::prelude::Snapshot {
+        data: super::entry::VolumeState::default().encode().into(),
+        ..Default::default()
+    };
+    let m = snap.mut_metadata();
+    m.index = 1;
+    m.term = 1;
+    m.set_conf_state(ConfState::from((voters.to_vec(), vec![])));
     let mut w = GroupWrite::new(group);
-    w.conf_state(cs);
+    w.apply_snapshot(snap);
     wal.write(std::slice::from_ref(&w))
         .await
         .map_err(|e| e.to_string())?;
     let log = GroupStorage::new();
     log.apply(&w).map_err(|e: LogError| e.to_string())?;
     Ok(log)
+}
+
+/// Drops a group's log from the WAL (the group was deleted or this node left it).
+pub async fn remove_group_log(wal: &Wal, group: GroupId) -> Result<(), String> {
+    wal.write(&[GroupWrite::remove(group)])
+        .await
+        .map_err(|e| e.to_string())
 }

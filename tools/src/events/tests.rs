@@ -137,6 +137,9 @@ fn cluster_json_gives_targets() {
             metrics: "127.0.0.1:20002".parse().unwrap(),
             log: dir.path().join("log"),
         }],
+        admin_endpoints: Vec::new(),
+        admin_token_file: None,
+        nbd_uri: None,
     };
     std::fs::write(
         dir.path().join("cluster.json"),
