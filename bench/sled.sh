@@ -9,7 +9,8 @@
 # Knobs (environment): DURATION (measured seconds per run, 15), WARMUP (seconds before each
 # measured window, 3), WORKING_SET (MiB addressed by both, 2048), QDS ("1 32"), REPEAT (times each
 # workload is measured on both sides; the table shows medians, 1), SKIP_BUILD=1,
-# SLED_CONTROLLER (a sled-controller binary to measure instead of this tree's), KEEP_DATA=1 (keep
+# SLED_CONTROLLER (a sled-controller binary to measure instead of this tree's), SLED_LOAD (likewise
+# for the load generator, which contains the client of common::sled_client), KEEP_DATA=1 (keep
 # the data files), QUIET_CORES / QUIET_DISK / QUIET_WAIT (before each run, wait up to QUIET_WAIT
 # seconds, 30, for a second in which the machine is less than QUIET_CORES cores busy, 0.3, and the
 # disk less than QUIET_DISK % busy, 10). Results go to target/bench-scratch/results-<time>/ (and .../latest).
@@ -32,7 +33,7 @@ QUIET_WAIT=${QUIET_WAIT:-30}
 SCRATCH=target/bench-scratch
 RESULTS=$SCRATCH/results-$(date +%Y%m%d-%H%M%S)
 SLED_BIN=${SLED_CONTROLLER:-target/release/sled-controller}
-LOAD_BIN=target/release/sled-load
+LOAD_BIN=${SLED_LOAD:-target/release/sled-load}
 REPORT_BIN=target/release/bench-report
 FIO_FILE=$SCRATCH/fio.dat
 SLED_IMG=$SCRATCH/sled.img
@@ -241,6 +242,7 @@ fi
     echo "date: $(date -Is)"
     echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
     echo "sled binary: $SLED_BIN"
+    echo "load generator: $LOAD_BIN"
     echo "cpus: $(nproc) ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo))"
     echo "kernel: $(uname -r)"
     dev=$(findmnt -no SOURCE -T "$SCRATCH")

@@ -3,7 +3,8 @@
 //! `O_DIRECT` needs the memory address, the file offset and the length all aligned to the
 //! device's logical block size. Stockade uses 4 KiB everywhere, which satisfies every device it
 //! supports. Buffers are allocated zeroed, so no uninitialised memory ever reaches a device or the
-//! network.
+//! network. An empty buffer allocates nothing (frames without a data part are the common case on
+//! the hot path).
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::fmt;
@@ -12,6 +13,12 @@ use std::ptr::NonNull;
 
 /// The alignment of every device I/O buffer, offset and length.
 pub const ALIGN: usize = 4096;
+
+/// A zero-sized type aligned like a page: the dangling, aligned address of empty buffers.
+#[repr(C, align(4096))]
+struct EmptyPage;
+
+const _: () = assert!(std::mem::align_of::<EmptyPage>() == ALIGN);
 
 /// A zero-initialised heap buffer whose start is aligned to [`ALIGN`].
 pub struct AlignedBuf {
@@ -27,9 +34,22 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    /// A zeroed buffer of `len` bytes; its capacity is `len` rounded up to [`ALIGN`].
+    /// An empty buffer (capacity 0). Allocates nothing; its pointer is aligned but dangling.
+    pub const fn empty() -> Self {
+        Self {
+            ptr: NonNull::<EmptyPage>::dangling().cast::<u8>(),
+            len: 0,
+            cap: 0,
+        }
+    }
+
+    /// A zeroed buffer of `len` bytes; its capacity is `len` rounded up to [`ALIGN`]. A length of
+    /// zero gives [`AlignedBuf::empty`], which allocates nothing.
     pub fn zeroed(len: usize) -> Self {
-        let cap = len.div_ceil(ALIGN).max(1) * ALIGN;
+        if len == 0 {
+            return Self::empty();
+        }
+        let cap = len.div_ceil(ALIGN) * ALIGN;
         let layout = Layout::from_size_align(cap, ALIGN).expect("buffer size overflows isize");
         // SAFETY: the layout has a non-zero size (cap >= ALIGN).
         let raw = unsafe { alloc_zeroed(layout) };
@@ -56,7 +76,7 @@ impl AlignedBuf {
         self.len == 0
     }
 
-    /// Capacity in bytes (a multiple of [`ALIGN`]).
+    /// Capacity in bytes (a multiple of [`ALIGN`]; 0 for an empty buffer).
     pub fn capacity(&self) -> usize {
         self.cap
     }
@@ -88,6 +108,10 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.cap == 0 {
+            // An empty buffer owns no allocation.
+            return;
+        }
         let layout = Layout::from_size_align(self.cap, ALIGN).expect("layout was valid at alloc");
         // SAFETY: ptr was returned by alloc_zeroed with exactly this layout and is freed once.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
@@ -97,8 +121,9 @@ impl Drop for AlignedBuf {
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for cap >= len initialised (zeroed at allocation) bytes, and the
-        // borrow of self keeps the allocation alive.
+        // SAFETY: ptr is non-null, aligned and valid for cap >= len initialised (zeroed at
+        // allocation) bytes, and the borrow of self keeps the allocation alive; an empty buffer
+        // has len 0, for which any non-null aligned pointer is valid.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -175,6 +200,25 @@ mod tests {
             assert!(b.capacity() >= len && b.capacity().is_multiple_of(ALIGN));
             assert!(b.iter().all(|&x| x == 0));
         }
+    }
+
+    #[test]
+    fn empty_buffers_allocate_nothing() {
+        let mut e = AlignedBuf::zeroed(0);
+        assert_eq!((e.len(), e.capacity()), (0, 0));
+        assert_eq!(e.as_ptr() as usize % ALIGN, 0);
+        assert!(e.is_empty() && e[..].is_empty());
+        e.fill(7);
+        e.set_len(0);
+        assert_eq!(e.clone(), AlignedBuf::empty());
+        assert_eq!(AlignedBuf::from_slice(&[]).capacity(), 0);
+        assert!(e.into_bytes().is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "beyond capacity")]
+    fn empty_buffers_cannot_grow() {
+        AlignedBuf::empty().set_len(1);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::ids::{Epoch, NodeId, VolumeId};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
@@ -248,6 +249,86 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// Credentials that verified under one cluster key, remembered so that a connection sending the
+/// same credential for a whole epoch pays for its HMAC once.
+///
+/// A credential is accepted without recomputing its MAC only when it is *exactly* one that
+/// verified before — volume, epoch, holder and every MAC byte (compared in constant time); any
+/// other credential, including one for the same volume and epoch with different MAC bytes, is
+/// verified in full. One entry per volume (the newest that verified), at most `max_entries`
+/// volumes; beyond that an arbitrary entry is forgotten. Meant to live in one connection (no
+/// locking).
+pub struct VerifiedCredentials {
+    key: ClusterKey,
+    by_volume: HashMap<VolumeId, Credential>,
+    max_entries: usize,
+}
+
+impl fmt::Debug for VerifiedCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifiedCredentials")
+            .field("entries", &self.by_volume.len())
+            .field("max_entries", &self.max_entries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VerifiedCredentials {
+    /// An empty cache for credentials minted with `key`, remembering at most `max_entries`
+    /// volumes (at least one).
+    pub fn new(key: ClusterKey, max_entries: usize) -> Self {
+        Self {
+            key,
+            by_volume: HashMap::new(),
+            max_entries: max_entries.max(1),
+        }
+    }
+
+    /// True when `cred` was minted with the key: answered from the cache for a credential that
+    /// verified before, otherwise by [`ClusterKey::verify`] (and remembered when it verifies).
+    pub fn verify(&mut self, cred: &Credential) -> bool {
+        if self
+            .by_volume
+            .get(&cred.volume)
+            .is_some_and(|known| same_credential(known, cred))
+        {
+            return true;
+        }
+        if !self.key.verify(cred) {
+            return false;
+        }
+        if self.by_volume.len() >= self.max_entries
+            && !self.by_volume.contains_key(&cred.volume)
+            && let Some(evict) = self.by_volume.keys().next().copied()
+        {
+            self.by_volume.remove(&evict);
+        }
+        self.by_volume.insert(cred.volume, *cred);
+        true
+    }
+
+    /// Volumes remembered.
+    pub fn len(&self) -> usize {
+        self.by_volume.len()
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.by_volume.is_empty()
+    }
+}
+
+/// Every field equal; the MAC compared without an early exit.
+fn same_credential(a: &Credential, b: &Credential) -> bool {
+    let diff = a
+        .mac
+        .iter()
+        .zip(&b.mac)
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    let fields = a.volume == b.volume && a.epoch == b.epoch && a.holder == b.holder;
+    std::hint::black_box(diff) == 0 && fields
+}
+
 /// Lowercase hex.
 pub fn hex_encode(b: &[u8]) -> String {
     use std::fmt::Write;
@@ -296,6 +377,53 @@ mod tests {
         }
         let other = ClusterKey::from_bytes([8; 32]);
         assert!(!other.verify(&c));
+    }
+
+    #[test]
+    fn verified_credentials_only_skip_the_mac_of_exactly_the_same_credential() {
+        let k = ClusterKey::from_bytes([7; 32]);
+        let mut cache = VerifiedCredentials::new(k.clone(), 2);
+        let c = k.mint(VolumeId(1), Epoch(5), NodeId(2));
+        assert!(cache.verify(&c));
+        assert!(cache.verify(&c), "the same credential again");
+        assert_eq!(cache.len(), 1);
+        // Same fields, other MAC bytes (every byte position): verified again, and refused.
+        for i in 0..32 {
+            let mut forged = c;
+            forged.mac[i] ^= 1;
+            assert!(!cache.verify(&forged), "MAC byte {i} flipped");
+        }
+        // The remembered fields with another epoch, holder or volume: refused.
+        for bad in [
+            Credential {
+                epoch: Epoch(6),
+                ..c
+            },
+            Credential {
+                holder: NodeId(3),
+                ..c
+            },
+            Credential {
+                volume: VolumeId(2),
+                ..c
+            },
+        ] {
+            assert!(!cache.verify(&bad), "{bad:?}");
+        }
+        // Minted with another key: refused.
+        let other = ClusterKey::from_bytes([8; 32]).mint(VolumeId(1), Epoch(5), NodeId(2));
+        assert!(!cache.verify(&other));
+        // A new epoch verifies and replaces the volume's entry; the old one still verifies (it
+        // is genuine; the device refuses its epoch).
+        let c6 = k.mint(VolumeId(1), Epoch(6), NodeId(2));
+        assert!(cache.verify(&c6));
+        assert!(cache.verify(&c));
+        // Bounded.
+        for v in 2..10 {
+            assert!(cache.verify(&k.mint(VolumeId(v), Epoch(1), NodeId(1))));
+            assert!(cache.len() <= 2);
+        }
+        assert!(cache.verify(&c6));
     }
 
     #[test]

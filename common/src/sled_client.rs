@@ -1,9 +1,10 @@
 //! A client of the sled protocol: one authenticated TCP connection, many tagged requests in
 //! flight, replies matched by tag.
 //!
-//! A writer task sends frames from a bounded queue; a reader task routes each reply to the caller
-//! waiting on its tag. When the connection fails, every pending and later call fails with
-//! [`ClientError::Disconnected`]; the owner reconnects.
+//! A writer task sends frames from a bounded queue (whatever is queued goes out with one flush); a
+//! buffered reader task routes each reply to the caller waiting on its tag. When the connection
+//! fails, every pending and later call fails with [`ClientError::Disconnected`]; the owner
+//! reconnects.
 
 use crate::AlignedBuf;
 use crate::Credential;
@@ -19,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -132,6 +133,9 @@ impl From<Arc<AlignedBuf>> for Payload {
 /// Most requests in flight on one connection.
 pub const MAX_IN_FLIGHT: usize = 256;
 
+/// Bytes the reader takes from the socket at once.
+const READ_BUFFER: usize = 64 * 1024;
+
 impl SledClient {
     /// Connects and authenticates as head node `node`, within `timeout`.
     pub async fn connect(
@@ -185,23 +189,25 @@ impl SledClient {
             Ok(Ok(Err(message))) => return Err(ClientError::Handshake { addr, message }),
             Ok(Ok(Ok(sled))) => sled,
         };
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
         let (tx, mut rx) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT);
         let walive = alive.clone();
         let writer = tokio::spawn(async move {
             let mut w = BufWriter::with_capacity(256 * 1024, wr);
-            while let Some(o) = rx.recv().await {
+            // Everything queued goes out with one flush (one send for a burst of requests).
+            while let Some(first) = rx.recv().await {
                 let ok = async {
-                    w.write_all(&o.head).await?;
-                    if let Some(d) = &o.data {
-                        w.write_all(d).await?;
+                    let mut next = Some(first);
+                    while let Some(o) = next {
+                        w.write_all(&o.head).await?;
+                        if let Some(d) = &o.data {
+                            w.write_all(d).await?;
+                        }
+                        next = rx.try_recv().ok();
                     }
-                    if rx.is_empty() {
-                        w.flush().await?;
-                    }
-                    std::io::Result::Ok(())
+                    w.flush().await
                 }
                 .await;
                 if ok.is_err() {
@@ -213,6 +219,8 @@ impl SledClient {
         let rpending = pending.clone();
         let ralive = alive.clone();
         let reader = tokio::spawn(async move {
+            // Buffered: a burst of replies costs one receive, not three per reply.
+            let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
             loop {
                 let frame = match read_frame(&mut rd).await {
                     Ok(f) if f.header.kind == KIND_RESPONSE => f,

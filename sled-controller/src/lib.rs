@@ -6,6 +6,7 @@
 //! * [`device`] — one device's state machine and the thread that owns it.
 //! * [`sled`] — the devices of a sled together: chunk placement, credential checks, claims.
 //! * [`server`] — the authenticated network protocol.
+//! * [`reply`] — the way back from the device threads to a connection (one wake-up per batch).
 //! * [`config`], [`app`] — configuration, start and stop.
 //! * [`metrics`] — the controller's Prometheus metrics.
 
@@ -15,5 +16,6 @@ pub mod device;
 pub mod engine;
 pub mod layout;
 pub mod metrics;
+pub mod reply;
 pub mod server;
 pub mod sled;

@@ -1,10 +1,12 @@
 //! The sled controller's metrics. Every name here is listed in `docs/metrics.md`.
 
+use common::ids::VolumeId;
 use common::logging::RateLimit;
 use common::metrics::{MetricsError, counter_vec, gauge_vec, latency_vec};
 use prometheus::{
     Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// Metric families of a sled controller, registered once.
@@ -188,6 +190,18 @@ impl SledMetrics {
         })
     }
 
+    /// Handles for one connection (label-bound handles cached as they are first used).
+    pub fn connection(&self) -> ConnMetrics {
+        ConnMetrics {
+            requests: self.requests.clone(),
+            request_seconds: self.request_seconds.clone(),
+            volume_ops: self.volume_ops.clone(),
+            volume_bytes: self.volume_bytes.clone(),
+            ops: Vec::new(),
+            volumes: HashMap::new(),
+        }
+    }
+
     /// Handles bound to one device.
     pub fn device(&self, device: &str) -> DeviceMetrics {
         DeviceMetrics {
@@ -196,6 +210,7 @@ impl SledMetrics {
             bytes: self.dev_bytes.clone(),
             errors: self.dev_errors.clone(),
             seconds: self.dev_seconds.clone(),
+            bound: Vec::new(),
             queue_depth: self.dev_queue.with_label_values(&[device]),
             backpressure: self.dev_backpressure.with_label_values(&[device]),
             capacity_bytes: self.dev_capacity.with_label_values(&[device]),
@@ -229,6 +244,99 @@ impl ClaimCounters {
     }
 }
 
+/// Handles of one operation, bound on first use (so a series appears only once it has a value,
+/// as with `with_label_values` at the point of use).
+#[derive(Debug, Clone, Default)]
+struct OpHandles {
+    ok: Option<(IntCounter, IntCounter)>,
+    errors: Option<IntCounter>,
+    seconds: Option<Histogram>,
+}
+
+/// Returns the cached handles of `op`, adding an empty entry on first use. Operations are a small
+/// fixed set of names, so a linear scan beats hashing.
+fn op_entry<'a, T: Default>(cache: &'a mut Vec<(&'static str, T)>, op: &'static str) -> &'a mut T {
+    let i = match cache.iter().position(|(o, _)| *o == op) {
+        Some(i) => i,
+        None => {
+            cache.push((op, T::default()));
+            cache.len() - 1
+        }
+    };
+    &mut cache[i].1
+}
+
+/// Most volumes whose handles one connection keeps; beyond, the cache starts over.
+const CONN_VOLUMES: usize = 256;
+
+#[derive(Debug, Clone, Default)]
+struct VolumeHandles {
+    read: Option<(IntCounter, IntCounter)>,
+    write: Option<(IntCounter, IntCounter)>,
+}
+
+/// Request metrics of one connection: the families, with the label-bound handles cached as they
+/// are first used (per operation, and per volume in a small bounded map), so a request costs no
+/// label hashing or formatting.
+#[derive(Debug)]
+pub struct ConnMetrics {
+    requests: IntCounterVec,
+    request_seconds: HistogramVec,
+    volume_ops: IntCounterVec,
+    volume_bytes: IntCounterVec,
+    ops: Vec<(&'static str, ConnOp)>,
+    volumes: HashMap<VolumeId, VolumeHandles>,
+}
+
+#[derive(Debug, Default)]
+struct ConnOp {
+    ok: Option<IntCounter>,
+    error: Option<IntCounter>,
+    seconds: Option<Histogram>,
+}
+
+impl ConnMetrics {
+    /// Records an answered request: `stockade_sled_requests_total` and
+    /// `stockade_sled_request_duration_seconds`.
+    pub fn request(&mut self, op: &'static str, ok: bool, seconds: f64) {
+        let (requests, request_seconds) = (&self.requests, &self.request_seconds);
+        let e = op_entry(&mut self.ops, op);
+        let counter = if ok { &mut e.ok } else { &mut e.error };
+        counter
+            .get_or_insert_with(|| {
+                requests.with_label_values(&[op, if ok { "ok" } else { "error" }])
+            })
+            .inc();
+        e.seconds
+            .get_or_insert_with(|| request_seconds.with_label_values(&[op]))
+            .observe(seconds);
+    }
+
+    /// Records a successful read or write of `bytes` on `volume` (other operations are not
+    /// counted per volume).
+    pub fn volume(&mut self, volume: VolumeId, op: &'static str, bytes: u64) {
+        let read = match op {
+            "read" => true,
+            "write" => false,
+            _ => return,
+        };
+        if self.volumes.len() >= CONN_VOLUMES && !self.volumes.contains_key(&volume) {
+            self.volumes.clear();
+        }
+        let v = self.volumes.entry(volume).or_default();
+        let slot = if read { &mut v.read } else { &mut v.write };
+        let (ops, bytes_total) = slot.get_or_insert_with(|| {
+            let label = volume.to_string();
+            (
+                self.volume_ops.with_label_values(&[&label, op]),
+                self.volume_bytes.with_label_values(&[&label, op]),
+            )
+        });
+        ops.inc();
+        bytes_total.inc_by(bytes);
+    }
+}
+
 /// Metrics of one device (label values bound).
 #[derive(Debug, Clone)]
 pub struct DeviceMetrics {
@@ -237,6 +345,7 @@ pub struct DeviceMetrics {
     bytes: IntCounterVec,
     errors: IntCounterVec,
     seconds: HistogramVec,
+    bound: Vec<(&'static str, OpHandles)>,
     /// Requests in the device thread.
     pub queue_depth: IntGauge,
     /// Submissions pushed back by a full ring.
@@ -270,15 +379,27 @@ impl DeviceMetrics {
     }
 
     /// Records a finished request.
-    pub fn observe(&self, op: &str, bytes: u64, seconds: f64, ok: bool) {
-        let labels = [self.device.as_str(), op];
+    pub fn observe(&mut self, op: &'static str, bytes: u64, seconds: f64, ok: bool) {
+        let device = self.device.as_str();
+        let (ops, bytes_vec, errors, seconds_vec) =
+            (&self.ops, &self.bytes, &self.errors, &self.seconds);
+        let h = op_entry(&mut self.bound, op);
         if ok {
-            self.ops.with_label_values(&labels).inc();
-            self.bytes.with_label_values(&labels).inc_by(bytes);
+            let (n, b) = h.ok.get_or_insert_with(|| {
+                (
+                    ops.with_label_values(&[device, op]),
+                    bytes_vec.with_label_values(&[device, op]),
+                )
+            });
+            n.inc();
+            b.inc_by(bytes);
         } else {
-            self.errors.with_label_values(&labels).inc();
+            h.errors
+                .get_or_insert_with(|| errors.with_label_values(&[device, op]))
+                .inc();
         }
-        let h: Histogram = self.seconds.with_label_values(&labels);
-        h.observe(seconds);
+        h.seconds
+            .get_or_insert_with(|| seconds_vec.with_label_values(&[device, op]))
+            .observe(seconds);
     }
 }

@@ -2,26 +2,42 @@
 //! [`common::sled_proto`].
 //!
 //! A connection must prove knowledge of the cluster key (mutual HMAC over fresh nonces) before
-//! anything else is accepted, within a deadline. Then requests are read in a loop and each is
-//! served by its own task, so many are in flight and replies go out in completion order through
-//! one writer task. In-flight requests and payload bytes per connection are bounded; at the bound
-//! the reader simply stops reading (TCP back-pressure). A frame that is malformed, oversized or
-//! fails its checksum gets an error reply and the connection is closed; other connections carry
-//! on.
+//! anything else is accepted, within a deadline. Then the connection's task reads requests through
+//! a 64 KiB buffer and a writer task answers them, in completion order:
+//!
+//! * Reads, writes, write-zeroes and trims — the hot path — are checked at once (credential MACs
+//!   through a per-connection cache of credentials that verified before) and handed to the device
+//!   threads in batches: everything one socket read brought in goes to a device in one queue
+//!   reservation with at most one doorbell. No task is spawned for them.
+//! * Control requests (claim, allocate, free, stat) each run in a task of their own.
+//! * Results come back through the connection's [`ReplySink`]: device threads push into it and
+//!   wake the writer once per round of work; the writer answers everything it finds and flushes
+//!   once.
+//!
+//! In-flight requests and payload bytes per connection are bounded: the reader takes permits
+//! before it reads a frame's payload and the writer gives them back once the reply is written. At
+//! the bound the reader simply stops reading (TCP back-pressure), so a client that does not read
+//! its replies cannot make the sled buffer without limit. A frame that is malformed, oversized or
+//! fails its checksum gets an error reply and the connection is closed (after what was read
+//! before it is answered); other connections carry on.
 
-use crate::device::DevError;
+use crate::device::{DevError, DevRequest, Reply};
+use crate::reply::{Entry, Outcome, ReplySink, ReplyTo, Ticket};
 use crate::sled::{Sled, SledError};
 use common::AlignedBuf;
-use common::cred::{HandshakeRole, nonce};
+use common::cred::{Credential, HandshakeRole, VerifiedCredentials, nonce};
+use common::ids::{ChunkIndex, VolumeId};
 use common::sled_proto::{
-    ErrorCode, Frame, KIND_REQUEST, KIND_RESPONSE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    ProtoError, Request, Response, WireError, read_body, read_frame, read_header, write_frame,
+    ErrorCode, Frame, FrameHeader, HEADER_LEN, KIND_REQUEST, KIND_RESPONSE, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, ProtoError, Request, Response, WireError, read_body, read_frame, read_header,
+    write_frame,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 
 /// Limits of one connection.
 #[derive(Debug, Clone, Copy)]
@@ -78,8 +94,6 @@ fn proto_error(code: ErrorCode, message: impl Into<String>) -> Response {
         current: None,
     })
 }
-
-type Reply = (u64, Response, Option<AlignedBuf>);
 
 /// Accepts connections until `shutdown` resolves.
 pub async fn serve(
@@ -221,6 +235,61 @@ async fn handshake(
     res
 }
 
+/// Bytes the connection reader takes from the socket at once.
+const READ_BUFFER: usize = 64 * 1024;
+/// Bytes of replies buffered before they are sent (a batch is flushed once, when written).
+const WRITE_BUFFER: usize = 256 * 1024;
+/// Most requests handed to one device in one batch.
+const MAX_BATCH: usize = 64;
+
+/// A connection's in-flight bounds: taken by the reader (before a frame's payload is read), given
+/// back by the writer once the reply is written.
+#[derive(Debug)]
+struct Permits {
+    requests: Semaphore,
+    max_requests: usize,
+    kib: Semaphore,
+    max_kib: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Pool {
+    Requests,
+    Kib,
+}
+
+impl Permits {
+    fn new(limits: &ConnLimits) -> Self {
+        let max_requests = limits.max_requests.max(1);
+        let max_kib = (limits.max_bytes / 1024).clamp(1, u32::MAX as usize);
+        Self {
+            requests: Semaphore::new(max_requests),
+            max_requests,
+            kib: Semaphore::new(max_kib),
+            max_kib: max_kib as u32,
+        }
+    }
+
+    fn pool(&self, p: Pool) -> &Semaphore {
+        match p {
+            Pool::Requests => &self.requests,
+            Pool::Kib => &self.kib,
+        }
+    }
+
+    /// KiB permits for a payload of `len` bytes (a request's data, or a read's reply).
+    fn kib_for(&self, len: u32) -> u32 {
+        (len / 1024 + 1).min(self.max_kib)
+    }
+
+    /// True when every request permit is back: nothing is in flight.
+    fn idle(&self) -> bool {
+        self.requests.available_permits() == self.max_requests
+    }
+}
+
+/// Serves one connection: handshake, then this task reads requests while a writer task answers
+/// them.
 async fn connection(
     mut stream: TcpStream,
     sled: Arc<Sled>,
@@ -228,138 +297,450 @@ async fn connection(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     handshake(&mut stream, &sled, limits.handshake_timeout).await?;
-    let (mut rd, wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Reply>(limits.max_requests);
-    let writer = tokio::spawn(async move {
-        let mut w = BufWriter::with_capacity(256 * 1024, wr);
-        while let Some((tag, resp, data)) = rx.recv().await {
-            let data = data.as_deref().unwrap_or(&[]);
-            if write_frame(&mut w, KIND_RESPONSE, tag, &resp, data)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            if rx.is_empty() && w.flush().await.is_err() {
-                return;
-            }
-        }
-        let _ = w.flush().await;
-    });
-    let requests = Arc::new(Semaphore::new(limits.max_requests));
-    let kib = Arc::new(Semaphore::new((limits.max_bytes / 1024).max(1)));
-    let max_kib = (limits.max_bytes / 1024).max(1) as u32;
-    let result = loop {
-        let header = tokio::select! {
-            h = read_header(&mut rd) => h,
-            _ = shutdown.changed() => break Ok(()),
-        };
-        let header = match header {
-            Ok(h) if h.kind == KIND_REQUEST => h,
-            Ok(h) => {
-                let _ = tx
-                    .send((
-                        h.tag,
-                        proto_error(ErrorCode::Malformed, "expected a request frame"),
-                        None,
-                    ))
-                    .await;
-                break Err(ProtoError::Kind(h.kind).into());
-            }
-            Err(ProtoError::Closed) => break Ok(()),
-            Err(e) => {
-                sled.metrics()
-                    .protocol_errors
-                    .with_label_values(&[reject_reason(&e)])
-                    .inc();
-                let code = if matches!(e, ProtoError::TooLarge { .. }) {
-                    ErrorCode::TooLarge
-                } else {
-                    ErrorCode::Malformed
-                };
-                let _ = tx.send((0, proto_error(code, e.to_string()), None)).await;
-                break Err(e.into());
-            }
-        };
-        // Reserve before reading the payload: at the bound we stop reading.
-        let req_permit = requests
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("never closed");
-        let want_kib = ((header.data_len as usize / 1024) as u32 + 1).min(max_kib);
-        let byte_permit = kib
-            .clone()
-            .acquire_many_owned(want_kib)
-            .await
-            .expect("never closed");
-        let frame = match read_body(&mut rd, header).await {
-            Ok(f) => f,
-            Err(e) => {
-                sled.metrics()
-                    .protocol_errors
-                    .with_label_values(&[reject_reason(&e)])
-                    .inc();
-                let _ = tx
-                    .send((
-                        header.tag,
-                        proto_error(ErrorCode::Malformed, e.to_string()),
-                        None,
-                    ))
-                    .await;
-                break Err(e.into());
-            }
-        };
-        let req = match frame.decode::<Request>() {
-            Ok(r) => r,
-            Err(e) => {
-                sled.metrics()
-                    .protocol_errors
-                    .with_label_values(&["decode"])
-                    .inc();
-                let _ = tx
-                    .send((
-                        header.tag,
-                        proto_error(ErrorCode::Malformed, e.to_string()),
-                        None,
-                    ))
-                    .await;
-                break Err(e.into());
-            }
-        };
-        let sled = sled.clone();
-        let tx = tx.clone();
-        let kib = kib.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let op = req.op_name();
-            // A read reply carries its payload: account for it too.
-            let extra = match &req {
-                Request::Read { len, .. } => ((*len as usize / 1024) as u32 + 1).min(max_kib),
-                _ => 0,
-            };
-            let extra_permit = if extra > 0 {
-                kib.acquire_many_owned(extra).await.ok()
-            } else {
-                None
-            };
-            let (resp, data) = handle(&sled, req, frame).await;
-            let ok = !matches!(resp, Response::Error(_));
-            sled.metrics()
-                .requests
-                .with_label_values(&[op, if ok { "ok" } else { "error" }])
-                .inc();
-            sled.metrics()
-                .request_seconds
-                .with_label_values(&[op])
-                .observe(started.elapsed().as_secs_f64());
-            let _ = tx.send((header.tag, resp, data)).await;
-            drop((req_permit, byte_permit, extra_permit));
-        });
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+    let sink = Arc::new(ReplySink::default());
+    let permits = Arc::new(Permits::new(&limits));
+    let writer = tokio::spawn(write_replies(
+        wr,
+        sled.clone(),
+        sink.clone(),
+        permits.clone(),
+    ));
+    let mut reader = Reader {
+        creds: sled.credential_cache(),
+        batches: (0..sled.device_count()).map(|_| Vec::new()).collect(),
+        queued: 0,
+        woken: true,
+        sled,
+        sink: sink.clone(),
+        permits,
     };
-    drop(tx);
+    let result = reader.run(&mut rd, &mut shutdown).await;
+    // What was read before the end still runs and is answered.
+    reader.submit().await;
+    sink.end();
     let _ = writer.await;
     result
+}
+
+/// The reading side of a connection: parses frames, checks what can be checked at once, and
+/// hands reads and mutations to the device threads in batches.
+struct Reader {
+    sled: Arc<Sled>,
+    sink: Arc<ReplySink>,
+    permits: Arc<Permits>,
+    creds: VerifiedCredentials,
+    /// Requests for each device, not yet handed over.
+    batches: Vec<Vec<DevRequest>>,
+    queued: usize,
+    /// False when replies were pushed into the sink without waking the writer.
+    woken: bool,
+}
+
+/// Control requests: rare, each served by a task of its own through the sled's async API.
+enum Control {
+    Allocate(Credential, ChunkIndex),
+    Free(Credential, ChunkIndex),
+    Claim(Credential),
+    Stat,
+    VolumeStat(VolumeId),
+}
+
+impl Reader {
+    async fn run(
+        &mut self,
+        rd: &mut BufReader<OwnedReadHalf>,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), ConnError> {
+        loop {
+            // Everything one socket read brought in goes to the devices together; before waiting
+            // for more bytes, hand it over.
+            if !frame_buffered(rd.buffer()) {
+                self.submit().await;
+            }
+            let header = tokio::select! {
+                h = read_header(rd) => h,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let started = Instant::now();
+            let header = match header {
+                Ok(h) if h.kind == KIND_REQUEST => h,
+                Ok(h) => {
+                    self.refuse(
+                        h.tag,
+                        started,
+                        proto_error(ErrorCode::Malformed, "expected a request frame"),
+                    );
+                    return Err(ProtoError::Kind(h.kind).into());
+                }
+                Err(ProtoError::Closed) => return Ok(()),
+                Err(e) => {
+                    self.count_rejected(reject_reason(&e));
+                    let code = if matches!(e, ProtoError::TooLarge { .. }) {
+                        ErrorCode::TooLarge
+                    } else {
+                        ErrorCode::Malformed
+                    };
+                    self.refuse(0, started, proto_error(code, e.to_string()));
+                    return Err(e.into());
+                }
+            };
+            // Reserve before reading the payload: at the bound we stop reading.
+            let kib = self.permits.kib_for(header.data_len);
+            self.acquire(Pool::Requests, 1).await;
+            self.acquire(Pool::Kib, kib).await;
+            let mut ticket = Ticket {
+                tag: header.tag,
+                op: None,
+                started,
+                requests: 1,
+                kib,
+                volume: VolumeId(0),
+                len: 0,
+                pinned: None,
+            };
+            let frame = match read_body(rd, header).await {
+                Ok(f) => f,
+                Err(e) => {
+                    self.count_rejected(reject_reason(&e));
+                    self.reply(ticket, proto_error(ErrorCode::Malformed, e.to_string()));
+                    return Err(e.into());
+                }
+            };
+            let req = match frame.decode::<Request>() {
+                Ok(r) => r,
+                Err(e) => {
+                    self.count_rejected("decode");
+                    self.reply(ticket, proto_error(ErrorCode::Malformed, e.to_string()));
+                    return Err(e.into());
+                }
+            };
+            ticket.op = Some(req.op_name());
+            self.dispatch(req, frame, ticket).await;
+        }
+    }
+
+    async fn dispatch(&mut self, req: Request, frame: Frame, mut t: Ticket) {
+        match req {
+            Request::Read {
+                volume,
+                chunk,
+                offset,
+                len,
+            } => {
+                if let Some(bad) = check_len(&frame, false) {
+                    return self.reply(t, bad);
+                }
+                // A read reply carries its payload: account for it too.
+                let extra = self.permits.kib_for(len);
+                self.acquire(Pool::Kib, extra).await;
+                t.kib += extra;
+                t.volume = volume;
+                t.len = u64::from(len);
+                let dev = self.sled.route(volume, chunk);
+                let reply = self.reply_to(t);
+                self.queue_for(
+                    dev,
+                    DevRequest::Read {
+                        volume,
+                        chunk,
+                        offset,
+                        len,
+                        reply,
+                    },
+                )
+                .await;
+            }
+            Request::Write {
+                cred,
+                chunk,
+                offset,
+            } => {
+                if let Some(bad) = check_len(&frame, true) {
+                    return self.reply(t, bad);
+                }
+                let fence = match self.sled.verify_cached(&mut self.creds, &cred) {
+                    Ok(f) => f,
+                    Err(e) => return self.reply(t, Response::Error(wire_error(&e))),
+                };
+                let volume = cred.volume;
+                t.volume = volume;
+                t.len = u64::from(frame.header.data_len);
+                let (dev, pinned) = self.sled.route_write(volume, chunk);
+                t.pinned = pinned.then_some((dev, chunk));
+                let reply = self.reply_to(t);
+                self.queue_for(
+                    dev,
+                    DevRequest::Write {
+                        fence,
+                        volume,
+                        chunk,
+                        offset,
+                        data: frame.data,
+                        reply,
+                    },
+                )
+                .await;
+            }
+            Request::WriteZeroes {
+                cred,
+                chunk,
+                offset,
+                len,
+            }
+            | Request::Trim {
+                cred,
+                chunk,
+                offset,
+                len,
+            } => {
+                if let Some(bad) = check_len(&frame, false) {
+                    return self.reply(t, bad);
+                }
+                let fence = match self.sled.verify_cached(&mut self.creds, &cred) {
+                    Ok(f) => f,
+                    Err(e) => return self.reply(t, Response::Error(wire_error(&e))),
+                };
+                let volume = cred.volume;
+                t.volume = volume;
+                // Unallocated chunks are already zero, but the fence is still checked.
+                let dev = self.sled.route(volume, chunk);
+                let reply = self.reply_to(t);
+                self.queue_for(
+                    dev,
+                    DevRequest::Zero {
+                        fence,
+                        volume,
+                        chunk,
+                        offset,
+                        len,
+                        reply,
+                    },
+                )
+                .await;
+            }
+            // Every write is durable when acknowledged.
+            Request::Flush => self.reply(t, Response::Ok),
+            Request::Hello { .. } | Request::Auth { .. } => {
+                self.reply(
+                    t,
+                    proto_error(ErrorCode::Malformed, "already authenticated"),
+                );
+            }
+            Request::Allocate { cred, chunk } => {
+                self.control(t, Control::Allocate(cred, chunk)).await
+            }
+            Request::Free { cred, chunk } => self.control(t, Control::Free(cred, chunk)).await,
+            Request::Claim { cred } => self.control(t, Control::Claim(cred)).await,
+            Request::Stat => self.control(t, Control::Stat).await,
+            Request::VolumeStat { volume } => self.control(t, Control::VolumeStat(volume)).await,
+        }
+    }
+
+    fn reply_to<T>(&self, ticket: Ticket) -> Reply<T> {
+        Reply::To(ReplyTo {
+            sink: self.sink.clone(),
+            ticket,
+        })
+    }
+
+    /// Queues a request for device `dev`; a full batch is handed over at once.
+    async fn queue_for(&mut self, dev: usize, req: DevRequest) {
+        self.batches[dev].push(req);
+        self.queued += 1;
+        if self.batches[dev].len() >= MAX_BATCH {
+            self.submit().await;
+        }
+    }
+
+    /// Hands every queued request to its device (one queue reservation and at most one doorbell
+    /// per device), and wakes the writer for replies made here.
+    async fn submit(&mut self) {
+        if self.queued > 0 {
+            for (dev, batch) in self.batches.iter_mut().enumerate() {
+                if !batch.is_empty() {
+                    self.sled.device(dev).send_batch(batch).await;
+                }
+            }
+            self.queued = 0;
+        }
+        if !self.woken {
+            self.sink.wake();
+            self.woken = true;
+        }
+    }
+
+    /// Runs a control request in a task of its own, after the requests read before it have
+    /// reached their devices.
+    async fn control(&mut self, t: Ticket, c: Control) {
+        self.submit().await;
+        let sled = self.sled.clone();
+        let sink = self.sink.clone();
+        tokio::spawn(async move {
+            let resp = control(&sled, c).await;
+            sink.push_and_wake(Entry {
+                ticket: t,
+                outcome: Outcome::Ready(resp, None),
+            });
+        });
+    }
+
+    /// Answers a request without the devices.
+    fn reply(&mut self, t: Ticket, resp: Response) {
+        self.sink.push(Entry {
+            ticket: t,
+            outcome: Outcome::Ready(resp, None),
+        });
+        self.woken = false;
+    }
+
+    /// Answers a frame that was refused before any permit was taken for it.
+    fn refuse(&mut self, tag: u64, started: Instant, resp: Response) {
+        let t = Ticket {
+            tag,
+            op: None,
+            started,
+            requests: 0,
+            kib: 0,
+            volume: VolumeId(0),
+            len: 0,
+            pinned: None,
+        };
+        self.reply(t, resp);
+    }
+
+    fn count_rejected(&self, reason: &str) {
+        self.sled
+            .metrics()
+            .protocol_errors
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// Takes `n` permits from a pool. When it has to wait, the queued requests are handed over
+    /// first: the permits it waits for come back only as requests complete.
+    async fn acquire(&mut self, pool: Pool, n: u32) {
+        if let Ok(p) = self.permits.pool(pool).try_acquire_many(n) {
+            p.forget();
+            return;
+        }
+        self.submit().await;
+        let permits = self.permits.clone();
+        permits
+            .pool(pool)
+            .acquire_many(n)
+            .await
+            .expect("the connection's semaphores are never closed")
+            .forget();
+    }
+}
+
+/// True when `buf` starts with a whole frame (or with a header that will be refused).
+fn frame_buffered(buf: &[u8]) -> bool {
+    let Some(h) = buf.first_chunk::<HEADER_LEN>() else {
+        return false;
+    };
+    match FrameHeader::decode(h) {
+        Ok(h) => buf.len() - HEADER_LEN >= h.ctl_len as usize + h.data_len as usize,
+        Err(_) => true,
+    }
+}
+
+async fn control(sled: &Sled, c: Control) -> Response {
+    let done = |r: Result<(), SledError>| match r {
+        Ok(()) => Response::Ok,
+        Err(e) => Response::Error(wire_error(&e)),
+    };
+    match c {
+        Control::Allocate(cred, chunk) => done(sled.allocate(&cred, chunk).await),
+        Control::Free(cred, chunk) => done(sled.free(&cred, chunk).await),
+        Control::Claim(cred) => match sled.claim(&cred).await {
+            Ok(h) => Response::Claimed {
+                epoch: h.epoch,
+                holder: h.node,
+            },
+            Err(e) => Response::Error(wire_error(&e)),
+        },
+        Control::Stat => Response::Stat(sled.stat().await),
+        Control::VolumeStat(volume) => Response::VolumeStat(sled.volume_stat(volume).await),
+    }
+}
+
+/// The writing side of a connection: waits for its sink, answers everything in it, gives the
+/// permits back and flushes once per batch. Ends when the reader has ended and every request
+/// read is answered. After a failed write it keeps draining (without writing), so permits still
+/// come back and nothing waits forever.
+async fn write_replies(
+    wr: OwnedWriteHalf,
+    sled: Arc<Sled>,
+    sink: Arc<ReplySink>,
+    permits: Arc<Permits>,
+) {
+    let mut w = BufWriter::with_capacity(WRITE_BUFFER, wr);
+    let mut metrics = sled.metrics().connection();
+    let mut entries = Vec::new();
+    let mut broken = false;
+    loop {
+        // Read before taking: once the reader has ended, whatever it pushed is in this take.
+        let ended = sink.ended();
+        sink.take(&mut entries);
+        if entries.is_empty() {
+            if ended && permits.idle() {
+                break;
+            }
+            sink.woken().await;
+            continue;
+        }
+        let now = Instant::now();
+        let (mut requests, mut kib) = (0usize, 0usize);
+        for Entry { ticket: t, outcome } in entries.drain(..) {
+            let (resp, data) = answer(&sled, &t, outcome);
+            if let Some(op) = t.op {
+                let ok = !matches!(resp, Response::Error(_));
+                metrics.request(
+                    op,
+                    ok,
+                    now.saturating_duration_since(t.started).as_secs_f64(),
+                );
+                if ok {
+                    metrics.volume(t.volume, op, t.len);
+                }
+            }
+            if !broken {
+                let data = data.as_deref().unwrap_or(&[]);
+                broken = write_frame(&mut w, KIND_RESPONSE, t.tag, &resp, data)
+                    .await
+                    .is_err();
+            }
+            requests += t.requests as usize;
+            kib += t.kib as usize;
+        }
+        if requests > 0 {
+            permits.requests.add_permits(requests);
+        }
+        if kib > 0 {
+            permits.kib.add_permits(kib);
+        }
+        if !broken {
+            broken = w.flush().await.is_err();
+        }
+    }
+}
+
+/// The reply to a finished request.
+fn answer(sled: &Sled, t: &Ticket, outcome: Outcome) -> (Response, Option<AlignedBuf>) {
+    match outcome {
+        Outcome::Ready(resp, data) => (resp, data),
+        Outcome::Device(Ok(Some(buf))) => (Response::Data, Some(buf)),
+        Outcome::Device(Ok(None)) => (Response::Ok, None),
+        Outcome::Device(Err(e)) => {
+            if let Some((dev, chunk)) = t.pinned {
+                sled.write_failed(t.volume, chunk, dev, &e);
+            }
+            (Response::Error(wire_error(&SledError::Device(e))), None)
+        }
+    }
 }
 
 fn reject_reason(e: &ProtoError) -> &'static str {
@@ -373,119 +754,16 @@ fn reject_reason(e: &ProtoError) -> &'static str {
     }
 }
 
-fn err(e: SledError) -> (Response, Option<AlignedBuf>) {
-    (Response::Error(wire_error(&e)), None)
-}
-
-fn check_len(frame: &Frame, want_data: bool) -> Option<(Response, Option<AlignedBuf>)> {
+fn check_len(frame: &Frame, want_data: bool) -> Option<Response> {
     let has = frame.header.data_len > 0;
     (has != want_data).then(|| {
-        (
-            proto_error(
-                ErrorCode::Malformed,
-                if want_data {
-                    "write without data"
-                } else {
-                    "unexpected data part"
-                },
-            ),
-            None,
+        proto_error(
+            ErrorCode::Malformed,
+            if want_data {
+                "write without data"
+            } else {
+                "unexpected data part"
+            },
         )
     })
-}
-
-async fn handle(sled: &Sled, req: Request, frame: Frame) -> (Response, Option<AlignedBuf>) {
-    let m = sled.metrics();
-    match req {
-        Request::Hello { .. } | Request::Auth { .. } => (
-            proto_error(ErrorCode::Malformed, "already authenticated"),
-            None,
-        ),
-        Request::Read {
-            volume,
-            chunk,
-            offset,
-            len,
-        } => {
-            if let Some(bad) = check_len(&frame, false) {
-                return bad;
-            }
-            match sled.read(volume, chunk, offset, len).await {
-                Ok(buf) => {
-                    let v = volume.to_string();
-                    m.volume_ops.with_label_values(&[&v, "read"]).inc();
-                    m.volume_bytes
-                        .with_label_values(&[&v, "read"])
-                        .inc_by(u64::from(len));
-                    (Response::Data, Some(buf))
-                }
-                Err(e) => err(e),
-            }
-        }
-        Request::Write {
-            cred,
-            chunk,
-            offset,
-        } => {
-            if let Some(bad) = check_len(&frame, true) {
-                return bad;
-            }
-            let len = frame.header.data_len;
-            match sled.write(&cred, chunk, offset, frame.data).await {
-                Ok(()) => {
-                    let v = cred.volume.to_string();
-                    m.volume_ops.with_label_values(&[&v, "write"]).inc();
-                    m.volume_bytes
-                        .with_label_values(&[&v, "write"])
-                        .inc_by(u64::from(len));
-                    (Response::Ok, None)
-                }
-                Err(e) => err(e),
-            }
-        }
-        Request::WriteZeroes {
-            cred,
-            chunk,
-            offset,
-            len,
-        }
-        | Request::Trim {
-            cred,
-            chunk,
-            offset,
-            len,
-        } => {
-            if let Some(bad) = check_len(&frame, false) {
-                return bad;
-            }
-            match sled.zero(&cred, chunk, offset, len).await {
-                Ok(()) => (Response::Ok, None),
-                Err(e) => err(e),
-            }
-        }
-        Request::Allocate { cred, chunk } => match sled.allocate(&cred, chunk).await {
-            Ok(()) => (Response::Ok, None),
-            Err(e) => err(e),
-        },
-        Request::Free { cred, chunk } => match sled.free(&cred, chunk).await {
-            Ok(()) => (Response::Ok, None),
-            Err(e) => err(e),
-        },
-        Request::Claim { cred } => match sled.claim(&cred).await {
-            Ok(h) => (
-                Response::Claimed {
-                    epoch: h.epoch,
-                    holder: h.node,
-                },
-                None,
-            ),
-            Err(e) => err(e),
-        },
-        // Every write is durable when acknowledged.
-        Request::Flush => (Response::Ok, None),
-        Request::Stat => (Response::Stat(sled.stat().await), None),
-        Request::VolumeStat { volume } => {
-            (Response::VolumeStat(sled.volume_stat(volume).await), None)
-        }
-    }
 }

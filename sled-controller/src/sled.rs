@@ -6,15 +6,18 @@
 //! verified here, before anything reaches a device.
 
 use crate::device::thread::DeviceHandle;
-use crate::device::{DevError, DevRequest, DeviceStatus, Holder};
+use crate::device::{DevError, DevRequest, DeviceStatus, Holder, Reply};
 use crate::metrics::SledMetrics;
 use common::AlignedBuf;
-use common::cred::{ClusterKey, Credential};
+use common::cred::{ClusterKey, Credential, VerifiedCredentials};
 use common::ids::{ChunkIndex, SledId, VolumeId};
 use common::sled_proto::{DeviceStat, SledStat, VolumeStat};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use tokio::sync::oneshot;
+
+/// Volumes whose verified credential one connection remembers.
+const CREDENTIALS_PER_CONNECTION: usize = 1024;
 
 /// Errors of sled operations (device errors plus credential refusals).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,12 +60,9 @@ pub struct Sled {
     metrics: SledMetrics,
 }
 
-async fn ask<T>(
-    dev: &Device,
-    make: impl FnOnce(oneshot::Sender<Result<T, DevError>>) -> DevRequest,
-) -> Result<T, DevError> {
+async fn ask<T>(dev: &Device, make: impl FnOnce(Reply<T>) -> DevRequest) -> Result<T, DevError> {
     let (tx, rx) = oneshot::channel();
-    dev.handle.send(make(tx)).await;
+    dev.handle.send(make(Reply::Once(tx))).await;
     rx.await.unwrap_or(Err(DevError::ShuttingDown))
 }
 
@@ -124,7 +124,26 @@ impl Sled {
     }
 
     fn verify(&self, cred: &Credential) -> Result<Holder, SledError> {
-        if !self.key.verify(cred) {
+        self.checked(cred, self.key.verify(cred))
+    }
+
+    /// Verifies a credential's MAC through a connection's cache of credentials that verified
+    /// before (see [`VerifiedCredentials`]: only the exact same credential skips the HMAC).
+    pub fn verify_cached(
+        &self,
+        cache: &mut VerifiedCredentials,
+        cred: &Credential,
+    ) -> Result<Holder, SledError> {
+        self.checked(cred, cache.verify(cred))
+    }
+
+    /// A cache of verified credentials for one connection.
+    pub fn credential_cache(&self) -> VerifiedCredentials {
+        VerifiedCredentials::new(self.key.clone(), CREDENTIALS_PER_CONNECTION)
+    }
+
+    fn checked(&self, cred: &Credential, verified: bool) -> Result<Holder, SledError> {
+        if !verified {
             self.metrics.credential_refusals.inc();
             tracing::warn!(volume_id = %cred.volume, epoch = cred.epoch.0, node_id = cred.holder.0,
                 "refused a credential whose MAC does not verify");
@@ -134,6 +153,61 @@ impl Sled {
             epoch: cred.epoch,
             node: cred.holder,
         })
+    }
+
+    /// The device to send a read, write-zeroes or trim of a chunk to: the one holding it, or the
+    /// first (which validates the range and checks the fence) when no device does.
+    pub fn route(&self, volume: VolumeId, chunk: ChunkIndex) -> usize {
+        self.locate(volume, chunk).unwrap_or(0)
+    }
+
+    /// The device to send a write of a chunk to. A chunk no device holds yet is pinned to the
+    /// device with the most free chunks, so concurrent first writes to it all go to the same
+    /// device (which allocates it once); the result says whether this call pinned it, in which
+    /// case [`Sled::write_failed`] must hear about a refusal.
+    pub fn route_write(&self, volume: VolumeId, chunk: ChunkIndex) -> (usize, bool) {
+        if let Some(dev) = self.locate(volume, chunk) {
+            return (dev, false);
+        }
+        let order = self.placement_order();
+        let mut cat = self.catalog();
+        if let Some(d) = cat.where_.get(&(volume, chunk)) {
+            (*d, false)
+        } else {
+            let d = order[0];
+            cat.where_.insert((volume, chunk), d);
+            cat.used[d] += 1;
+            (d, true)
+        }
+    }
+
+    /// A write that pinned a new chunk to `dev` ([`Sled::route_write`]) failed with `e`: when the
+    /// device did not allocate the chunk, forget the pin (another device may have room).
+    pub fn write_failed(&self, volume: VolumeId, chunk: ChunkIndex, dev: usize, e: &DevError) {
+        if !matches!(
+            e,
+            DevError::NoSpace | DevError::Fenced { .. } | DevError::NotClaimed { .. }
+        ) {
+            return;
+        }
+        let mut cat = self.catalog();
+        if cat.where_.get(&(volume, chunk)) == Some(&dev) {
+            cat.where_.remove(&(volume, chunk));
+            cat.used[dev] = cat.used[dev].saturating_sub(1);
+            if matches!(e, DevError::NoSpace) {
+                cat.used[dev] = self.devices[dev].chunks_total;
+            }
+        }
+    }
+
+    /// The handle of device `dev` (an index from [`Sled::route`] or [`Sled::route_write`]).
+    pub fn device(&self, dev: usize) -> &DeviceHandle {
+        &self.devices[dev].handle
+    }
+
+    /// Number of devices.
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
     }
 
     /// The device holding a chunk, if any.
@@ -160,7 +234,7 @@ impl Sled {
         len: u32,
     ) -> Result<AlignedBuf, SledError> {
         // Validate even when nothing is allocated, so bad ranges always get the same answer.
-        let dev = self.locate(volume, chunk).unwrap_or(0);
+        let dev = self.route(volume, chunk);
         Ok(ask(&self.devices[dev], |reply| DevRequest::Read {
             volume,
             chunk,
@@ -181,31 +255,7 @@ impl Sled {
     ) -> Result<(), SledError> {
         let fence = self.verify(cred)?;
         let volume = cred.volume;
-        if let Some(dev) = self.locate(volume, chunk) {
-            return Ok(ask(&self.devices[dev], |reply| DevRequest::Write {
-                fence,
-                volume,
-                chunk,
-                offset,
-                data,
-                reply,
-            })
-            .await?);
-        }
-        // A new chunk: pin it to the device with the most free chunks, so concurrent first
-        // writes to the same chunk all go to the same device (which allocates it once).
-        let dev = {
-            let order = self.placement_order();
-            let mut cat = self.catalog();
-            if let Some(d) = cat.where_.get(&(volume, chunk)) {
-                *d
-            } else {
-                let d = order[0];
-                cat.where_.insert((volume, chunk), d);
-                cat.used[d] += 1;
-                d
-            }
-        };
+        let (dev, pinned) = self.route_write(volume, chunk);
         let res = ask(&self.devices[dev], |reply| DevRequest::Write {
             fence,
             volume,
@@ -215,21 +265,8 @@ impl Sled {
             reply,
         })
         .await;
-        if let Err(e) = &res
-            && matches!(
-                e,
-                DevError::NoSpace | DevError::Fenced { .. } | DevError::NotClaimed { .. }
-            )
-        {
-            // Not allocated after all: forget the pin (another device may have room).
-            let mut cat = self.catalog();
-            if cat.where_.get(&(volume, chunk)) == Some(&dev) {
-                cat.where_.remove(&(volume, chunk));
-                cat.used[dev] = cat.used[dev].saturating_sub(1);
-                if matches!(e, DevError::NoSpace) {
-                    cat.used[dev] = self.devices[dev].chunks_total;
-                }
-            }
+        if pinned && let Err(e) = &res {
+            self.write_failed(volume, chunk, dev, e);
         }
         Ok(res?)
     }

@@ -12,13 +12,14 @@
 
 use super::meta::{Batch, MetaLane, PageState, TableKey, Tables, Waiter};
 use super::open::Opened;
-use super::{DevError, DevRequest, DeviceStatus, Holder, Reply};
+use super::{DevError, DevRequest, DeviceStatus, Holder, Once, Reply};
 use crate::engine::{Completion, Doorbell, IoEngine, Op, OpKind};
 use crate::layout::{
     BLOCK, CRC_ENTRY, ChunkEntry, CrcEntry, FenceEntry, Geometry, PAGE, REGION_BLOCKS,
     REGION_BYTES, Superblock, Table,
 };
 use crate::metrics::DeviceMetrics;
+use crate::reply::Wakes;
 use common::AlignedBuf;
 use common::clock::SharedClock;
 use common::ids::{ChunkIndex, VolumeId};
@@ -163,7 +164,7 @@ struct Region {
 #[derive(Debug)]
 struct PendingClaim {
     holder: Holder,
-    waiters: Vec<Reply<Holder>>,
+    waiters: Vec<Once<Holder>>,
     writing: bool,
 }
 
@@ -242,6 +243,8 @@ pub struct DeviceCore<E: IoEngine> {
     completions: Vec<Completion>,
     use_counter: u64,
     last_tick_ns: u64,
+    /// Connections with replies pushed since the last [`DeviceCore::deliver`].
+    wakes: Wakes,
 }
 
 fn blocks(offset: u64, len: u64) -> (u64, u64) {
@@ -356,6 +359,7 @@ impl<E: IoEngine> DeviceCore<E> {
             completions: Vec::new(),
             use_counter: 0,
             last_tick_ns: 0,
+            wakes: Wakes::default(),
         };
         core.update_gauges();
         core
@@ -928,12 +932,11 @@ impl<E: IoEngine> DeviceCore<E> {
         };
         self.metrics.observe(op, job.len, elapsed, result.is_ok());
         match job.reply.take() {
-            Some(JobReply::Buf(r)) => {
-                let _ = r.send(result.map(|b| b.unwrap_or_else(|| AlignedBuf::zeroed(0))));
-            }
-            Some(JobReply::Unit(r)) => {
-                let _ = r.send(result.map(|_| ()));
-            }
+            Some(JobReply::Buf(r)) => r.send_batched(
+                result.map(|b| b.unwrap_or_else(AlignedBuf::empty)),
+                &mut self.wakes,
+            ),
+            Some(JobReply::Unit(r)) => r.send_batched(result.map(|_| ()), &mut self.wakes),
             None => {}
         }
         self.metrics.queue_depth.set(self.jobs.len() as i64);
@@ -1032,7 +1035,7 @@ impl<E: IoEngine> DeviceCore<E> {
 
     // ----------------------------------------------------------------------------- claims
 
-    fn claim(&mut self, volume: VolumeId, h: Holder, reply: Reply<Holder>) {
+    fn claim(&mut self, volume: VolumeId, h: Holder, reply: Once<Holder>) {
         let rec = self.fences.entry(volume).or_default();
         let effective = rec.pending.as_ref().map(|p| p.holder).or(rec.durable);
         if let Some(e) = effective {
@@ -1261,19 +1264,29 @@ impl<E: IoEngine> DeviceCore<E> {
         }
     }
 
+    /// Wakes every connection that replies were pushed to since the last call: once each, however
+    /// many replies it got. The owning thread calls this before it sleeps.
+    pub fn deliver(&mut self) {
+        self.wakes.wake_all();
+    }
+
     /// Pushes I/O to the device and processes what completed. With `wait`, blocks up to that
     /// long for a completion or the doorbell.
+    /// Replies made since the last poll are delivered first (before it may block), and those made
+    /// by the completions it processes right after them.
     pub fn poll(&mut self, wait: Option<Duration>, doorbell: &Doorbell) -> std::io::Result<()> {
+        self.deliver();
         self.drain_backlog();
         let mut done = std::mem::take(&mut self.completions);
         let wait = wait.filter(|_| self.ready.is_empty());
-        self.engine.poll(wait, doorbell, &mut done)?;
+        let polled = self.engine.poll(wait, doorbell, &mut done);
         for c in done.drain(..) {
             self.complete(c);
         }
         self.completions = done;
         self.run_ready();
-        Ok(())
+        self.deliver();
+        polled
     }
 
     fn complete(&mut self, c: Completion) {

@@ -13,13 +13,70 @@ pub mod thread;
 #[cfg(test)]
 mod tests;
 
+use crate::reply::{Entry, Outcome, ReplyTo, Wakes};
 use common::AlignedBuf;
 use common::ids::{ChunkIndex, DeviceId, Epoch, NodeId, VolumeId};
 use std::fmt;
 use tokio::sync::oneshot;
 
-/// Where a request's result goes.
-pub type Reply<T> = oneshot::Sender<Result<T, DevError>>;
+/// A oneshot carrying a request's result to the one task that waits for it.
+pub type Once<T> = oneshot::Sender<Result<T, DevError>>;
+
+/// Where the result of a read or mutation goes.
+#[derive(Debug)]
+pub enum Reply<T> {
+    /// To one waiting task (control requests, tests).
+    Once(Once<T>),
+    /// Into a connection's reply sink (the hot path): the device thread wakes the connection
+    /// once per round of work, not once per request.
+    To(ReplyTo),
+}
+
+impl<T> From<Once<T>> for Reply<T> {
+    fn from(tx: Once<T>) -> Self {
+        Reply::Once(tx)
+    }
+}
+
+/// A result a connection's sink can carry.
+pub trait IntoOutcome: Sized {
+    /// The result as the connection receives it.
+    fn outcome(r: Result<Self, DevError>) -> Outcome;
+}
+
+impl IntoOutcome for AlignedBuf {
+    fn outcome(r: Result<Self, DevError>) -> Outcome {
+        Outcome::Device(r.map(Some))
+    }
+}
+
+impl IntoOutcome for () {
+    fn outcome(r: Result<Self, DevError>) -> Outcome {
+        Outcome::Device(r.map(|()| None))
+    }
+}
+
+impl<T: IntoOutcome> Reply<T> {
+    /// Delivers the result now (waking its connection at once).
+    pub fn send(self, r: Result<T, DevError>) {
+        match self {
+            Reply::Once(tx) => drop(tx.send(r)),
+            Reply::To(to) => to.sink.push_and_wake(Entry {
+                ticket: to.ticket,
+                outcome: T::outcome(r),
+            }),
+        }
+    }
+
+    /// Delivers the result; a connection is woken later, once for everything pushed to it, by
+    /// [`Wakes::wake_all`].
+    pub fn send_batched(self, r: Result<T, DevError>, wakes: &mut Wakes) {
+        match self {
+            Reply::Once(tx) => drop(tx.send(r)),
+            Reply::To(to) => wakes.push(to, T::outcome(r)),
+        }
+    }
+}
 
 /// A claim on a volume: who holds it, from which epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,7 +169,7 @@ pub enum DevRequest {
         /// The new claim.
         fence: Holder,
         /// The record now stored (durable).
-        reply: Reply<Holder>,
+        reply: Once<Holder>,
     },
     /// What the device holds.
     Status {
@@ -125,11 +182,11 @@ impl DevRequest {
     /// Fails the request without running it (used when the device is gone).
     pub fn fail(self, e: DevError) {
         match self {
-            DevRequest::Read { reply, .. } => drop(reply.send(Err(e))),
+            DevRequest::Read { reply, .. } => reply.send(Err(e)),
             DevRequest::Write { reply, .. }
             | DevRequest::Zero { reply, .. }
             | DevRequest::Allocate { reply, .. }
-            | DevRequest::Free { reply, .. } => drop(reply.send(Err(e))),
+            | DevRequest::Free { reply, .. } => reply.send(Err(e)),
             DevRequest::Claim { reply, .. } => drop(reply.send(Err(e))),
             DevRequest::Status { .. } => {}
         }

@@ -3,7 +3,7 @@
 
 use super::core::{CoreConfig, DeviceCore, Durability};
 use super::open::format;
-use super::{DevError, DevRequest, Holder, Reply};
+use super::{DevError, DevRequest, Holder, Once};
 use crate::engine::Doorbell;
 use crate::engine::mem::{MemEngine, MemImage, filled};
 use crate::metrics::DeviceMetrics;
@@ -74,12 +74,13 @@ impl H {
         }
     }
 
-    fn send<T>(
+    /// Accepts a request whose reply (a `Reply` or, for claims, a bare oneshot) is a oneshot.
+    fn send<T, R: From<Once<T>>>(
         &mut self,
-        f: impl FnOnce(Reply<T>) -> DevRequest,
+        f: impl FnOnce(R) -> DevRequest,
     ) -> oneshot::Receiver<Result<T, DevError>> {
         let (tx, rx) = oneshot::channel();
-        self.core.accept(f(tx));
+        self.core.accept(f(tx.into()));
         rx
     }
 

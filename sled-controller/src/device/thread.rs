@@ -1,10 +1,13 @@
 //! The thread that owns a device, and the handle the network side uses to reach it.
 //!
-//! Requests travel through a bounded tokio channel. The thread drains it while the device has
-//! room (a full device is back-pressure: the channel fills and senders wait), pushes I/O, and
-//! blocks in the engine until an operation completes, the periodic tick is due, or the doorbell
-//! rings. Senders ring the doorbell only when the thread says it is about to sleep, so a busy
-//! device costs no extra syscall per request. Dropping the last handle closes the channel and
+//! Requests travel through a bounded tokio channel, one at a time or a batch at once
+//! ([`DeviceHandle::send_batch`]: the requests a connection read from one socket read). The thread
+//! drains it while the device has room (a full device is back-pressure: the channel fills and
+//! senders wait), pushes I/O, and blocks in the engine until an operation completes, the periodic
+//! tick is due, or the doorbell rings. Senders ring the doorbell only when the thread says it is
+//! about to sleep, so a busy device costs no extra syscall per request. Replies to connections
+//! are pushed into their sinks and each connection is woken once per round
+//! ([`DeviceCore::deliver`](super::core::DeviceCore::deliver)). Dropping the last handle closes the channel and
 //! rings the doorbell; the thread answers what it holds, writes back its checksums and exits.
 
 use super::core::DeviceCore;
@@ -52,6 +55,41 @@ impl DeviceHandle {
             req.fail(DevError::ShuttingDown);
             return;
         }
+        self.ring_if_sleeping();
+    }
+
+    /// Sends every request of `batch` (draining it) in order, waiting for queue space as needed,
+    /// and rings the doorbell at most once per queue reservation instead of once per request.
+    pub async fn send_batch(&self, batch: &mut Vec<DevRequest>) {
+        let Some(tx) = self.inner.tx.as_ref() else {
+            for req in batch.drain(..) {
+                req.fail(DevError::ShuttingDown);
+            }
+            return;
+        };
+        let mut reqs = batch.drain(..);
+        loop {
+            let n = reqs.len().min(tx.max_capacity());
+            if n == 0 {
+                break;
+            }
+            match tx.reserve_many(n).await {
+                Ok(permits) => {
+                    for (permit, req) in permits.zip(reqs.by_ref()) {
+                        permit.send(req);
+                    }
+                    self.ring_if_sleeping();
+                }
+                Err(mpsc::error::SendError(())) => {
+                    for req in reqs.by_ref() {
+                        req.fail(DevError::ShuttingDown);
+                    }
+                }
+            }
+        }
+    }
+
+    fn ring_if_sleeping(&self) {
         if self.inner.bell.sleeping.swap(false, Ordering::SeqCst) {
             self.inner.bell.doorbell.ring();
         }
@@ -110,6 +148,7 @@ pub fn spawn_device<E: IoEngine + 'static>(
             if let Err(e) = core.flush_all(&bell.doorbell) {
                 tracing::error!(device = %name, error = %e, "writing back checksums at shutdown");
             }
+            core.deliver();
             // Anything still queued is refused.
             rx.close();
             while let Ok(req) = rx.try_recv() {
