@@ -26,6 +26,7 @@
 //! ```
 
 pub mod backend;
+pub mod client;
 pub mod mem;
 pub mod metrics;
 pub mod proto;
