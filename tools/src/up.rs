@@ -1,10 +1,12 @@
 //! `stockade up`: a whole cluster on one machine, as child processes on loopback.
 //!
-//! The data directory holds everything: the cluster key, the ports chosen on the first run
-//! (`ports.json`, reused on every later run so addresses stay stable and two data directories
-//! never collide), one directory per process with its device files, ready file and log, and
-//! `cluster.json` describing the running processes for scripts and tests. A lock file keeps two
-//! `stockade up` from sharing a data directory. Ctrl-C or SIGTERM stops every child cleanly.
+//! The data directory holds everything: the cluster key and admin token, the ports chosen on
+//! the first run (`ports.json`, reused on every later run so addresses stay stable — head nodes
+//! know their peers by address — and two data directories never collide), one directory per
+//! process with its TOML configuration, device files or Raft log, ready file and log, and
+//! `cluster.json` describing the running processes for scripts and tests. Processes start from
+//! the same TOML files an operator writes on real machines (`docs/deploy.md`). A lock file keeps
+//! two `stockade up` from sharing a data directory. Ctrl-C or SIGTERM stops every child cleanly.
 
 use anyhow::{Context, bail};
 use common::units::ByteSize;
@@ -20,12 +22,16 @@ use std::time::{Duration, Instant};
 /// Options of `stockade up`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
-    /// Where the cluster keeps its state (created on the first run, reused afterwards).
-    #[arg(long, default_value = "./stockade-data")]
-    pub data_dir: PathBuf,
     /// Number of sled controllers.
     #[arg(long, default_value_t = 3)]
     pub sleds: usize,
+    /// Number of head nodes (a volume's Raft group has min(3, heads) members).
+    #[arg(long, default_value_t = 3)]
+    pub heads: usize,
+    /// Ready Raft groups the control plane keeps for fast creates (0: every create starts a
+    /// one-member group that grows while serving).
+    #[arg(long, default_value_t = 2)]
+    pub pool_size: usize,
     /// Size of each sled's device file (sparse: only written data takes disk space).
     #[arg(long, default_value = "20GiB")]
     pub sled_size: ByteSize,
@@ -41,10 +47,13 @@ pub struct UpArgs {
 /// Ports of one process, chosen on the first run.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Ports {
-    /// Main listener.
+    /// Main listener (a head node's NBD address).
     pub listen: SocketAddr,
-    /// Metrics listener.
+    /// Metrics listener (a head node's admin API and metrics).
     pub metrics: SocketAddr,
+    /// A head node's peer (Raft) address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
 }
 
 /// One process of the cluster, as written to `cluster.json`.
@@ -56,12 +65,18 @@ pub struct ProcessInfo {
     pub id: String,
     /// PID.
     pub pid: u32,
-    /// Main address.
+    /// Main address (a head node's NBD address).
     pub listen: SocketAddr,
-    /// Metrics address (`http://…/metrics`).
+    /// Metrics address (`http://…/metrics`; a head node's admin API too).
     pub metrics: SocketAddr,
+    /// A head node's peer (Raft) address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
     /// Log file.
     pub log: PathBuf,
+    /// Configuration file it was started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<PathBuf>,
 }
 
 /// `cluster.json`.
@@ -108,24 +123,28 @@ fn ports(dir: &Path, names: &[String]) -> anyhow::Result<BTreeMap<String, Ports>
     };
     let mut taken: Vec<u16> = map
         .values()
-        .flat_map(|p| [p.listen.port(), p.metrics.port()])
+        .flat_map(|p| [Some(p.listen), Some(p.metrics), p.peer])
+        .flatten()
+        .map(|a| a.port())
         .collect();
     let mut changed = false;
+    let local = |p| SocketAddr::from(([127, 0, 0, 1], p));
     for n in names {
-        if map.contains_key(n) {
+        let head = n.starts_with("head-");
+        if map.get(n).is_some_and(|p| p.peer.is_some() || !head) {
             continue;
         }
-        let a = free_port(&taken)?;
-        taken.push(a);
-        let b = free_port(&taken)?;
-        taken.push(b);
-        map.insert(
-            n.clone(),
-            Ports {
-                listen: SocketAddr::from(([127, 0, 0, 1], a)),
-                metrics: SocketAddr::from(([127, 0, 0, 1], b)),
-            },
-        );
+        let mut pick = || -> anyhow::Result<u16> {
+            let p = free_port(&taken)?;
+            taken.push(p);
+            Ok(p)
+        };
+        let ports = Ports {
+            listen: local(pick()?),
+            metrics: local(pick()?),
+            peer: if head { Some(local(pick()?)) } else { None },
+        };
+        map.insert(n.clone(), ports);
         changed = true;
     }
     if changed {
@@ -274,42 +293,237 @@ fn stop_all(members: &mut [Member]) {
     }
 }
 
+/// A TOML string literal (paths may hold quotes or backslashes).
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// A size for a configuration file, exact.
+fn toml_size(b: ByteSize) -> String {
+    let text = b.to_string();
+    if text.parse::<ByteSize>().ok() == Some(b) {
+        toml_str(&text)
+    } else {
+        b.0.to_string()
+    }
+}
+
+/// The configuration of a sled controller, as an operator would write it.
+fn sled_config(p: Ports, key: &Path, chunk: ByteSize, dev: &Path, size: ByteSize) -> String {
+    format!(
+        "# Written by `stockade up`; the same file a sled controller uses on a real machine.\n\
+         listen = {}\nmetrics-listen = {}\ncluster-key-file = {}\nchunk-size = {}\n\n\
+         [[device]]\npath = {}\nsize = {}\n",
+        toml_str(&p.listen.to_string()),
+        toml_str(&p.metrics.to_string()),
+        toml_str(&key.display().to_string()),
+        toml_size(chunk),
+        toml_str(&dev.display().to_string()),
+        toml_size(size),
+    )
+}
+
+/// The configuration of head node `id`, as an operator would write it.
+#[allow(clippy::too_many_arguments)]
+fn head_config(
+    id: usize,
+    p: Ports,
+    peers: &[(usize, SocketAddr)],
+    sleds: &[SocketAddr],
+    key: &Path,
+    token: &Path,
+    state: &Path,
+    pool_size: usize,
+) -> String {
+    let mut t = format!(
+        "# Written by `stockade up`; the same file a head node uses on a real machine.\n\
+         node-id = {id}\nnbd-listen = {}\nadmin-listen = {}\npeer-listen = {}\n\
+         cluster-key-file = {}\nadmin-token-file = {}\nstate-dir = {}\nsleds = [{}]\n",
+        toml_str(&p.listen.to_string()),
+        toml_str(&p.metrics.to_string()),
+        toml_str(&p.peer.map(|a| a.to_string()).unwrap_or_default()),
+        toml_str(&key.display().to_string()),
+        toml_str(&token.display().to_string()),
+        toml_str(&state.display().to_string()),
+        sleds
+            .iter()
+            .map(|a| toml_str(&a.to_string()))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    for (pid, addr) in peers.iter().filter(|(pid, _)| *pid != id) {
+        t.push_str(&format!(
+            "\n[[peer]]\nid = {pid}\naddr = {}\n",
+            toml_str(&addr.to_string())
+        ));
+    }
+    t.push_str(&format!("\n[control]\npool-size = {pool_size}\n"));
+    t
+}
+
+/// Creates the admin token file (random, mode 0600) unless it exists.
+fn token_file(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = dir.join("admin.token");
+    if p.exists() {
+        return Ok(p);
+    }
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&p)
+        .with_context(|| format!("creating {}", p.display()))?;
+    writeln!(f, "{token}")?;
+    Ok(p)
+}
+
+/// The name and size of the volume `stockade up` creates and attaches.
+pub const DEFAULT_VOLUME: (&str, u64) = ("vol0", 1 << 30);
+
+/// Waits until the cluster is healthy, then creates (unless it exists) and attaches (unless
+/// attached) the default volume; returns its NBD URI.
+async fn prepare(
+    client: &crate::admin_client::AdminClient,
+    heads: usize,
+    sleds: usize,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + timeout;
+    let mut last;
+    loop {
+        match client.cluster().await {
+            Ok(c) => {
+                let heads_up = c.nodes.iter().filter(|n| n.state == "up").count();
+                let sleds_up = c.sleds.iter().filter(|s| s.state == "up").count();
+                if c.meta_leader.is_some() && heads_up >= heads && sleds_up >= sleds {
+                    break;
+                }
+                last = format!(
+                    "{heads_up} of {heads} head nodes and {sleds_up} of {sleds} sleds registered"
+                );
+            }
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster did not become healthy within {timeout:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (name, size) = DEFAULT_VOLUME;
+    let info = match client.volume(name).await {
+        Ok(v) => v,
+        Err(e) if e.status() == Some(404) => {
+            client
+                .create_volume(&common::admin::CreateVolume {
+                    name: name.into(),
+                    size,
+                    qos: None,
+                })
+                .await
+                .with_context(|| format!("creating volume {name}"))?
+                .volume
+        }
+        Err(e) => return Err(e).with_context(|| format!("looking up volume {name}")),
+    };
+    if let Some(uri) = info.uri.filter(|_| !info.attachments.is_empty()) {
+        return Ok(uri);
+    }
+    let a = client
+        .attach(
+            name,
+            &common::admin::AttachVolume {
+                shared: false,
+                client: Some("stockade up".into()),
+            },
+        )
+        .await
+        .with_context(|| format!("attaching volume {name}"))?;
+    Ok(a.uri)
+}
+
 /// Runs `stockade up`.
-pub fn run(args: UpArgs) -> anyhow::Result<()> {
+/// Runs `stockade up` on `data_dir` (where the cluster keeps its state: created on the first
+/// run, reused afterwards).
+pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
     if args.sleds == 0 {
         bail!("--sleds must be at least 1");
     }
-    let dir = &args.data_dir;
+    if args.heads == 0 || args.heads > 7 {
+        bail!("--heads must be between 1 and 7");
+    }
+    let dir = data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let _lock = lock_dir(&dir)?;
     let key = dir.join("cluster.key");
     common::ClusterKey::load_or_create(&key)?;
+    let token = token_file(&dir)?;
     let sled_names: Vec<String> = (1..=args.sleds).map(|i| format!("sled-{i}")).collect();
-    let ports = ports(&dir, &sled_names)?;
+    let head_names: Vec<String> = (1..=args.heads).map(|i| format!("head-{i}")).collect();
+    let all: Vec<String> = sled_names.iter().chain(&head_names).cloned().collect();
+    let ports = ports(&dir, &all)?;
     let sled_bin = sibling_binary("sled-controller")?;
+    let head_bin = sibling_binary("head-node")?;
 
     let mut members: Vec<Member> = Vec::new();
+    let mut configs: BTreeMap<String, PathBuf> = BTreeMap::new();
     let started = (|| -> anyhow::Result<()> {
         for name in &sled_names {
             let p = ports[name];
             let sdir = dir.join(name);
-            let dev = sdir.join("dev0.img");
-            let a = vec![
-                "--listen".to_string(),
-                p.listen.to_string(),
-                "--metrics-listen".into(),
-                p.metrics.to_string(),
-                "--cluster-key-file".into(),
-                key.display().to_string(),
-                "--chunk-size".into(),
-                args.chunk_size.to_string(),
-                "--device".into(),
-                format!("{}:{}", dev.display(), args.sled_size.0),
-            ];
+            std::fs::create_dir_all(&sdir)?;
+            let cfg = sdir.join("sled.toml");
+            std::fs::write(
+                &cfg,
+                sled_config(
+                    p,
+                    &key,
+                    args.chunk_size,
+                    &sdir.join("dev0.img"),
+                    args.sled_size,
+                ),
+            )?;
+            let a = vec!["--config".to_string(), cfg.display().to_string()];
             members.push(spawn("sled", name, &sled_bin, &a, &sdir, p)?);
+            configs.insert(name.clone(), cfg);
         }
         for m in &mut members {
+            wait_ready(m, Duration::from_secs(120))?;
+        }
+        let sled_addrs: Vec<SocketAddr> = sled_names.iter().map(|n| ports[n].listen).collect();
+        let peers: Vec<(usize, SocketAddr)> = head_names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| Some((i + 1, ports[n].peer?)))
+            .collect();
+        for (i, name) in head_names.iter().enumerate() {
+            let p = ports[name];
+            let hdir = dir.join(name);
+            std::fs::create_dir_all(&hdir)?;
+            let cfg = hdir.join("head.toml");
+            std::fs::write(
+                &cfg,
+                head_config(
+                    i + 1,
+                    p,
+                    &peers,
+                    &sled_addrs,
+                    &key,
+                    &token,
+                    &hdir.join("state"),
+                    args.pool_size,
+                ),
+            )?;
+            let a = vec!["--config".to_string(), cfg.display().to_string()];
+            members.push(spawn("head", name, &head_bin, &a, &hdir, p)?);
+            configs.insert(name.clone(), cfg);
+        }
+        for m in members.iter_mut().filter(|m| m.info_role == "head") {
             wait_ready(m, Duration::from_secs(120))?;
         }
         Ok(())
@@ -318,6 +532,32 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         stop_all(&mut members);
         return Err(e);
     }
+    let admin_endpoints: Vec<String> = head_names
+        .iter()
+        .map(|n| format!("http://{}", ports[n].metrics))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let uri = {
+        let endpoints = crate::admin_client::AdminClient::parse_endpoints(&admin_endpoints)?;
+        let client = crate::admin_client::AdminClient::new(
+            endpoints,
+            Some(crate::admin_client::AdminToken::read(&token)?),
+        )?;
+        match rt.block_on(prepare(
+            &client,
+            args.heads,
+            args.sleds,
+            Duration::from_secs(120),
+        )) {
+            Ok(u) => u,
+            Err(e) => {
+                stop_all(&mut members);
+                return Err(e.context(format!("logs are in {}/<process>/log", dir.display())));
+            }
+        }
+    };
     let info = ClusterInfo {
         supervisor_pid: std::process::id(),
         cluster_key_file: key.clone(),
@@ -329,49 +569,27 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 pid: m.child.id(),
                 listen: m.ports.listen,
                 metrics: m.ports.metrics,
+                peer: m.ports.peer,
                 log: m.log.clone(),
+                config: configs.get(&m.name).cloned(),
             })
             .collect(),
-        admin_endpoints: Vec::new(),
-        admin_token_file: None,
-        nbd_uri: None,
+        admin_endpoints: admin_endpoints.clone(),
+        admin_token_file: Some(token.clone()),
+        nbd_uri: Some(uri.clone()),
     };
     let cluster_json = dir.join("cluster.json");
-    std::fs::write(&cluster_json, serde_json::to_string_pretty(&info)?)?;
+    let tmp = dir.join("cluster.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&info)?)?;
+    std::fs::rename(&tmp, &cluster_json)?;
 
-    println!("Stockade is up ({}).", dir.display());
-    println!();
-    println!(
-        "  {:<10} {:<22} {:<40} pid",
-        "process", "address", "metrics"
-    );
-    for p in &info.processes {
-        println!(
-            "  {:<10} {:<22} {:<40} {}",
-            p.id,
-            p.listen.to_string(),
-            format!("http://{}/metrics", p.metrics),
-            p.pid
-        );
-    }
-    println!();
-    println!("  cluster key  {}", key.display());
-    println!("  processes    {}", cluster_json.display());
-    println!("  logs         {}/<process>/log", dir.display());
-    println!();
-    println!("Stop with Ctrl-C; run `stockade up` again to restart on the same data.");
+    print_summary(&args, &dir, &info, &uri);
     if args.detach {
-        for m in &mut members {
-            // Leave them running, detached from this process.
-            let _ = m.child.id();
-        }
+        // Leave them running, detached from this process.
         std::mem::forget(members);
         return Ok(());
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     rt.block_on(async {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let stop = common::signals::wait_for_shutdown();
@@ -394,4 +612,57 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&cluster_json);
     println!("Stopped. Data kept in {}.", dir.display());
     Ok(())
+}
+
+fn print_summary(args: &UpArgs, dir: &Path, info: &ClusterInfo, uri: &str) {
+    let (vol, size) = DEFAULT_VOLUME;
+    println!(
+        "Stockade is up: {} sleds, {} head nodes ({}).",
+        args.sleds,
+        args.heads,
+        dir.display()
+    );
+    println!();
+    println!("  NBD URI      {uri}   (volume {vol}, {})", ByteSize(size));
+    println!(
+        "  admin API    {}   (token in {})",
+        info.admin_endpoints.join(", "),
+        info.admin_token_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    );
+    println!();
+    println!("  {:<8} {:<22} {:<40} pid", "process", "address", "metrics");
+    for p in &info.processes {
+        println!(
+            "  {:<8} {:<22} {:<40} {}",
+            p.id,
+            p.listen.to_string(),
+            format!("http://{}/metrics", p.metrics),
+            p.pid
+        );
+    }
+    println!();
+    println!("  processes    {}", dir.join("cluster.json").display());
+    println!("  logs         {}/<process>/log", dir.display());
+    println!();
+    let default_dir = Path::new("./stockade-data")
+        .canonicalize()
+        .ok()
+        .is_some_and(|d| d == dir);
+    let cli = if default_dir {
+        "stockade".to_string()
+    } else {
+        format!("stockade --data-dir {}", dir.display())
+    };
+    println!("Try:");
+    println!("  nbdinfo {uri}");
+    println!("  qemu-img bench -f raw -w -t none {uri}");
+    println!("  {cli} volume list");
+    println!("  {cli} volume create db --size 10G && {cli} volume attach db");
+    println!("  {cli} cluster status");
+    println!("  mkdir -p /tmp/vol0 && nbdfuse /tmp/vol0 {uri} &   # then mkfs/mount /tmp/vol0/nbd");
+    println!();
+    println!("Stop with Ctrl-C; `stockade up` again restarts on the same data.");
 }

@@ -1,5 +1,6 @@
 //! A minimal HTTP/1.1 client over [`tokio::net::TcpStream`]: `GET` (for `/metrics` and the
-//! Prometheus API) and `POST` of JSON (for webhooks). One request per connection
+//! Prometheus API), `POST` of JSON (for webhooks) and [`request`] with any [`Method`] and extra
+//! headers (for the admin API: `DELETE`, `Authorization`). One request per connection
 //! (`Connection: close`), `http://` only, a deadline over the whole exchange, and bounded
 //! headers and body; the body may be framed by `Content-Length`, chunked, or the end of the
 //! connection.
@@ -245,6 +246,13 @@ pub enum HttpError {
         /// The bound that was crossed.
         limit: usize,
     },
+    /// A request header name that is not an HTTP token, or a value with control characters
+    /// (it would break the request apart).
+    #[error("request header {name:?} has an invalid name or value")]
+    InvalidHeader {
+        /// The header's name.
+        name: String,
+    },
     /// The response is not HTTP/1.x.
     #[error("malformed response from {addr}: {what}")]
     Malformed {
@@ -307,27 +315,106 @@ impl Response {
     }
 }
 
+/// A request method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// `GET`.
+    Get,
+    /// `POST`.
+    Post,
+    /// `PUT`.
+    Put,
+    /// `DELETE`.
+    Delete,
+}
+
+impl Method {
+    /// The method as it appears on the request line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Delete => "DELETE",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `GET url` with the given `Accept` header.
 pub async fn get(url: &HttpUrl, accept: &str, limits: Limits) -> Result<Response, HttpError> {
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: stockade-events\r\nAccept: {accept}\r\nConnection: close\r\n\r\n",
-        url.path,
-        url.authority()
-    );
-    exchange(url, req.into_bytes(), limits).await
+    let headers = [("User-Agent", "stockade-events"), ("Accept", accept)];
+    request(Method::Get, url, &headers, None, limits).await
 }
 
 /// `POST url` with a JSON body.
 pub async fn post_json(url: &HttpUrl, body: &[u8], limits: Limits) -> Result<Response, HttpError> {
-    let mut req = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: stockade-events\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        url.path,
-        url.authority(),
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
+    let headers = [
+        ("User-Agent", "stockade-events"),
+        ("Content-Type", "application/json"),
+    ];
+    request(Method::Post, url, &headers, Some(body), limits).await
+}
+
+/// `method url` with `headers` (after `Host`, which the client sets) and an optional body
+/// (sent with its `Content-Length`; `Some(&[])` sends `Content-Length: 0`). The client adds
+/// `Connection: close`; do not pass `Host`, `Content-Length` or `Connection` yourself.
+///
+/// A header name must be an HTTP token and a value must not contain control characters
+/// (other than tab): anything else is [`HttpError::InvalidHeader`], before connecting.
+pub async fn request(
+    method: Method,
+    url: &HttpUrl,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    limits: Limits,
+) -> Result<Response, HttpError> {
+    let req = encode_request(method, url, headers, body)?;
     exchange(url, req, limits).await
+}
+
+/// The bytes of a request (see [`request`]).
+fn encode_request(
+    method: Method,
+    url: &HttpUrl,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<Vec<u8>, HttpError> {
+    let mut head = format!(
+        "{method} {} HTTP/1.1\r\nHost: {}\r\n",
+        url.path,
+        url.authority()
+    );
+    for (name, value) in headers {
+        if !valid_header(name, value) {
+            return Err(HttpError::InvalidHeader {
+                name: name.escape_debug().to_string(),
+            });
+        }
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(body) = body {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    let mut req = head.into_bytes();
+    req.extend_from_slice(body.unwrap_or_default());
+    Ok(req)
+}
+
+/// A header name is a non-empty token (RFC 9110 `tchar`s); a value has no control characters
+/// but tab.
+fn valid_header(name: &str, value: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
+        && value.bytes().all(|c| c == b'\t' || !c.is_ascii_control())
 }
 
 async fn exchange(url: &HttpUrl, req: Vec<u8>, limits: Limits) -> Result<Response, HttpError> {

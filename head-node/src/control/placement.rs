@@ -8,6 +8,7 @@
 
 use super::state::ClusterState;
 use common::ids::SledId;
+use common::units::ByteSize;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Why a volume cannot be placed.
@@ -31,7 +32,8 @@ pub enum PlaceError {
     },
     /// Provisioning would exceed capacity × overcommit.
     #[error(
-        "the volume needs {need} bytes of sled space ({replicas} replicas) but only {free} of the {limit} provisionable bytes are left (capacity {capacity} × overcommit ratio {ratio}); add sleds or delete volumes"
+        "the volume needs {} of sled space ({replicas} replicas) but only {} of the {} provisionable are left (sled capacity {} × overcommit ratio {ratio}); add sleds, delete volumes or raise control.overcommit-ratio",
+        ByteSize(*need), ByteSize(*free), ByteSize(*limit), ByteSize(*capacity)
     )]
     Overcommit {
         /// Bytes needed (size × replicas, whole chunks).

@@ -223,3 +223,103 @@ fn chunked_decoder_resumes_at_any_split() {
         assert_eq!(d.out, b"abcde");
     }
 }
+
+#[test]
+fn requests_are_encoded_with_their_headers_and_body() {
+    let u = HttpUrl::parse("http://127.0.0.1:9180/v1/volumes/a?force=true").unwrap();
+    let req = encode_request(
+        Method::Delete,
+        &u,
+        &[("Authorization", "Bearer t0k\ten")],
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8(req).unwrap(),
+        "DELETE /v1/volumes/a?force=true HTTP/1.1\r\nHost: 127.0.0.1:9180\r\nAuthorization: Bearer t0k\ten\r\nConnection: close\r\n\r\n"
+    );
+    let req = encode_request(Method::Post, &u, &[], Some(b"")).unwrap();
+    assert!(
+        String::from_utf8(req)
+            .unwrap()
+            .ends_with("Content-Length: 0\r\nConnection: close\r\n\r\n")
+    );
+    // The old entry points send what they always sent.
+    let req = encode_request(
+        Method::Get,
+        &u,
+        &[("User-Agent", "stockade-events"), ("Accept", "*/*")],
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8(req).unwrap(),
+        "GET /v1/volumes/a?force=true HTTP/1.1\r\nHost: 127.0.0.1:9180\r\nUser-Agent: stockade-events\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+}
+
+#[test]
+fn header_injection_is_refused() {
+    let u = HttpUrl::parse("http://h/").unwrap();
+    for (name, value) in [
+        ("Authorization", "Bearer x\r\nX-Evil: 1"),
+        ("Authorization", "Bearer x\n"),
+        ("Auth orization", "x"),
+        ("X:Y", "x"),
+        ("", "x"),
+        ("X", "\0"),
+    ] {
+        let e = encode_request(Method::Get, &u, &[(name, value)], None).unwrap_err();
+        assert!(
+            matches!(e, HttpError::InvalidHeader { .. }),
+            "{name:?}: {e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn request_sends_method_headers_and_body() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let srv = TestServer::start(move |r| {
+        let answer = match r.method.as_str() {
+            "DELETE" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+            _ => ok("application/json", "{}"),
+        };
+        s2.lock().unwrap().push(r);
+        answer
+    })
+    .await;
+    let auth = [("Authorization", "Bearer secret")];
+    let r = request(
+        Method::Delete,
+        &srv.url("/v1/x?force=true"),
+        &auth,
+        None,
+        limits(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.body.len()), (204, 0));
+    let r = request(
+        Method::Put,
+        &srv.url("/v1/y"),
+        &auth,
+        Some(b"[1]"),
+        limits(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"{}"[..]));
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        (seen[0].method.as_str(), seen[0].path.as_str()),
+        ("DELETE", "/v1/x?force=true")
+    );
+    assert!(seen[0].head.contains("Authorization: Bearer secret\r\n"));
+    assert_eq!(
+        (seen[1].method.as_str(), seen[1].body.as_slice()),
+        ("PUT", &b"[1]"[..])
+    );
+}

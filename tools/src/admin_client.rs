@@ -1,0 +1,506 @@
+//! A typed client of the head nodes' admin API (`docs/admin-api.md`): one method per endpoint,
+//! answering the documents of [`common::admin`].
+//!
+//! The client knows several endpoints (one per head node; any of them answers any request) and
+//! tries them in order, moving to the next only when a connection cannot be made (the request
+//! was never sent, so even a `POST` is safe to send elsewhere). The endpoint that answered is
+//! tried first next time. A `503 unavailable` (no metadata leader during an election) is retried
+//! with a short backoff, bounded by [`RetryPolicy`].
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), tools::admin_client::AdminError> {
+//! use tools::admin_client::{AdminClient, AdminToken};
+//! let token = AdminToken::read("stockade-data/admin.token".as_ref())?;
+//! let client = AdminClient::new(vec!["http://127.0.0.1:9180".parse()?], Some(token))?;
+//! for v in client.list_volumes().await? {
+//!     println!("{} {}", v.name, v.size);
+//! }
+//! # Ok(()) }
+//! ```
+
+use common::admin::{
+    AttachVolume, Attached, ClusterStatus, CreateVolume, Created, DetachVolume, ErrorBody,
+    NodeInfo, ResizeVolume, SetQos, SledInfo, VolumeInfo,
+};
+use common::events::http::{self, HttpError, HttpUrl, Limits, Method, UrlError, encode_component};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// Deadline of one exchange: a create answers once the volume serves, which can take a while.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest accepted answer.
+pub const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+/// What went wrong talking to the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No endpoint to talk to.
+    #[error("no admin endpoint to talk to")]
+    NoEndpoint,
+    /// An endpoint is not an `http://` URL the client can use.
+    #[error("invalid admin endpoint: {0}")]
+    Url(#[from] UrlError),
+    /// An endpoint URL with a query or fragment (only scheme, host, port and a path prefix).
+    #[error(
+        "invalid admin endpoint {url:?}: use http://HOST:PORT (an optional path prefix, no query)"
+    )]
+    EndpointQuery {
+        /// The URL.
+        url: String,
+    },
+    /// The token file could not be read.
+    #[error("reading the admin token file {}: {source}", path.display())]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The token is empty or has characters an HTTP header cannot carry.
+    #[error("the admin token{} is empty or contains spaces or control characters", from_path(.path))]
+    TokenInvalid {
+        /// Where it came from.
+        path: Option<PathBuf>,
+    },
+    /// No endpoint accepted a connection.
+    #[error("cannot reach the admin API at {}: {source}", .endpoints.join(", "))]
+    Unreachable {
+        /// The endpoints tried.
+        endpoints: Vec<String>,
+        /// The last connection error.
+        source: HttpError,
+    },
+    /// The exchange failed after connecting (timeout, reset, malformed HTTP).
+    #[error("talking to the admin API at {url}: {source}")]
+    Http {
+        /// The endpoint.
+        url: String,
+        /// The cause.
+        source: HttpError,
+    },
+    /// `401`: the token is missing or wrong.
+    #[error("the admin API at {url} refused the token (HTTP 401)")]
+    Unauthorized {
+        /// The endpoint.
+        url: String,
+    },
+    /// An error answer with the API's error document.
+    #[error("{message} (HTTP {status} {code})")]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The error code (`conflict`, `not_found`…).
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// An error status without an error document (a proxy, another service on that port).
+    #[error("the admin API at {url} answered HTTP {status} without an error document: {snippet:?}")]
+    Status {
+        /// The endpoint.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body.
+        snippet: String,
+    },
+    /// A success answer that is not the expected document.
+    #[error("unexpected answer from the admin API at {url} (HTTP {status}): {source}")]
+    Decode {
+        /// The endpoint.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// A request document could not be encoded.
+    #[error("encoding the request: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+fn from_path(p: &Option<PathBuf>) -> String {
+    p.as_ref()
+        .map(|p| format!(" in {}", p.display()))
+        .unwrap_or_default()
+}
+
+impl AdminError {
+    /// The HTTP status of an error answer (401 included).
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            AdminError::Unauthorized { .. } => Some(401),
+            AdminError::Api { status, .. } | AdminError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The API's error code (`conflict`, `not_found`, …) of an error answer.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            AdminError::Api { code, .. } => Some(code),
+            AdminError::Unauthorized { .. } => Some("unauthorized"),
+            _ => None,
+        }
+    }
+}
+
+/// The admin token (sent as `Authorization: Bearer`); its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// A token; leading and trailing whitespace is ignored, as the server does.
+    pub fn new(token: &str) -> Result<Self, AdminError> {
+        Self::checked(token, None)
+    }
+
+    /// Reads a token file.
+    pub fn read(path: &Path) -> Result<Self, AdminError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AdminError::TokenFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::checked(&text, Some(path))
+    }
+
+    fn checked(token: &str, path: Option<&Path>) -> Result<Self, AdminError> {
+        let t = token.trim();
+        if t.is_empty() || !t.bytes().all(|c| c.is_ascii_graphic()) {
+            return Err(AdminError::TokenInvalid {
+                path: path.map(Path::to_path_buf),
+            });
+        }
+        Ok(Self(t.to_string()))
+    }
+
+    fn header(&self) -> String {
+        format!("Bearer {}", self.0)
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(…)")
+    }
+}
+
+/// How a `503 unavailable` is retried: after `first_backoff`, doubling up to `max_backoff`,
+/// while the sum of the waits stays within `max_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// First wait.
+    pub first_backoff: Duration,
+    /// Longest wait.
+    pub max_backoff: Duration,
+    /// Bound on the sum of the waits.
+    pub max_total: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 100 ms doubling to 2 s, at most 10 s in all (an election takes about a second).
+    fn default() -> Self {
+        Self {
+            first_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            max_total: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Never retry.
+    pub const NONE: RetryPolicy = RetryPolicy {
+        first_backoff: Duration::ZERO,
+        max_backoff: Duration::ZERO,
+        max_total: Duration::ZERO,
+    };
+
+    /// The waits before each retry, in order.
+    pub fn delays(&self) -> impl Iterator<Item = Duration> + use<> {
+        let (max, total) = (self.max_backoff, self.max_total);
+        let mut next = self.first_backoff.min(max);
+        let mut spent = Duration::ZERO;
+        std::iter::from_fn(move || {
+            if next.is_zero() {
+                return None;
+            }
+            let d = next;
+            spent = spent.checked_add(d)?;
+            if spent > total {
+                return None;
+            }
+            next = next.saturating_mul(2).min(max);
+            Some(d)
+        })
+    }
+}
+
+/// A client of the admin API.
+#[derive(Debug)]
+pub struct AdminClient {
+    endpoints: Vec<HttpUrl>,
+    token: Option<AdminToken>,
+    limits: Limits,
+    retry: RetryPolicy,
+    /// The endpoint tried first (the last that answered).
+    first: AtomicUsize,
+}
+
+impl AdminClient {
+    /// A client of these endpoints (`http://HOST:PORT`, optionally with a path prefix), tried
+    /// in order; requests carry `token` when there is one.
+    pub fn new(endpoints: Vec<HttpUrl>, token: Option<AdminToken>) -> Result<Self, AdminError> {
+        if endpoints.is_empty() {
+            return Err(AdminError::NoEndpoint);
+        }
+        if let Some(u) = endpoints.iter().find(|u| u.path_and_query().contains('?')) {
+            return Err(AdminError::EndpointQuery { url: u.to_string() });
+        }
+        Ok(Self {
+            endpoints,
+            token,
+            limits: Limits {
+                timeout: DEFAULT_TIMEOUT,
+                max_body_bytes: MAX_ANSWER_BYTES,
+            },
+            retry: RetryPolicy::default(),
+            first: AtomicUsize::new(0),
+        })
+    }
+
+    /// Parses endpoint URLs; `HOST:PORT` without a scheme means `http://HOST:PORT`.
+    pub fn parse_endpoints<S: AsRef<str>>(urls: &[S]) -> Result<Vec<HttpUrl>, AdminError> {
+        urls.iter()
+            .map(|u| {
+                let u = u.as_ref().trim();
+                let u = if u.contains("://") {
+                    u.to_string()
+                } else {
+                    format!("http://{u}")
+                };
+                Ok(HttpUrl::parse(&u)?)
+            })
+            .collect()
+    }
+
+    /// With other bounds per exchange.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// With another retry policy for `503`.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The endpoints, in the order given.
+    pub fn endpoints(&self) -> &[HttpUrl] {
+        &self.endpoints
+    }
+
+    /// `GET /v1/cluster`.
+    pub async fn cluster(&self) -> Result<ClusterStatus, AdminError> {
+        self.call(Method::Get, "/cluster", None).await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, AdminError> {
+        self.call(Method::Get, "/nodes", None).await
+    }
+
+    /// `GET /v1/sleds`.
+    pub async fn sleds(&self) -> Result<Vec<SledInfo>, AdminError> {
+        self.call(Method::Get, "/sleds", None).await
+    }
+
+    /// `GET /v1/volumes`: every volume, sorted by name.
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeInfo>, AdminError> {
+        self.call(Method::Get, "/volumes", None).await
+    }
+
+    /// `POST /v1/volumes`: answers once the volume serves.
+    pub async fn create_volume(&self, req: &CreateVolume) -> Result<Created, AdminError> {
+        self.call(Method::Post, "/volumes", Some(json(req)?)).await
+    }
+
+    /// `GET /v1/volumes/{name}`.
+    pub async fn volume(&self, name: &str) -> Result<VolumeInfo, AdminError> {
+        self.call(Method::Get, &volume_path(name, ""), None).await
+    }
+
+    /// `POST /v1/volumes/{name}/resize` to `size` bytes (volumes only grow).
+    pub async fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo, AdminError> {
+        let body = json(&ResizeVolume { size })?;
+        self.call(Method::Post, &volume_path(name, "/resize"), Some(body))
+            .await
+    }
+
+    /// `DELETE /v1/volumes/{name}`; `force` deletes an attached volume too.
+    pub async fn delete(&self, name: &str, force: bool) -> Result<(), AdminError> {
+        let mut path = volume_path(name, "");
+        if force {
+            path.push_str("?force=true");
+        }
+        let (url, resp) = self.send(Method::Delete, &path, None).await?;
+        match resp.status {
+            200..=299 => Ok(()),
+            _ => Err(error_answer(&url, &resp)),
+        }
+    }
+
+    /// `POST /v1/volumes/{name}/attach`.
+    pub async fn attach(&self, name: &str, req: &AttachVolume) -> Result<Attached, AdminError> {
+        let body = json(req)?;
+        self.call(Method::Post, &volume_path(name, "/attach"), Some(body))
+            .await
+    }
+
+    /// `POST /v1/volumes/{name}/detach`: answers once the export is closed.
+    pub async fn detach(&self, name: &str, req: &DetachVolume) -> Result<VolumeInfo, AdminError> {
+        let body = json(req)?;
+        self.call(Method::Post, &volume_path(name, "/detach"), Some(body))
+            .await
+    }
+
+    /// `POST /v1/volumes/{name}/qos`: changes the limits `req` names.
+    pub async fn set_qos(&self, name: &str, req: &SetQos) -> Result<VolumeInfo, AdminError> {
+        let body = json(req)?;
+        self.call(Method::Post, &volume_path(name, "/qos"), Some(body))
+            .await
+    }
+
+    /// Sends and decodes a 2xx answer as `T`.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, AdminError> {
+        let (url, resp) = self.send(method, path, body.as_deref()).await?;
+        if !resp.is_success() {
+            return Err(error_answer(&url, &resp));
+        }
+        serde_json::from_slice(&resp.body).map_err(|source| AdminError::Decode {
+            url,
+            status: resp.status,
+            source,
+        })
+    }
+
+    /// Sends `method /v1{path}`, retrying `503 unavailable`; answers the endpoint that answered
+    /// and its answer (any status but 503, or 503 once the retries are spent).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(String, http::Response), AdminError> {
+        let mut delays = self.retry.delays();
+        loop {
+            let (url, resp) = self.send_once(method, path, body).await?;
+            if resp.status == 503
+                && let Some(d) = delays.next()
+            {
+                let delay_ms = d.as_millis() as u64;
+                tracing::debug!(url = %url, delay_ms, "admin API unavailable; retrying");
+                tokio::time::sleep(d).await;
+                continue;
+            }
+            return Ok((url, resp));
+        }
+    }
+
+    /// One request, to the first endpoint that accepts a connection.
+    async fn send_once(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(String, http::Response), AdminError> {
+        let auth = self.token.as_ref().map(AdminToken::header);
+        let mut headers = vec![
+            ("User-Agent", "stockade-cli"),
+            ("Accept", "application/json"),
+        ];
+        if body.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a));
+        }
+        let n = self.endpoints.len();
+        let start = self.first.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for i in (0..n).map(|k| (start + k) % n) {
+            let base = &self.endpoints[i];
+            let prefix = base.path_and_query().trim_end_matches('/');
+            let url =
+                base.with_path_and_query(&format!("{prefix}{}{path}", common::admin::PREFIX))?;
+            match http::request(method, &url, &headers, body, self.limits).await {
+                Ok(resp) => {
+                    self.first.store(i, Ordering::Relaxed);
+                    return Ok((endpoint_name(base), resp));
+                }
+                Err(e @ HttpError::Connect { .. }) => last = Some(e),
+                Err(source) => {
+                    return Err(AdminError::Http {
+                        url: endpoint_name(base),
+                        source,
+                    });
+                }
+            }
+        }
+        match last {
+            Some(source) => Err(AdminError::Unreachable {
+                endpoints: self.endpoints.iter().map(endpoint_name).collect(),
+                source,
+            }),
+            None => Err(AdminError::NoEndpoint),
+        }
+    }
+}
+
+/// An endpoint as users wrote it (without a trailing `/`).
+fn endpoint_name(u: &HttpUrl) -> String {
+    u.to_string().trim_end_matches('/').to_string()
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, AdminError> {
+    serde_json::to_vec(v).map_err(AdminError::Encode)
+}
+
+/// `/volumes/{name}{rest}`, the name percent-encoded (it cannot change the path).
+fn volume_path(name: &str, rest: &str) -> String {
+    format!("/volumes/{}{rest}", encode_component(name))
+}
+
+/// The error of a non-2xx answer.
+fn error_answer(url: &str, resp: &http::Response) -> AdminError {
+    if resp.status == 401 {
+        return AdminError::Unauthorized {
+            url: url.to_string(),
+        };
+    }
+    match serde_json::from_slice::<ErrorBody>(&resp.body) {
+        Ok(b) => AdminError::Api {
+            status: resp.status,
+            code: b.error.code,
+            message: b.error.message,
+        },
+        Err(_) => AdminError::Status {
+            url: url.to_string(),
+            status: resp.status,
+            snippet: resp.body_snippet(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;
