@@ -3,7 +3,6 @@
 //! from a snapshot, a torn log tail.
 
 use rand::{Rng, SeedableRng};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,8 +10,7 @@ use std::time::{Duration, Instant};
 use tests::head::{Cluster3, HeadProc};
 use tests::http_get;
 use tests::nbd::NbdClient;
-
-const BS: usize = 64 * 1024;
+use tests::writer::{BS, Ledger, block, verify, writer};
 
 fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
     let (_, body) = http_get(addr, "/metrics").ok()?;
@@ -33,111 +31,6 @@ fn serving(heads: &[HeadProc], timeout: Duration) -> usize {
             .iter()
             .position(|h| metric(h.ready.admin, "stockade_raft_role") == Some(3.0))
     })
-}
-
-fn block(id: u64) -> Vec<u8> {
-    let mut b = vec![(id % 251) as u8 + 1; BS];
-    b[..8].copy_from_slice(&id.to_le_bytes());
-    b
-}
-
-#[derive(Default)]
-struct Ledger {
-    /// offset → id of the last acknowledged write.
-    acked: HashMap<u64, u64>,
-    /// offset → writes after the last acknowledged one that failed (a node died): they may or
-    /// may not have landed (committed before the failure without the reply getting through).
-    maybe: HashMap<u64, Vec<u64>>,
-    /// The write in flight right now: (offset, id).
-    in_flight: Option<(u64, u64)>,
-    /// id → (offset, outcome) of every write attempted (for failure messages).
-    history: HashMap<u64, (u64, &'static str)>,
-    writes: u64,
-    longest_gap: Duration,
-}
-
-/// Writes random 64 KiB blocks through `target` (reconnecting to whatever `target` says when the
-/// connection fails), recording every acknowledged write.
-fn writer(
-    seed: u64,
-    size: u64,
-    target: Arc<Mutex<SocketAddr>>,
-    ledger: Arc<Mutex<Ledger>>,
-    stop: Arc<AtomicBool>,
-    pause: Arc<AtomicBool>,
-) {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let blocks = size / BS as u64;
-    let mut id = 0u64;
-    let mut conn: Option<NbdClient> = None;
-    let mut last_ok = Instant::now();
-    while !stop.load(Ordering::SeqCst) {
-        if pause.load(Ordering::SeqCst) {
-            conn = None;
-            std::thread::sleep(Duration::from_millis(10));
-            last_ok = Instant::now();
-            continue;
-        }
-        let c = match conn.as_mut() {
-            Some(c) => c,
-            None => {
-                let addr = *target.lock().unwrap();
-                match NbdClient::connect(addr, "vol0", Duration::from_secs(60)) {
-                    Ok(c) => conn.insert(c),
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(20));
-                        continue;
-                    }
-                }
-            }
-        };
-        id += 1;
-        let off = rng.gen_range(0..blocks) * BS as u64;
-        ledger.lock().unwrap().in_flight = Some((off, id));
-        match c.write(off, &block(id)) {
-            Ok(()) => {
-                let mut l = ledger.lock().unwrap();
-                l.acked.insert(off, id);
-                l.maybe.remove(&off);
-                l.history.insert(id, (off, "acked"));
-                l.in_flight = None;
-                l.writes += 1;
-                l.longest_gap = l.longest_gap.max(last_ok.elapsed());
-                last_ok = Instant::now();
-            }
-            Err(_) => {
-                // Unacknowledged: it may or may not have landed.
-                let mut l = ledger.lock().unwrap();
-                l.maybe.entry(off).or_default().push(id);
-                l.history.insert(id, (off, "failed"));
-                l.in_flight = None;
-                conn = None;
-            }
-        }
-    }
-}
-
-/// Every acknowledged write reads back — or a later write to the same block whose outcome is
-/// unknown (it failed when a node died, or was in flight when the writer paused).
-fn verify(addr: SocketAddr, ledger: &Ledger, what: &str) {
-    let mut c =
-        NbdClient::connect(addr, "vol0", Duration::from_secs(60)).expect("connect to verify");
-    for (off, id) in &ledger.acked {
-        let got = c.read(*off, BS as u32).expect("read");
-        let got_id = u64::from_le_bytes(got[..8].try_into().unwrap());
-        let unknown = ledger.maybe.get(off).is_some_and(|m| m.contains(&got_id))
-            || ledger
-                .in_flight
-                .is_some_and(|(o, i)| o == *off && i == got_id);
-        let ok = got_id == *id || (got_id > *id && unknown);
-        assert!(
-            ok,
-            "{what}: block at {off} holds write {got_id} (attempted: {:?}), last acknowledged {id}; in flight {:?}",
-            ledger.history.get(&got_id),
-            ledger.in_flight
-        );
-        assert_eq!(got, block(got_id), "{what}: block at {off} is torn");
-    }
 }
 
 #[test]
@@ -162,7 +55,7 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write() {
     let pause = Arc::new(AtomicBool::new(false));
     let w = {
         let (t, l, s, p) = (target.clone(), ledger.clone(), stop.clone(), pause.clone());
-        std::thread::spawn(move || writer(seed, size, t, l, s, p))
+        std::thread::spawn(move || writer("vol0", seed, size, t, l, s, p))
     };
     let mut resumes = Vec::new();
     for round in 0..rounds {
@@ -201,6 +94,7 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write() {
         };
         verify(
             c.heads[survivor].ready.nbd,
+            "vol0",
             &snapshot,
             &format!("round {round}"),
         );
@@ -218,7 +112,7 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write() {
     // After everything, every node serves every acknowledged write.
     let leader = serving(&c.heads, Duration::from_secs(60));
     for h in &c.heads {
-        verify(h.ready.nbd, &l, "final");
+        verify(h.ready.nbd, "vol0", &l, "final");
     }
     let _ = leader;
 }

@@ -15,6 +15,22 @@ struct ProcessInfo {
 #[derive(Debug, serde::Deserialize)]
 struct ClusterInfo {
     processes: Vec<ProcessInfo>,
+    admin_endpoints: Vec<String>,
+    nbd_uri: Option<String>,
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
+    let mut c = std::process::Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    c.arg(uri).output().expect("qemu-io")
+}
+
+fn ok(o: &std::process::Output) -> bool {
+    let text = String::from_utf8_lossy(&o.stdout);
+    o.status.success() && !text.contains("failed") && !text.contains("Pattern verification")
 }
 
 fn alive(pid: u32) -> bool {
@@ -22,16 +38,21 @@ fn alive(pid: u32) -> bool {
 }
 
 fn up(dir: &std::path::Path, name: &str) -> (Proc, ClusterInfo) {
-    let data = dir.join("data");
-    let args: Vec<String> = vec![
+    up_with(dir, name, "data", &[])
+}
+
+fn up_with(dir: &std::path::Path, name: &str, data: &str, extra: &[&str]) -> (Proc, ClusterInfo) {
+    let data = dir.join(data);
+    let mut args: Vec<String> = vec![
         "up".into(),
         "--data-dir".into(),
         data.display().to_string(),
         "--sled-size".into(),
-        "1GiB".into(),
+        "4GiB".into(),
         "--chunk-size".into(),
         "8MiB".into(),
     ];
+    args.extend(extra.iter().map(|s| s.to_string()));
     let mut p = Proc::spawn(name, &bin("stockade"), &args, dir);
     let cluster_json = data.join("cluster.json");
     let info: ClusterInfo = eventually(Duration::from_secs(120), "cluster.json", || {
@@ -56,8 +77,44 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
         assert!(body.contains("stockade_sled_device_chunks"));
         std::net::TcpStream::connect(s.listen).expect("sled listening");
     }
+    let heads: Vec<&ProcessInfo> = info.processes.iter().filter(|p| p.role == "head").collect();
+    assert_eq!(heads.len(), 3);
+    assert_eq!(info.admin_endpoints.len(), 3);
     let out = p.log_text();
     assert!(out.contains("Stockade is up"), "{out}");
+    // vol0 exists, is attached, and its URI is printed; data written through it survives.
+    let uri = info.nbd_uri.clone().expect("NBD URI in cluster.json");
+    assert!(out.contains(&uri), "URI not printed: {out}");
+    for e in &info.admin_endpoints {
+        assert!(out.contains(e.as_str()), "admin endpoint {e} not printed");
+    }
+    for h in &heads {
+        assert!(
+            out.contains(&format!("http://{}/metrics", h.metrics)),
+            "metrics URL of {} not printed",
+            h.id
+        );
+    }
+    let size = std::process::Command::new("nbdinfo")
+        .args(["--size", &uri])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&size.stdout).trim(), "1073741824");
+    let w = qemu_io(&uri, &["write -P 0x6b 0 2M", "write -P 0x6c 1020M 1M"]);
+    assert!(ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+    // The admin CLI finds the cluster through the data directory.
+    let list = std::process::Command::new(bin("stockade"))
+        .args(["--data-dir"])
+        .arg(dir.path().join("data"))
+        .args(["volume", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert!(String::from_utf8_lossy(&list.stdout).contains("vol0"));
     for s in &sleds {
         assert!(
             out.contains(&s.listen.to_string()),
@@ -65,8 +122,12 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
             s.id
         );
     }
-    let first: Vec<_> = sleds.iter().map(|s| (s.listen, s.metrics)).collect();
-    let pids: Vec<u32> = sleds.iter().map(|s| s.pid).collect();
+    let first: Vec<_> = info
+        .processes
+        .iter()
+        .map(|s| (s.listen, s.metrics))
+        .collect();
+    let pids: Vec<u32> = info.processes.iter().map(|s| s.pid).collect();
 
     // A second `stockade up` on the same data directory is refused.
     let second = std::process::Command::new(bin("stockade"))
@@ -89,23 +150,59 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
     for pid in pids {
         assert!(!alive(pid), "child {pid} still running after Ctrl-C");
     }
-    for s in 1..=3 {
-        let log = std::fs::read_to_string(dir.path().join(format!("data/sled-{s}/log"))).unwrap();
+    for name in ["sled-1", "sled-2", "sled-3", "head-1", "head-2", "head-3"] {
+        let log = std::fs::read_to_string(dir.path().join(format!("data/{name}/log"))).unwrap();
         assert!(
             log.contains("stopped"),
-            "sled-{s} did not stop cleanly:\n{log}"
+            "{name} did not stop cleanly:\n{log}"
         );
     }
 
-    // Again: same addresses, same devices (not reformatted).
+    // Again: same addresses, same devices (not reformatted), same data.
     let (mut p, info) = up(dir.path(), "up2");
     let again: Vec<_> = info
         .processes
         .iter()
-        .filter(|p| p.role == "sled")
         .map(|s| (s.listen, s.metrics))
         .collect();
     assert_eq!(again, first, "ports must be reused");
+    let uri = info.nbd_uri.clone().expect("NBD URI");
+    let r = qemu_io(
+        &uri,
+        &[
+            "read -P 0x6b 0 2M",
+            "read -P 0x6c 1020M 1M",
+            "read -P 0 4M 1M",
+        ],
+    );
+    assert!(
+        ok(&r),
+        "data lost across a restart: {}",
+        String::from_utf8_lossy(&r.stdout)
+    );
+
+    // A second cluster of another shape runs side by side on other ports.
+    let (mut small, other) = up_with(
+        dir.path(),
+        "up-small",
+        "data2",
+        &["--sleds", "1", "--heads", "1"],
+    );
+    assert_eq!(other.processes.len(), 2);
+    for o in &other.processes {
+        assert!(
+            !info
+                .processes
+                .iter()
+                .any(|p| p.listen == o.listen || p.metrics == o.metrics),
+            "{} reuses a port of the first cluster",
+            o.id
+        );
+    }
+    let uri2 = other.nbd_uri.clone().expect("NBD URI");
+    let w = qemu_io(&uri2, &["write -P 0x11 0 1M", "read -P 0x11 0 1M"]);
+    assert!(ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+    assert!(small.stop(Duration::from_secs(60)));
     for s in 1..=3 {
         let log = std::fs::read_to_string(dir.path().join(format!("data/sled-{s}/log"))).unwrap();
         assert_eq!(

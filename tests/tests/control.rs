@@ -1,0 +1,567 @@
+//! The control plane through the real `stockade` CLI against real head nodes and sleds: a
+//! volume's whole life, exclusive attach, concurrent creates, a create with the pool empty
+//! that grows to three members under load, and bad input for every command.
+
+use common::admin::{ClusterStatus, Created, VolumeInfo};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tests::head::{Cluster, Cluster3};
+use tests::writer::{Ledger, verify, writer};
+use tests::{ADMIN_TOKEN, bin, eventually, http_request};
+
+/// How the CLI reaches a cluster.
+struct Admin {
+    endpoints: String,
+    token: PathBuf,
+}
+
+impl Admin {
+    fn of(c: &Cluster3) -> Self {
+        Self {
+            endpoints: c
+                .heads
+                .iter()
+                .map(|h| h.admin_url())
+                .collect::<Vec<_>>()
+                .join(","),
+            token: c.dir.path().join("admin.token"),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin("stockade"))
+            .args(["--endpoint", &self.endpoints, "--token-file"])
+            .arg(&self.token)
+            .args(args)
+            .output()
+            .expect("running stockade")
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "stockade {args:?} failed ({}): {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs a command that must fail with `code`; returns its stderr.
+    fn fails(&self, code: i32, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "stockade {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    }
+
+    /// Waits until every head node and sled is up and the pool holds `pool` ready groups.
+    fn wait_healthy(&self, heads: usize, sleds: usize, pool: usize) -> ClusterStatus {
+        eventually(Duration::from_secs(60), "a healthy cluster", || {
+            let o = self.run(&["cluster", "status", "--json"]);
+            let st: ClusterStatus = serde_json::from_slice(&o.stdout).ok()?;
+            let up_heads = st.nodes.iter().filter(|n| n.state == "up").count();
+            let up_sleds = st.sleds.iter().filter(|s| s.state == "up").count();
+            (up_heads == heads && up_sleds == sleds && st.pool.ready >= pool).then_some(st)
+        })
+    }
+}
+
+fn nbd_addr(uri: &str) -> SocketAddr {
+    let rest = uri.strip_prefix("nbd://").expect("nbd:// URI");
+    rest.split('/').next().unwrap().parse().expect("address")
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    c.arg(uri).output().expect("qemu-io")
+}
+
+fn io_ok(o: &Output) -> bool {
+    let text = String::from_utf8_lossy(&o.stdout);
+    o.status.success() && !text.contains("failed") && !text.contains("Pattern verification")
+}
+
+fn nbd_size(uri: &str) -> Result<u64, String> {
+    let o = Command::new("nbdinfo")
+        .args(["--size", uri])
+        .output()
+        .unwrap();
+    if o.status.success() {
+        Ok(String::from_utf8_lossy(&o.stdout).trim().parse().unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).into_owned())
+    }
+}
+
+#[test]
+fn a_volume_lives_through_the_cli() {
+    let c = Cluster3::start("ctl-life", 3, "2GiB", "8MiB", &[], &[]);
+    let a = Admin::of(&c);
+    a.wait_healthy(3, 3, 1);
+
+    let created: Created = a.json(&["volume", "create", "v1", "--size", "256MiB"]);
+    assert_eq!(created.volume.size, 256 << 20);
+    assert_eq!(created.volume.state, "ready");
+    assert!(created.from_pool, "a ready group was in the pool");
+    assert_eq!(created.volume.members.len(), 3);
+
+    // Attach prints one line: the URI.
+    let out = a.ok(&["volume", "attach", "v1"]);
+    assert_eq!(out.lines().count(), 1, "{out:?}");
+    let uri = out.trim().to_string();
+    assert!(uri.starts_with("nbd://") && uri.ends_with("/v1"), "{uri}");
+    let w = qemu_io(&uri, &["write -P 0x42 0 4M", "write -P 0x43 200M 64k"]);
+    assert!(io_ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+
+    // A second attach is refused (exclusive), and says what to do.
+    let e = a.fails(1, &["volume", "attach", "v1"]);
+    assert!(
+        e.contains("already attached") && e.contains("--shared"),
+        "{e}"
+    );
+
+    // Detach: every head node closes the export; clients are refused.
+    a.ok(&["volume", "detach", "v1"]);
+    for h in &c.heads {
+        let e = nbd_size(&h.uri("v1")).expect_err("export still served after detach");
+        assert!(e.contains("no export") || e.contains("unknown"), "{e}");
+    }
+    let info: VolumeInfo = a.json(&["volume", "show", "v1"]);
+    assert!(info.attachments.is_empty() && info.uri.is_none());
+
+    // Attach again: the data is intact, through any head node.
+    let uri = a.ok(&["volume", "attach", "v1"]).trim().to_string();
+    for h in &c.heads {
+        let r = qemu_io(
+            &h.uri("v1"),
+            &["read -P 0x42 0 4M", "read -P 0x43 200M 64k"],
+        );
+        assert!(io_ok(&r), "{}", String::from_utf8_lossy(&r.stdout));
+    }
+
+    // Grow: nbdinfo sees the new size; the new space reads as zeros and takes writes.
+    let grown: VolumeInfo = a.json(&["volume", "resize", "v1", "--size", "512MiB"]);
+    assert_eq!(grown.size, 512 << 20);
+    assert_eq!(nbd_size(&uri), Ok(512 << 20));
+    let w = qemu_io(
+        &uri,
+        &[
+            "read -P 0 500M 1M",
+            "write -P 0x44 500M 1M",
+            "read -P 0x44 500M 1M",
+        ],
+    );
+    assert!(io_ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+    let e = a.fails(1, &["volume", "resize", "v1", "--size", "256MiB"]);
+    assert!(e.contains("only grow"), "{e}");
+
+    // Delete: refused while attached, done with --force; its space is freed on the sleds.
+    let e = a.fails(1, &["volume", "delete", "v1"]);
+    assert!(e.contains("attached") && e.contains("--force"), "{e}");
+    a.ok(&["volume", "delete", "v1", "--force"]);
+    let list: Vec<VolumeInfo> = a.json(&["volume", "list"]);
+    assert!(list.iter().all(|v| v.name != "v1"), "{list:?}");
+    assert!(nbd_size(&uri).is_err());
+    eventually(Duration::from_secs(30), "chunks freed on the sleds", || {
+        let st = a.wait_healthy(3, 3, 0);
+        st.sleds
+            .iter()
+            .all(|s| s.devices.iter().all(|d| d.allocated_chunks == 0))
+            .then_some(())
+    });
+}
+
+#[test]
+fn concurrent_creates_never_share_a_group_and_one_name_wins() {
+    let c = Cluster3::start(
+        "ctl-concurrent",
+        3,
+        "2GiB",
+        "8MiB",
+        &[],
+        &["--pool-size", "3"],
+    );
+    let a = Arc::new(Admin::of(&c));
+    a.wait_healthy(3, 3, 3);
+    let names = ["c1", "c2", "c3", "c4", "dup", "dup"];
+    let handles: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let a = a.clone();
+            let n = n.to_string();
+            std::thread::spawn(move || {
+                (
+                    n.clone(),
+                    a.run(&["volume", "create", &n, "--size", "64MiB", "--json"]),
+                )
+            })
+        })
+        .collect();
+    let mut dup_ok = 0;
+    let mut dup_refused = 0;
+    for h in handles {
+        let (name, out) = h.join().unwrap();
+        if name == "dup" {
+            if out.status.success() {
+                dup_ok += 1;
+            } else {
+                let e = String::from_utf8_lossy(&out.stderr);
+                assert!(e.contains("already exists"), "{e}");
+                dup_refused += 1;
+            }
+        } else {
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    assert_eq!((dup_ok, dup_refused), (1, 1));
+    let list: Vec<VolumeInfo> = a.json(&["volume", "list"]);
+    assert_eq!(list.len(), 5, "{list:?}");
+    let mut groups: Vec<&str> = list.iter().map(|v| v.group.as_str()).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    assert_eq!(groups.len(), 5, "two volumes share a group: {list:?}");
+    // Every one serves at once: those that found the pool empty on a smaller group that grows.
+    for v in &list {
+        assert!(v.state == "ready" || v.state == "growing", "{v:?}");
+        let uri = a.ok(&["volume", "attach", &v.name]).trim().to_string();
+        let w = qemu_io(&uri, &["write -P 7 0 64k", "read -P 7 0 64k"]);
+        assert!(
+            io_ok(&w),
+            "{}: {}",
+            v.name,
+            String::from_utf8_lossy(&w.stdout)
+        );
+    }
+    // Those grow to full groups, and the pool refills.
+    eventually(Duration::from_secs(120), "every group full", || {
+        let list: Vec<VolumeInfo> = a.json(&["volume", "list"]);
+        list.iter()
+            .all(|v| v.state == "ready" && v.members.len() == 3)
+            .then_some(())
+    });
+    a.wait_healthy(3, 3, 3);
+}
+
+#[test]
+fn a_create_with_the_pool_empty_serves_at_once_and_grows_to_three_members_under_load() {
+    let c = Cluster3::start("ctl-partial", 3, "2GiB", "8MiB", &[], &["--pool-size", "0"]);
+    let a = Admin::of(&c);
+    a.wait_healthy(3, 3, 0);
+    let started = Instant::now();
+    let created: Created = a.json(&["volume", "create", "g", "--size", "256MiB"]);
+    eprintln!(
+        "create with the pool empty: {} ms (server), {:?} (CLI)",
+        created.latency_ms,
+        started.elapsed()
+    );
+    assert!(!created.from_pool);
+    assert_eq!(created.volume.target_members.len(), 3);
+    assert!(
+        created.volume.members.len() < 3,
+        "the group should start small: {:?}",
+        created.volume
+    );
+    let uri = a.ok(&["volume", "attach", "g"]).trim().to_string();
+    let target = Arc::new(Mutex::new(nbd_addr(&uri)));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pause = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (t, l, s, p) = (target.clone(), ledger.clone(), stop.clone(), pause.clone());
+        std::thread::spawn(move || writer("g", 7, 256 << 20, t, l, s, p))
+    };
+    let grown: VolumeInfo = eventually(Duration::from_secs(90), "the group to grow", || {
+        let v: VolumeInfo = a.json(&["volume", "show", "g"]);
+        (v.members.len() == 3 && v.state == "ready").then_some(v)
+    });
+    eprintln!("grew to {:?} in {:?}", grown.members, started.elapsed());
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let l = ledger.lock().unwrap();
+    assert!(l.writes > 20, "too few writes: {}", l.writes);
+    eprintln!(
+        "{} writes acknowledged while growing; longest gap {:?}",
+        l.writes, l.longest_gap
+    );
+    // Every member serves every acknowledged write.
+    for h in &c.heads {
+        eventually(Duration::from_secs(30), "export on every member", || {
+            nbd_size(&h.uri("g")).ok()
+        });
+        verify(h.ready.nbd, "g", &l, &format!("head {}", h.ready.node_id));
+    }
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let c = Cluster::start("ctl-bad", 3, "1GiB", "8MiB", &[]);
+    let a = Admin {
+        endpoints: c.head.admin_url(),
+        token: c.dir.path().join("admin.token"),
+    };
+    eventually(Duration::from_secs(60), "the control plane", || {
+        a.run(&["cluster", "status"]).status.success().then_some(())
+    });
+    a.ok(&["volume", "create", "v", "--size", "64MiB"]);
+
+    // A missing volume, for every command that names one.
+    for args in [
+        &["volume", "show", "nope"][..],
+        &["volume", "attach", "nope"],
+        &["volume", "detach", "nope"],
+        &["volume", "resize", "nope", "--size", "1G"],
+        &["volume", "delete", "nope"],
+        &["volume", "qos", "nope", "--iops", "100"],
+    ] {
+        let e = a.fails(1, args);
+        assert!(e.contains("no volume named \"nope\""), "{args:?}: {e}");
+    }
+    // Bad sizes and options are refused before anything is sent (usage errors).
+    for args in [
+        &["volume", "create", "x", "--size", "10X"][..],
+        &["volume", "create", "x", "--size", "1000"],
+        &["volume", "create", "x"],
+        &["volume", "qos", "v"],
+        &["volume", "create", "a/b", "--size", "1G"],
+        &["volume", "frobnicate"],
+    ] {
+        let e = a.fails(2, args);
+        assert!(!e.is_empty(), "{args:?}");
+    }
+    // Refused by the server.
+    let e = a.fails(1, &["volume", "create", "v", "--size", "64MiB"]);
+    assert!(e.contains("already exists"), "{e}");
+    let e = a.fails(1, &["volume", "create", "huge", "--size", "60T"]);
+    assert!(
+        e.contains("sled space") || e.contains("provisionable"),
+        "{e}"
+    );
+    let e = a.fails(
+        1,
+        &["volume", "qos", "v", "--iops", "100", "--burst-iops", "50"],
+    );
+    assert!(e.contains("burst"), "{e}");
+    // No token, a wrong token.
+    let none = Command::new(bin("stockade"))
+        .args(["--endpoint", &a.endpoints, "--data-dir"])
+        .arg(c.dir.path().join("nowhere"))
+        .args(["volume", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("401"));
+    let wrong = c.dir.path().join("wrong.token");
+    std::fs::write(&wrong, "not-the-token-at-all-0000").unwrap();
+    let o = Command::new(bin("stockade"))
+        .args(["--endpoint", &a.endpoints, "--token-file"])
+        .arg(&wrong)
+        .args(["volume", "delete", "v"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("refused the token"));
+    // Nobody reachable.
+    let e = Command::new(bin("stockade"))
+        .args(["--endpoint", "http://127.0.0.1:1", "volume", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(e.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("cannot reach"));
+
+    // The raw API: malformed requests get a 4xx JSON error, never a crash.
+    let admin = c.head.ready.admin;
+    let auth = format!("Authorization: Bearer {ADMIN_TOKEN}");
+    for (method, path, body, want) in [
+        ("POST", "/v1/volumes", &b"{not json"[..], 400),
+        (
+            "POST",
+            "/v1/volumes",
+            b"{\"name\":\"z\",\"size\":4096,\"colour\":1}",
+            400,
+        ),
+        ("POST", "/v1/volumes", b"{\"name\":\"z\",\"size\":-1}", 400),
+        ("POST", "/v1/volumes", b"", 400),
+        ("POST", "/v1/volumes/v/resize", b"{\"size\":\"big\"}", 400),
+        ("POST", "/v1/volumes/v/qos", b"{}", 400),
+        ("DELETE", "/v1/volumes/v?force=perhaps", b"", 400),
+        ("GET", "/v1/nothing", b"", 404),
+        ("PUT", "/v1/volumes", b"", 405),
+    ] {
+        let (status, text) = http_request(admin, method, path, &[&auth], body).unwrap();
+        assert_eq!(status, want, "{method} {path}: {text}");
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{text}"
+        );
+    }
+    let (status, _) = http_request(admin, "GET", "/v1/volumes", &[], b"").unwrap();
+    assert_eq!(status, 401);
+    let big = vec![b'x'; 100 << 10];
+    let (status, _) = http_request(admin, "POST", "/v1/volumes", &[&auth], &big).unwrap();
+    assert_eq!(status, 413);
+    // Nothing changed: the one volume is still there, unattached and intact.
+    let list: Vec<VolumeInfo> = a.json(&["volume", "list"]);
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].name, "v");
+    assert_eq!(list[0].size, 64 << 20);
+    // The head node is still healthy.
+    a.ok(&["cluster", "status"]);
+}
+
+/// What the `--local` endpoint's ready file says (the fields this test needs).
+#[derive(Debug, serde::Deserialize)]
+struct LocalReady {
+    nbd: SocketAddr,
+    heads: Vec<SocketAddr>,
+}
+
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (_, body) = tests::http_get(addr, "/metrics").expect("metrics");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `stockade volume attach NAME --local`, the real command: a writer through its endpoint never
+/// sees an error while the head node the endpoint goes through is killed; the endpoint holds the
+/// volume's exclusive attachment while it runs and gives it back when it is stopped.
+#[test]
+fn a_writer_through_the_cli_attach_local_endpoint_survives_a_head_node_kill() {
+    let mut c = Cluster3::start("ctl-local", 3, "2GiB", "8MiB", &[], &[]);
+    let a = Admin::of(&c);
+    a.wait_healthy(3, 3, 1);
+    a.ok(&["volume", "create", "l", "--size", "128MiB"]);
+
+    let ports = tests::head::free_ports(2);
+    let listen = format!("127.0.0.1:{}", ports[0]);
+    let metrics: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
+    let mut args: Vec<String> = ["--endpoint", &a.endpoints, "--token-file"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(a.token.display().to_string());
+    let ready_file = c.dir.path().join("local.ready.json");
+    args.extend(
+        [
+            "volume",
+            "attach",
+            "l",
+            "--local",
+            "--listen",
+            &listen,
+            "--metrics-listen",
+            &metrics.to_string(),
+            "--ready-file",
+            &ready_file.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let mut ep = tests::Proc::spawn("attach-local", &bin("stockade"), &args, c.dir.path());
+    ep.ready_file = ready_file;
+    let ready: LocalReady = ep.wait_ready(Duration::from_secs(60));
+    assert_eq!(ready.nbd.to_string(), listen);
+    assert_eq!(ready.heads.len(), 3, "{ready:?}");
+
+    // The endpoint holds the exclusive attachment.
+    let e = a.fails(1, &["volume", "attach", "l"]);
+    assert!(e.contains("already attached"), "{e}");
+
+    let target = Arc::new(Mutex::new(ready.nbd));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pause = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (t, l, s, p) = (target.clone(), ledger.clone(), stop.clone(), pause.clone());
+        std::thread::spawn(move || writer("l", 11, 128 << 20, t, l, s, p))
+    };
+    let writes = |n: u64, what: &str| {
+        let base = ledger.lock().unwrap().writes;
+        eventually(Duration::from_secs(120), what, || {
+            (ledger.lock().unwrap().writes >= base + n).then_some(())
+        });
+    };
+    writes(50, "writes through the endpoint");
+
+    // Kill the head node the endpoint goes through, twice (the second time, whichever it moved
+    // to), restarting each before the next.
+    for round in 0..2 {
+        let i = eventually(
+            Duration::from_secs(60),
+            "the endpoint on a head node",
+            || {
+                let idx = metric(metrics, "stockade_attach_head_index");
+                let head = *ready.heads.get(usize::try_from(idx as i64).ok()?)?;
+                c.heads.iter().position(|h| h.ready.nbd == head)
+            },
+        );
+        eprintln!("round {round}: killing head{} under the writer", i + 1);
+        c.heads[i].proc.kill9();
+        writes(50, "writes after the kill");
+        c.heads[i].restart();
+        c.heads[i].wait_export("l", Duration::from_secs(120));
+    }
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let l = ledger.lock().unwrap();
+    assert!(
+        l.maybe.is_empty(),
+        "the client saw failed writes through the endpoint: {:?}",
+        l.maybe
+    );
+    eprintln!(
+        "{} writes through attach --local across two head-node kills; longest gap {:?}",
+        l.writes, l.longest_gap
+    );
+    verify(ready.nbd, "l", &l, "through the endpoint");
+    for h in &c.heads {
+        verify(h.ready.nbd, "l", &l, &format!("head {}", h.ready.node_id));
+    }
+
+    // SIGTERM: the endpoint stops and gives the attachment back.
+    assert!(
+        ep.stop(Duration::from_secs(30)),
+        "the endpoint did not stop"
+    );
+    let info: VolumeInfo = a.json(&["volume", "show", "l"]);
+    assert!(info.attachments.is_empty(), "{:?}", info.attachments);
+    a.ok(&["volume", "attach", "l"]);
+
+    // --listen without --local is a usage error.
+    a.fails(2, &["volume", "attach", "l", "--listen", "127.0.0.1:1"]);
+}
