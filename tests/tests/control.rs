@@ -565,3 +565,103 @@ fn a_writer_through_the_cli_attach_local_endpoint_survives_a_head_node_kill() {
     // --listen without --local is a usage error.
     a.fails(2, &["volume", "attach", "l", "--listen", "127.0.0.1:1"]);
 }
+
+fn sha256sum(path: &std::path::Path) -> String {
+    let o = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(o.status.success());
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// `volume import` and `volume export`: a raw image goes in and comes out byte for byte, the
+/// printed SHA-256 is the image's, and every refusal (too big, attached, existing output,
+/// missing file or volume) happens before anything is written.
+#[test]
+fn import_and_export_copy_raw_images_and_verify_them() {
+    use rand::{RngCore, SeedableRng};
+    let c = Cluster3::start("ctl-image", 3, "2GiB", "8MiB", &[], &[]);
+    let a = Admin::of(&c);
+    a.wait_healthy(3, 3, 1);
+    a.ok(&["volume", "create", "img", "--size", "64MiB"]);
+    let dir = c.dir.path();
+
+    // 40 MiB + 4 KiB + 100 bytes (a tail shorter than a block): random, with 8 MiB of zeros.
+    let len = (40usize << 20) + 4096 + 100;
+    let mut data = vec![0u8; len];
+    rand_chacha::ChaCha8Rng::seed_from_u64(5).fill_bytes(&mut data);
+    data[(16 << 20)..(24 << 20)].fill(0);
+    let src = dir.join("src.img");
+    std::fs::write(&src, &data).unwrap();
+    let want = sha256sum(&src);
+
+    #[derive(serde::Deserialize)]
+    struct Copied {
+        bytes: u64,
+        sha256: String,
+        verified: bool,
+    }
+    let imported: Copied = a.json(&["volume", "import", "img", src.to_str().unwrap()]);
+    assert_eq!(imported.bytes, len as u64);
+    assert_eq!(imported.sha256, want);
+    assert!(imported.verified);
+    let info: VolumeInfo = a.json(&["volume", "show", "img"]);
+    assert!(
+        info.attachments.is_empty(),
+        "import left {:?}",
+        info.attachments
+    );
+
+    let dst = dir.join("dst.img");
+    let exported: Copied = a.json(&["volume", "export", "img", dst.to_str().unwrap()]);
+    assert_eq!(exported.bytes, 64 << 20);
+    let out = std::fs::read(&dst).unwrap();
+    assert_eq!(out.len(), 64 << 20);
+    assert!(
+        out[..len] == data[..],
+        "the exported image differs from the imported one"
+    );
+    assert!(
+        out[len..].iter().all(|b| *b == 0),
+        "beyond the image: not zeros"
+    );
+    assert_eq!(exported.sha256, sha256sum(&dst));
+
+    // Refusals, each before anything changes.
+    let e = a.fails(1, &["volume", "export", "img", dst.to_str().unwrap()]);
+    assert!(e.contains("exists") && e.contains("--force"), "{e}");
+    let big = dir.join("big.img");
+    std::fs::write(&big, vec![0x5a; (64 << 20) + 512]).unwrap();
+    let e = a.fails(1, &["volume", "import", "img", big.to_str().unwrap()]);
+    assert!(e.contains("resize"), "{e}");
+    let e = a.fails(1, &["volume", "import", "img", "/nonexistent/image.raw"]);
+    assert!(e.contains("/nonexistent/image.raw"), "{e}");
+    let e = a.fails(1, &["volume", "import", "nosuch", src.to_str().unwrap()]);
+    assert!(e.contains("nosuch"), "{e}");
+    a.ok(&["volume", "attach", "img"]);
+    let e = a.fails(1, &["volume", "import", "img", src.to_str().unwrap()]);
+    assert!(e.contains("attached") && e.contains("detach"), "{e}");
+    let e = a.fails(
+        1,
+        &["volume", "export", "img", "--force", dst.to_str().unwrap()],
+    );
+    assert!(e.contains("attached"), "{e}");
+    a.ok(&["volume", "detach", "img"]);
+
+    // The volume still holds the first image: export it again over the old file.
+    let again: Copied = a.json(&["volume", "export", "img", "--force", dst.to_str().unwrap()]);
+    assert_eq!(again.sha256, exported.sha256);
+    assert_eq!(sha256sum(&dst), exported.sha256);
+    // No temporary files left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("stockade-partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -164,6 +164,9 @@ pub enum CliError {
     /// Options that make an invalid QoS.
     #[error("invalid QoS options: {0}")]
     Qos(#[from] common::throttle::QosError),
+    /// An import or export failed.
+    #[error(transparent)]
+    Image(crate::image::ImageError),
     /// The `attach --local` endpoint failed.
     #[error("local endpoint: {0}")]
     Local(#[source] crate::attach_local::AttachError),
@@ -183,6 +186,15 @@ impl From<AdminError> for CliError {
         CliError::Admin {
             source,
             token_note: None,
+        }
+    }
+}
+
+impl From<crate::image::ImageError> for CliError {
+    fn from(e: crate::image::ImageError) -> Self {
+        match e {
+            crate::image::ImageError::Admin(source) => source.into(),
+            other => CliError::Image(other),
         }
     }
 }
@@ -292,7 +304,9 @@ pub fn run(opts: &AdminOpts, cmd: AdminCommand) -> Result<(), CliError> {
     // request at a time.
     let serves_io = matches!(
         &cmd,
-        AdminCommand::Volume(v) if matches!(&v.cmd, volume::VolumeCmd::Attach(a) if a.local.local)
+        AdminCommand::Volume(v) if matches!(&v.cmd,
+            volume::VolumeCmd::Attach(a) if a.local.local)
+            || matches!(&v.cmd, volume::VolumeCmd::Import(_) | volume::VolumeCmd::Export(_))
     );
     let rt = if serves_io {
         tokio::runtime::Builder::new_multi_thread()

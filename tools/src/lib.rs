@@ -5,4 +5,5 @@ pub mod admin_client;
 pub mod attach_local;
 pub mod cli;
 pub mod events;
+pub mod image;
 pub mod up;

@@ -130,8 +130,26 @@ fn bad_or_missing_arguments_are_usage_errors() {
         kind(&["volume", "qos", "db", "--burst-credits", "none"]),
         ErrorKind::ValueValidation
     );
+    // --listen and the other endpoint options only with --local.
     assert_eq!(
-        kind(&["volume", "attach", "--local", "db"]),
+        kind(&["volume", "attach", "db", "--listen", "127.0.0.1:1"]),
+        ErrorKind::MissingRequiredArgument
+    );
+    assert_eq!(
+        kind(&["volume", "attach", "db", "--local", "--listen", "nowhere"]),
+        ErrorKind::ValueValidation
+    );
+    let (_, cmd) = volume(&["attach", "db", "--local", "--listen", "127.0.0.1:10900"]);
+    let VolumeCmd::Attach(a) = cmd else {
+        panic!("{cmd:?}")
+    };
+    assert!(a.local.local && a.local.listen.port() == 10900);
+    assert_eq!(
+        kind(&["volume", "import", "db"]),
+        ErrorKind::MissingRequiredArgument
+    );
+    assert_eq!(
+        kind(&["volume", "export", "db", "out.img", "--overwrite"]),
         ErrorKind::UnknownArgument
     );
     assert_eq!(

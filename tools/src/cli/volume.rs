@@ -33,6 +33,37 @@ pub enum VolumeCmd {
     Detach(DetachArgs),
     /// Change the QoS limits of a volume (only the options given change).
     Qos(QosArgs),
+    /// Copy a raw image file into a detached volume over NBD (its first len(FILE) bytes), then
+    /// verify it by reading it back; prints the image's SHA-256.
+    Import(ImageArgs),
+    /// Copy a detached volume into a new raw image file over NBD (sparse), then verify the
+    /// file; prints the image's SHA-256.
+    Export(ExportArgs),
+}
+
+/// `volume import`.
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// The volume.
+    #[arg(value_name = "NAME", value_parser = args::volume_name)]
+    pub name: String,
+    /// The raw image file.
+    #[arg(value_name = "FILE")]
+    pub file: std::path::PathBuf,
+}
+
+/// `volume export`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// The volume.
+    #[arg(value_name = "NAME", value_parser = args::volume_name)]
+    pub name: String,
+    /// The raw image file to create.
+    #[arg(value_name = "FILE")]
+    pub file: std::path::PathBuf,
+    /// Replace FILE if it exists (only once the copy is complete and verified).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// A volume name.
@@ -240,6 +271,30 @@ pub async fn run(client: &AdminClient, cmd: VolumeCmd, json: bool) -> Result<Out
             Output::of(json, &v, |v| match a.attachment {
                 Some(id) => format!("removed attachment {id} of volume {}\n", v.name),
                 None => format!("detached volume {}\n", v.name),
+            })
+        }
+        VolumeCmd::Import(a) => {
+            let c = crate::image::import(client, &a.name, &a.file).await?;
+            Output::of(json, &c, |c| {
+                format!(
+                    "imported {} bytes from {} into volume {}, verified; sha256 {}\n",
+                    c.bytes,
+                    c.file.display(),
+                    c.volume,
+                    c.sha256
+                )
+            })
+        }
+        VolumeCmd::Export(a) => {
+            let c = crate::image::export(client, &a.name, &a.file, a.force).await?;
+            Output::of(json, &c, |c| {
+                format!(
+                    "exported volume {} ({} bytes) to {}, verified; sha256 {}\n",
+                    c.volume,
+                    c.bytes,
+                    c.file.display(),
+                    c.sha256
+                )
             })
         }
         VolumeCmd::Qos(a) => {
