@@ -11,6 +11,7 @@ use crate::replication::driver::{DriverConfig, GroupKind, SledAccess};
 use crate::replication::group::GroupConfig;
 use crate::replication::node::ReplNode;
 use crate::replication::rvolume::ReplicatedVolume;
+use crate::replication::throttle::NodeThrottle;
 use crate::replication::transport::TcpTransport;
 use crate::replication::wal::Wal;
 use crate::replication::walpersist::{WalPersist, new_group_log};
@@ -279,6 +280,25 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
         driver,
         cfg.raft.failover_timeout,
     );
+    // One global bucket for the node, shared by every volume it leads, on one clock.
+    let discount = cfg
+        .throttle
+        .spare_capacity_discount
+        .map(common::throttle::Discount::new)
+        .transpose()
+        .map_err(|e| StartError::Setup(format!("throttle.spare-capacity-discount: {e}")))?;
+    let throttle = NodeThrottle::new(
+        common::throttle::GlobalConfig {
+            capacity_iops: cfg.throttle.capacity_iops,
+            spare_capacity_discount: discount,
+        },
+        Arc::new(common::SystemClock::new()),
+    )
+    .map_err(|e| StartError::Setup(e.to_string()))?;
+    throttle
+        .register(&registry)
+        .map_err(|e| StartError::Setup(e.to_string()))?;
+    node.set_throttle(throttle);
     let pool = Arc::new(SledPool::new(&cfg.sleds, key.clone(), cfg.node_id));
     let sleds = SledAccess {
         pool,

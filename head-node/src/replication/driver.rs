@@ -184,6 +184,10 @@ pub struct GroupStatus {
     pub last_index: u64,
     /// The cluster state (metadata group).
     pub cluster: Option<Arc<ClusterState>>,
+    /// The volume's QoS limits (replicated).
+    pub qos: common::throttle::QosConfig,
+    /// The volume's burst-credit balance as last replicated (`None`: never recorded).
+    pub qos_state: Option<common::throttle::QosState>,
 }
 
 type ProposeReply = oneshot::Sender<Result<u64, ReplError>>;
@@ -263,6 +267,16 @@ impl GroupHandle {
     /// The latest status.
     pub fn status(&self) -> GroupStatus {
         self.status.borrow().clone()
+    }
+
+    /// Looks at the latest status without copying it.
+    pub fn peek<R>(&self, f: impl FnOnce(&GroupStatus) -> R) -> R {
+        f(&self.status.borrow())
+    }
+
+    /// A receiver of the status, for a task that follows every change.
+    pub fn watch(&self) -> watch::Receiver<GroupStatus> {
+        self.status.clone()
     }
 
     /// Waits until the status changes (or the group stops).
@@ -986,6 +1000,8 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             progress: self.core.progress(),
             last_index: self.core.last_index(),
             cluster: self.cluster.clone(),
+            qos: self.core.state.qos,
+            qos_state: self.core.state.qos_state,
         };
         {
             let prev = self.status.borrow();
@@ -1009,6 +1025,8 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 || old.voters != st.voters
                 || old.learners != st.learners
                 || old.progress != st.progress
+                || old.qos != st.qos
+                || old.qos_state != st.qos_state
                 || !opt_arc_eq(&old.cluster, &st.cluster);
             *old = st;
             changed

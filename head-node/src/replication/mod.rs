@@ -14,6 +14,7 @@ pub mod overlay;
 pub mod peer_proto;
 pub mod rvolume;
 pub mod slog_bridge;
+pub mod throttle;
 
 #[cfg(test)]
 mod sim;

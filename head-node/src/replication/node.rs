@@ -6,6 +6,7 @@ use super::driver::{self, DriverConfig, GroupHandle, GroupKind, Persist, SledAcc
 use super::group::GroupError;
 use super::memlog::RaftLog;
 use super::rvolume::{ReplicatedVolume, VolumeRpc, VolumeRpcReply};
+use super::throttle::{NodeThrottle, STATE_INTERVAL};
 use super::transport::{Inbound, InboundRaft, Transport, handler_fn};
 use common::AlignedBuf;
 use common::ids::NodeId;
@@ -19,6 +20,17 @@ struct Member<T: Transport> {
     handle: GroupHandle,
     volume: Arc<ReplicatedVolume<T>>,
     task: tokio::task::JoinHandle<()>,
+    /// The volume's throttle task (QoS changes, credit balance), if throttled.
+    throttle_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl<T: Transport> Member<T> {
+    fn abort(&self) {
+        self.task.abort();
+        if let Some(t) = &self.throttle_task {
+            t.abort();
+        }
+    }
 }
 
 /// Serves the calls that are not volume I/O: group operations from the control plane and
@@ -43,6 +55,7 @@ pub struct ReplNode<T: Transport> {
     groups: RwLock<HashMap<GroupId, Member<T>>>,
     router: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     control: OnceLock<Arc<dyn ControlHandler>>,
+    throttle: OnceLock<Arc<NodeThrottle>>,
 }
 
 impl<T: Transport> std::fmt::Debug for ReplNode<T> {
@@ -61,7 +74,7 @@ impl<T: Transport> Drop for ReplNode<T> {
         }
         if let Ok(g) = self.groups.read() {
             for m in g.values() {
-                m.task.abort();
+                m.abort();
             }
         }
     }
@@ -85,6 +98,7 @@ impl<T: Transport> ReplNode<T> {
             groups: RwLock::new(HashMap::new()),
             router: std::sync::Mutex::new(None),
             control: OnceLock::new(),
+            throttle: OnceLock::new(),
         });
         let (tx, mut rx) = mpsc::channel::<InboundRaft>(16384);
         let weak: Weak<Self> = Arc::downgrade(&this);
@@ -158,6 +172,11 @@ impl<T: Transport> ReplNode<T> {
         let _ = self.control.set(h);
     }
 
+    /// Throttles the volumes of the groups added from now on (once, before any group).
+    pub fn set_throttle(&self, t: Arc<NodeThrottle>) {
+        let _ = self.throttle.set(t);
+    }
+
     /// Starts a group on this node over `log` (its persisted state).
     pub fn add_group<L: RaftLog>(
         &self,
@@ -167,6 +186,7 @@ impl<T: Transport> ReplNode<T> {
         sleds: SledAccess,
         kind: GroupKind,
     ) -> Result<Arc<ReplicatedVolume<T>>, GroupError> {
+        let is_volume = matches!(kind, GroupKind::Volume { .. });
         let (handle, task) = driver::spawn(
             group,
             self.node,
@@ -177,13 +197,20 @@ impl<T: Transport> ReplNode<T> {
             sleds,
             kind,
         )?;
-        let volume = Arc::new(ReplicatedVolume::new(
+        let mut volume = ReplicatedVolume::new(
             handle.clone(),
             self.node,
             name.to_string(),
             self.transport.clone(),
             self.failover_timeout,
-        ));
+        );
+        let mut throttle_task = None;
+        if let Some(nt) = self.throttle.get().filter(|_| is_volume) {
+            let vt = nt.volume(group, &handle);
+            throttle_task = Some(tokio::spawn(vt.clone().run(handle.clone(), STATE_INTERVAL)));
+            volume = volume.with_throttle(vt);
+        }
+        let volume = Arc::new(volume);
         let mut g = self.groups.write().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = g.insert(
             group,
@@ -191,9 +218,10 @@ impl<T: Transport> ReplNode<T> {
                 handle,
                 volume: volume.clone(),
                 task,
+                throttle_task,
             },
         ) {
-            old.task.abort();
+            old.abort();
         }
         Ok(volume)
     }
@@ -206,7 +234,10 @@ impl<T: Transport> ReplNode<T> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&group)?;
         m.volume.detach();
-        m.task.abort();
+        m.abort();
+        if let Some(t) = self.throttle.get() {
+            t.forget(group);
+        }
         Some(m.handle)
     }
 

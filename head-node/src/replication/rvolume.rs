@@ -8,11 +8,24 @@
 //! peer transport; when there is no leader (an election) or it changes, the call waits and
 //! tries again until `failover_timeout`, so a client connected to a surviving node sees a pause,
 //! not an error.
+//!
+//! **Throttling.** Reads, writes, trims and write-zeroes are admitted by the volume's
+//! [`VolumeThrottle`] on the serving leader, before any work, and never fail for it: they
+//! wait. A request forwarded by a follower is throttled where it is served, once. A request
+//! that `with_leader` retries after an election is charged at most once on each node (a flag
+//! per request), so a retry never pays twice on the same node. (A forwarded call the follower
+//! sends again to the same leader — its connection broke, or the call outlived the
+//! `failover_timeout` of the transport while queued — is a new call there and pays again.)
+//! A trim or write-zeroes costs one op and no bytes (one log entry, whatever its range). Flush
+//! is not throttled: the head node answers it without work (every acknowledged write is
+//! already committed), so charging it would only slow clients that flush often. Block status
+//! is a metadata query answered from memory and is not throttled either.
 
 use super::GroupId;
 use super::driver::{GroupHandle, ReplError};
 use super::entry::EntryHeader;
 use super::overlay::Piece;
+use super::throttle::VolumeThrottle;
 use super::transport::{Transport, TransportError};
 use crate::nbd::{ExportInfo, Extent, Volume, VolumeError};
 use crate::volume::rangelock::RangeLock;
@@ -20,8 +33,10 @@ use crate::volume::store::StoreError;
 use crate::volume::{BLOCK, VolumeSpec};
 use common::AlignedBuf;
 use common::ids::NodeId;
+use common::throttle::Request;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// A volume operation forwarded to the leader. Append-only.
@@ -154,6 +169,7 @@ pub struct ReplicatedVolume<T: Transport> {
     detached: tokio::sync::watch::Sender<bool>,
     inflight: std::sync::atomic::AtomicUsize,
     idle: tokio::sync::Notify,
+    throttle: Option<Arc<VolumeThrottle>>,
 }
 
 /// Counts one NBD request in flight on a volume (for draining at detach).
@@ -199,7 +215,31 @@ impl<T: Transport> ReplicatedVolume<T> {
             detached,
             inflight: std::sync::atomic::AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
+            throttle: None,
         }
+    }
+
+    /// Throttles the volume's I/O through `t` (on the leader).
+    pub fn with_throttle(mut self, t: Arc<VolumeThrottle>) -> Self {
+        self.throttle = Some(t);
+        self
+    }
+
+    /// The volume's throttle on this node, if throttled.
+    pub fn throttle(&self) -> Option<&Arc<VolumeThrottle>> {
+        self.throttle.as_ref()
+    }
+
+    /// Admits `req` through the throttle, as the serving leader, unless this request was
+    /// already charged on this node (`charged`: the request's flag, kept across retries).
+    async fn admit(&self, req: Request, charged: &AtomicBool) {
+        let Some(t) = &self.throttle else {
+            return;
+        };
+        if charged.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        t.admit(&self.group, req).await;
     }
 
     fn track(&self) -> InFlight<'_> {
@@ -458,6 +498,15 @@ impl<T: Transport> ReplicatedVolume<T> {
         if !self.group.status().serving {
             return (VolumeRpcReply::NotLeader(self.group.status().leader), None);
         }
+        let req = match &rpc {
+            VolumeRpc::Read { len, .. } => Some(Request::io(*len)),
+            VolumeRpc::Write { .. } => Some(Request::io(data.len() as u64)),
+            VolumeRpc::WriteZeroes { .. } | VolumeRpc::Trim { .. } => Some(Request::new(1, 0)),
+            VolumeRpc::BlockStatus { .. } | VolumeRpc::Group { .. } | VolumeRpc::Admin => None,
+        };
+        if let Some(req) = req {
+            self.admit(req, &AtomicBool::new(false)).await;
+        }
         let reply = |r: Result<VolumeRpcReply, Attempt>| match r {
             Ok(r) => r,
             Err(Attempt::Retry) => VolumeRpcReply::NotLeader(self.group.status().leader),
@@ -607,9 +656,13 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
         let end = offset + u64::from(len);
         let (start, stop) = (floor(offset), ceil(end));
         let gid = self.group.group();
+        let charged = &AtomicBool::new(false);
         let buf = self
             .with_leader(
-                || self.local_read(start, stop - start),
+                || async move {
+                    self.admit(Request::io(stop - start), charged).await;
+                    self.local_read(start, stop - start).await
+                },
                 |l| async move {
                     let rpc = VolumeRpc::Read {
                         group: gid,
@@ -639,8 +692,16 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
         let gid = self.group.group();
         let shared = Arc::new(data);
         let bytes = AlignedBuf::shared_bytes(shared.clone());
+        let charged = &AtomicBool::new(false);
+        let len = bytes.len() as u64;
         self.with_leader(
-            || self.leader_write(offset, bytes.clone()),
+            || {
+                let bytes = bytes.clone();
+                async move {
+                    self.admit(Request::io(len), charged).await;
+                    self.leader_write(offset, bytes).await
+                }
+            },
             |l| {
                 let payload = shared.clone();
                 async move {
@@ -654,6 +715,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
         .await
     }
 
+    /// Not throttled (see the module documentation): answered without work.
     async fn flush(&self) -> Result<(), VolumeError> {
         // Every acknowledged write is committed: durable in a majority of the group's logs.
         Ok(())
@@ -662,8 +724,12 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
     async fn trim(&self, offset: u64, len: u64, _fua: bool) -> Result<(), VolumeError> {
         let _t = self.track();
         let gid = self.group.group();
+        let charged = &AtomicBool::new(false);
         self.with_leader(
-            || self.leader_trim(offset, len),
+            || async move {
+                self.admit(Request::new(1, 0), charged).await;
+                self.leader_trim(offset, len).await
+            },
             |l| async move {
                 let r = self
                     .forward(
@@ -692,8 +758,12 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
     ) -> Result<(), VolumeError> {
         let _t = self.track();
         let gid = self.group.group();
+        let charged = &AtomicBool::new(false);
         self.with_leader(
-            || self.leader_write_zeroes(offset, len, no_hole),
+            || async move {
+                self.admit(Request::new(1, 0), charged).await;
+                self.leader_write_zeroes(offset, len, no_hole).await
+            },
             |l| async move {
                 let rpc = VolumeRpc::WriteZeroes {
                     group: gid,
