@@ -424,10 +424,16 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
             tracing::error!(error = %e, "NBD server failed");
         }
     }));
+    let mut erx = rx.clone();
+    let events = crate::events::start(&cfg.events, admin, &registry, async move {
+        let _ = erx.wait_for(|s| *s).await;
+    })
+    .map_err(|e| StartError::Setup(e.to_string()))?;
     let mut arx = rx.clone();
     let api_cp = control.clone();
     tasks.push(tokio::spawn(async move {
-        let router = common::metrics::router(registry).merge(crate::control::api::router(api_cp));
+        let router =
+            common::metrics::router(registry).merge(crate::control::api::router(api_cp, events));
         let stop = async move {
             let _ = arx.wait_for(|s| *s).await;
         };

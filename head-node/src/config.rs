@@ -238,6 +238,9 @@ pub struct HeadConfig {
     /// Throttling.
     #[serde(default)]
     pub throttle: ThrottleConfig,
+    /// The correlated-events engine (`GET /v1/events`).
+    #[serde(default)]
+    pub events: crate::events::EventsConfig,
 }
 
 impl HeadConfig {
@@ -263,6 +266,7 @@ impl HeadConfig {
             sled_domains: Default::default(),
             control: ControlConfig::default(),
             throttle: ThrottleConfig::default(),
+            events: crate::events::EventsConfig::default(),
         }
     }
 

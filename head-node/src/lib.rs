@@ -7,10 +7,12 @@
 //! * [`state`] — the state directory (epoch counter, volume descriptions).
 //! * [`config`], [`app`] — configuration, start and stop.
 //! * [`metrics`] — volume metrics.
+//! * [`events`] — the correlated-events engine behind `GET /v1/events`.
 
 pub mod app;
 pub mod config;
 pub mod control;
+pub mod events;
 pub mod metrics;
 pub mod nbd;
 pub mod replication;

@@ -439,6 +439,21 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert_eq!(list[0].size, 64 << 20);
     // The head node is still healthy.
     a.ok(&["cluster", "status"]);
+
+    // The correlated-events endpoint: authenticated, and its engine scrapes this node.
+    let (status, _) = http_request(admin, "GET", "/v1/events", &[], b"").unwrap();
+    assert_eq!(status, 401);
+    let ev: serde_json::Value = eventually(Duration::from_secs(30), "an events round", || {
+        let (status, text) = http_request(admin, "GET", "/v1/events", &[&auth], b"").ok()?;
+        assert_eq!(status, 200, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        (v["rounds"].as_u64() >= Some(1)).then_some(v)
+    });
+    assert_eq!(ev["enabled"], true, "{ev}");
+    assert_eq!(ev["targets"][0], format!("http://{admin}/metrics"), "{ev}");
+    assert_eq!(ev["sources_ok"], 1, "{ev}");
+    assert!(ev["values"].as_u64() > Some(100), "{ev}");
+    assert!(ev["events"].is_array(), "{ev}");
 }
 
 /// What the `--local` endpoint's ready file says (the fields this test needs).

@@ -1092,7 +1092,7 @@ fn head_exceptions() -> HashMap<&'static str, &'static str> {
         ),
         (
             "stockade_events_scrapes_total",
-            "events engine: registered only where it runs with a registry; head-node does not run it yet",
+            "labelled by result: no series until the events engine's first round (every 5 s by default)",
         ),
         (
             "stockade_throttle_work_tokens",
@@ -1103,28 +1103,8 @@ fn head_exceptions() -> HashMap<&'static str, &'static str> {
             "only on a head node with a capacity (capacity-iops); this cluster's are unlimited (tests/tests/throttle.rs covers it)",
         ),
         (
-            "stockade_events_series_tracked",
-            "events engine: not run by head-node yet",
-        ),
-        (
-            "stockade_events_series_refused_total",
-            "events engine: not run by head-node yet",
-        ),
-        (
-            "stockade_events_candidates",
-            "events engine: not run by head-node yet",
-        ),
-        (
-            "stockade_events_anomalies_total",
-            "events engine: not run by head-node yet",
-        ),
-        (
-            "stockade_events_raised_total",
-            "events engine: not run by head-node yet",
-        ),
-        (
             "stockade_events_webhook_deliveries_total",
-            "events engine: not run by head-node yet",
+            "labelled by result: only with a webhook configured ([events] webhook)",
         ),
     ])
 }

@@ -202,8 +202,24 @@ async fn bad_method() -> Response {
 }
 
 /// The admin API routes (merge with the metrics router).
-pub fn router(cp: Arc<ControlPlane>) -> Router {
+pub fn router(cp: Arc<ControlPlane>, events: crate::events::SharedEvents) -> Router {
     Router::new()
+        .route(
+            "/v1/events",
+            get(move |State(cp): Cp, h: HeaderMap| {
+                let events = events.clone();
+                async move {
+                    if let Err(e) = authorize(&cp, &h) {
+                        return err(e);
+                    }
+                    let view = events.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    respond(AdminReply {
+                        status: 200,
+                        body: serde_json::to_value(&view).unwrap_or_default(),
+                    })
+                }
+            }),
+        )
         .route("/v1/cluster", get(cluster))
         .route("/v1/nodes", get(nodes))
         .route("/v1/sleds", get(sleds))
