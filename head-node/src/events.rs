@@ -95,15 +95,7 @@ fn bad(field: &'static str, reason: impl std::fmt::Display) -> EventsError {
 }
 
 fn target_url(s: &str) -> Result<HttpUrl, EventsError> {
-    let s = s.trim();
-    let full = if s.contains("://") {
-        s.to_string()
-    } else if s.contains('/') {
-        format!("http://{s}")
-    } else {
-        format!("http://{s}/metrics")
-    };
-    HttpUrl::parse(&full).map_err(|e| bad("targets", format!("{s}: {e}")))
+    HttpUrl::metrics_target(s).map_err(|e| bad("targets", format!("{}: {e}", s.trim())))
 }
 
 impl EventsConfig {

@@ -2,89 +2,16 @@
 //! volume's whole life, exclusive attach, concurrent creates, a create with the pool empty
 //! that grows to three members under load, and bad input for every command.
 
-use common::admin::{ClusterStatus, Created, VolumeInfo};
+use common::admin::{Created, VolumeInfo};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tests::admin::Admin;
 use tests::head::{Cluster, Cluster3};
 use tests::writer::{Ledger, verify, writer};
 use tests::{ADMIN_TOKEN, bin, eventually, http_request};
-
-/// How the CLI reaches a cluster.
-struct Admin {
-    endpoints: String,
-    token: PathBuf,
-}
-
-impl Admin {
-    fn of(c: &Cluster3) -> Self {
-        Self {
-            endpoints: c
-                .heads
-                .iter()
-                .map(|h| h.admin_url())
-                .collect::<Vec<_>>()
-                .join(","),
-            token: c.dir.path().join("admin.token"),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin("stockade"))
-            .args(["--endpoint", &self.endpoints, "--token-file"])
-            .arg(&self.token)
-            .args(args)
-            .output()
-            .expect("running stockade")
-    }
-
-    /// Runs a command that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "stockade {args:?} failed ({}): {}{}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// Runs a command that must fail with `code`; returns its stderr.
-    fn fails(&self, code: i32, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert_eq!(
-            o.status.code(),
-            Some(code),
-            "stockade {args:?}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stderr).into_owned()
-    }
-
-    fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
-        let mut all = args.to_vec();
-        all.push("--json");
-        let out = self.ok(&all);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-    }
-
-    /// Waits until every head node and sled is up and the pool holds `pool` ready groups.
-    fn wait_healthy(&self, heads: usize, sleds: usize, pool: usize) -> ClusterStatus {
-        eventually(Duration::from_secs(60), "a healthy cluster", || {
-            let o = self.run(&["cluster", "status", "--json"]);
-            let st: ClusterStatus = serde_json::from_slice(&o.stdout).ok()?;
-            let up_heads = st.nodes.iter().filter(|n| n.state == "up").count();
-            let up_sleds = st.sleds.iter().filter(|s| s.state == "up").count();
-            (up_heads == heads && up_sleds == sleds && st.pool.ready >= pool).then_some(st)
-        })
-    }
-}
 
 fn nbd_addr(uri: &str) -> SocketAddr {
     let rest = uri.strip_prefix("nbd://").expect("nbd:// URI");
@@ -464,12 +391,7 @@ struct LocalReady {
 }
 
 fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (_, body) = tests::http_get(addr, "/metrics").expect("metrics");
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    tests::metric_sum(addr, name)
 }
 
 /// `stockade volume attach NAME --local`, the real command: a writer through its endpoint never
@@ -485,11 +407,7 @@ fn a_writer_through_the_cli_attach_local_endpoint_survives_a_head_node_kill() {
     let ports = tests::head::free_ports(2);
     let listen = format!("127.0.0.1:{}", ports[0]);
     let metrics: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
-    let mut args: Vec<String> = ["--endpoint", &a.endpoints, "--token-file"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.push(a.token.display().to_string());
+    let mut args = a.global_args();
     let ready_file = c.dir.path().join("local.ready.json");
     args.extend(
         [

@@ -1283,13 +1283,7 @@ fn every_documented_metric_is_exported_with_its_labels() {
     let ports = free_ports(2);
     let metrics: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
     let ready_file = c.dir.path().join("attach-local.ready.json");
-    let endpoints: Vec<String> = c.heads.iter().map(|h| h.admin_url()).collect();
-    let admin = [
-        "--endpoint".to_string(),
-        endpoints.join(","),
-        "--token-file".to_string(),
-        c.dir.path().join("admin.token").display().to_string(),
-    ];
+    let admin = tests::admin::Admin::of(&c).global_args();
     let created = Command::new(tests::bin("stockade"))
         .args(&admin)
         .args(["volume", "create", "local0", "--size", "64MiB"])

@@ -20,51 +20,11 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
+use tests::admin::Admin;
 use tests::head::{Cluster3, HeadProc};
-use tests::{bin, eventually, http_get};
-
-/// How the CLI reaches the cluster.
-struct Admin {
-    endpoints: String,
-    token: PathBuf,
-}
-
-impl Admin {
-    fn of(c: &Cluster3) -> Self {
-        Self {
-            endpoints: c
-                .heads
-                .iter()
-                .map(|h| h.admin_url())
-                .collect::<Vec<_>>()
-                .join(","),
-            token: c.dir.path().join("admin.token"),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin("stockade"))
-            .args(["--endpoint", &self.endpoints, "--token-file"])
-            .arg(&self.token)
-            .args(args)
-            .output()
-            .expect("running stockade")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "stockade {args:?} failed ({}): {}{}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-}
+use tests::{eventually, http_get};
 
 /// The value of `name{volume="vol"}` (or of the unlabelled `name` when `vol` is empty) in a
 /// head node's `/metrics`, if exported there.

@@ -128,15 +128,7 @@ fn duration(s: &str) -> Result<Duration, common::units::UnitError> {
 
 /// A `--target` as a URL: `host:port` gets `http://` and `/metrics`.
 pub fn target_url(s: &str) -> anyhow::Result<HttpUrl> {
-    let s = s.trim();
-    let full = if s.contains("://") {
-        s.to_string()
-    } else if s.contains('/') {
-        format!("http://{s}")
-    } else {
-        format!("http://{s}/metrics")
-    };
-    HttpUrl::parse(&full).with_context(|| format!("--target {s}"))
+    HttpUrl::metrics_target(s).with_context(|| format!("--target {}", s.trim()))
 }
 
 /// The `/metrics` URLs of a `stockade up` cluster.

@@ -125,12 +125,7 @@ impl Writer {
 }
 
 fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (_, body) = tests::http_get(addr, "/metrics").expect("metrics");
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    tests::metric_sum(addr, name)
 }
 
 /// The index of the head node the endpoint goes through, once it has one.

@@ -173,6 +173,26 @@ impl HttpUrl {
         }
     }
 
+    /// A `/metrics` target as operators write it: a full `http://` URL, `host:port/path`, or
+    /// `host:port` alone, which means `http://host:port/metrics`.
+    ///
+    /// ```
+    /// use common::events::http::HttpUrl;
+    /// assert_eq!(HttpUrl::metrics_target("127.0.0.1:9100").unwrap().to_string(), "http://127.0.0.1:9100/metrics");
+    /// assert_eq!(HttpUrl::metrics_target("h:1/m").unwrap().to_string(), "http://h:1/m");
+    /// assert!(HttpUrl::metrics_target("ftp://h/metrics").is_err());
+    /// ```
+    pub fn metrics_target(s: &str) -> Result<Self, UrlError> {
+        let s = s.trim();
+        if s.contains("://") {
+            Self::parse(s)
+        } else if s.contains('/') {
+            Self::parse(&format!("http://{s}"))
+        } else {
+            Self::parse(&format!("http://{s}/metrics"))
+        }
+    }
+
     /// The same server with another path and query (which must start with `/`).
     pub fn with_path_and_query(&self, path: &str) -> Result<Self, UrlError> {
         Self::parse(&format!("http://{}{}", self.authority(), path))
