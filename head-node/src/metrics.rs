@@ -38,7 +38,7 @@ impl HeadMetrics {
             stage: latency_vec(
                 r,
                 "stockade_volume_stage_duration_seconds",
-                "Time a request spends in one stage of the volume's I/O path (sled_read, sled_write, sled_zero), by volume.",
+                "Time a request spends in one stage of the volume's I/O path (throttle, raft_commit, read_index, sled_read, sled_write, sled_zero), by volume.",
                 &["volume", "stage"],
             )?,
             fenced: counter_vec(
@@ -174,6 +174,7 @@ impl HeadMetrics {
         let _ = self.elections.remove_label_values(&one);
         let _ = self.leader_changes.remove_label_values(&one);
         for stage in [
+            "throttle",
             "sled_read",
             "sled_write",
             "sled_zero",

@@ -335,6 +335,7 @@ fn variables_used(expr: &str) -> BTreeSet<String> {
 
 /// The stages of `stockade_volume_stage_duration_seconds` the waterfall must show.
 const STAGES: &[&str] = &[
+    "throttle",
     "raft_commit",
     "read_index",
     "sled_read",

@@ -239,7 +239,11 @@ impl<T: Transport> ReplicatedVolume<T> {
         if charged.swap(true, Ordering::SeqCst) {
             return;
         }
+        let started = Instant::now();
         t.admit(&self.group, req).await;
+        if let Some(store) = self.group.status().store {
+            store.metrics().observe_stage("throttle", started);
+        }
     }
 
     fn track(&self) -> InFlight<'_> {
