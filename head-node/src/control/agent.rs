@@ -441,12 +441,24 @@ impl ControlPlane {
 
 /// Reconciles on every change of the cluster state, and every second anyway.
 pub(super) async fn reconcile_loop(cp: Arc<ControlPlane>, mut stop: watch::Receiver<bool>) {
+    // One receiver for the whole loop, marked seen before each pass: a change published while
+    // a pass runs wakes the next one, and an unchanged state does not (a fresh receiver per
+    // wait would either miss such a change or, never marked seen, never wait at all).
+    let mut meta = cp.meta.watch();
     loop {
+        meta.borrow_and_update();
         cp.reconcile().await;
-        tokio::select! {
+        let meta_stopped = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            _ = cp.meta.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            r = meta.changed() => r.is_err(),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        if meta_stopped {
+            // The metadata group stopped (its sender is gone): only the once-a-second pass.
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
     }
 }

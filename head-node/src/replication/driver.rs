@@ -279,9 +279,14 @@ impl GroupHandle {
         self.status.clone()
     }
 
-    /// Waits until the status changes (or the group stops).
+    /// Waits until the status changes after this call (or the group stops).
     pub async fn changed(&self) {
         let mut rx = self.status.clone();
+        // A clone starts at the version this handle's own receiver last saw, and that one is
+        // never updated (`status()` only borrows): without marking the current value seen,
+        // `changed()` returns at once forever after the first change, and every caller's wait
+        // becomes a busy loop (the reconcile loop spun a core on every head node).
+        rx.borrow_and_update();
         let _ = rx.changed().await;
     }
 
