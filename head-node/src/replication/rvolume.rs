@@ -241,9 +241,14 @@ impl<T: Transport> ReplicatedVolume<T> {
         }
         let started = Instant::now();
         t.admit(&self.group, req).await;
-        if let Some(store) = self.group.status().store {
+        if let Some(store) = self.store() {
             store.metrics().observe_stage("throttle", started);
         }
+    }
+
+    /// The group's sled store, once the volume exists (without copying the whole status).
+    fn store(&self) -> Option<Arc<crate::volume::store::SledStore>> {
+        self.group.peek(|s| s.store.clone())
     }
 
     fn track(&self) -> InFlight<'_> {
@@ -319,13 +324,16 @@ impl<T: Transport> ReplicatedVolume<T> {
             if *self.detached.borrow() {
                 return Err(VolumeError::ShuttingDown);
             }
-            let st = self.group.status();
-            if let Some(e) = st.failed {
+            // Only the fields needed: a whole status copy (placement, progress…) per request
+            // would be an allocation on the I/O path.
+            let (failed, serving, leader) =
+                self.group.peek(|s| (s.failed.clone(), s.serving, s.leader));
+            if let Some(e) = failed {
                 return Err(VolumeError::io(std::io::Error::other(e)));
             }
-            let attempt = if st.serving {
+            let attempt = if serving {
                 Some(local().await)
-            } else if let Some(l) = st.leader.filter(|l| *l != self.node) {
+            } else if let Some(l) = leader.filter(|l| *l != self.node) {
                 Some(forward(l).await)
             } else {
                 None
@@ -385,7 +393,7 @@ impl<T: Transport> ReplicatedVolume<T> {
     async fn local_read(&self, offset: u64, len: u64) -> Result<AlignedBuf, Attempt> {
         let started = Instant::now();
         let pieces = self.group.read(offset, len).await.map_err(repl_error)?;
-        let store = self.group.status().store.ok_or(Attempt::Retry)?;
+        let store = self.store().ok_or(Attempt::Retry)?;
         store.metrics().observe_stage("read_index", started);
         if let [(l, Piece::Sled)] = pieces.as_slice()
             && *l == len
@@ -412,7 +420,7 @@ impl<T: Transport> ReplicatedVolume<T> {
     async fn local_write(&self, offset: u64, data: bytes::Bytes) -> Result<(), Attempt> {
         let len = data.len() as u32;
         // Space first: a write the sleds cannot hold is refused now, not after it commits.
-        let store = self.group.status().store.ok_or(Attempt::Retry)?;
+        let store = self.store().ok_or(Attempt::Retry)?;
         store
             .ensure_allocated(offset, u64::from(len))
             .await
@@ -437,7 +445,7 @@ impl<T: Transport> ReplicatedVolume<T> {
     }
 
     async fn local_allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, Attempt> {
-        let store = self.group.status().store.ok_or(Attempt::Retry)?;
+        let store = self.store().ok_or(Attempt::Retry)?;
         let size = store.spec().size;
         let end = offset.saturating_add(len);
         if len == 0 || end > size {
@@ -499,8 +507,11 @@ impl<T: Transport> ReplicatedVolume<T> {
         rpc: VolumeRpc,
         data: AlignedBuf,
     ) -> (VolumeRpcReply, Option<AlignedBuf>) {
-        if !self.group.status().serving {
-            return (VolumeRpcReply::NotLeader(self.group.status().leader), None);
+        if !self.group.peek(|s| s.serving) {
+            return (
+                VolumeRpcReply::NotLeader(self.group.peek(|s| s.leader)),
+                None,
+            );
         }
         let req = match &rpc {
             VolumeRpc::Read { len, .. } => Some(Request::io(*len)),
@@ -513,7 +524,7 @@ impl<T: Transport> ReplicatedVolume<T> {
         }
         let reply = |r: Result<VolumeRpcReply, Attempt>| match r {
             Ok(r) => r,
-            Err(Attempt::Retry) => VolumeRpcReply::NotLeader(self.group.status().leader),
+            Err(Attempt::Retry) => VolumeRpcReply::NotLeader(self.group.peek(|s| s.leader)),
             Err(Attempt::Fatal(VolumeError::NoSpace)) => VolumeRpcReply::NoSpace,
             Err(Attempt::Fatal(e)) => VolumeRpcReply::Failed(e.to_string()),
         };
