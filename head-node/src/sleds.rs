@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 /// Time allowed to connect and authenticate.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Minimum time between two connect attempts to a sled that failed (callers wait it out).
+/// Minimum time between two connect attempts to a sled that failed (callers in between get the
+/// last attempt's error at once).
 pub const RETRY_AFTER: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Default)]
@@ -31,6 +32,8 @@ pub struct SledConn {
     node: NodeId,
     slot: tokio::sync::Mutex<Slot>,
     id: Mutex<Option<SledId>>,
+    /// When the last connect attempt failed (cleared by a success).
+    failed_at: Mutex<Option<Instant>>,
 }
 
 impl SledConn {
@@ -44,6 +47,16 @@ impl SledConn {
         *self.id.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// True when the sled could not be reached on the last attempt, less than
+    /// [`RETRY_AFTER`] ago and not since: callers with a choice (a read with other replicas)
+    /// try it last instead of waiting out the back-off.
+    pub fn is_suspect(&self) -> bool {
+        self.failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < RETRY_AFTER)
+    }
+
     /// A live connection, connecting if needed.
     pub async fn client(&self) -> Result<Arc<SledClient>, ClientError> {
         let mut slot = self.slot.lock().await;
@@ -53,13 +66,14 @@ impl SledConn {
             }
             slot.client = None;
         }
-        // Back off between attempts on a sled that failed, but do try again: a sled that came
-        // back must not be refused because of an old failure.
-        if let Some((when, _)) = &slot.last_failure {
-            let wait = RETRY_AFTER.saturating_sub(when.elapsed());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
+        // Within the back-off after a failed attempt, fail at once with that attempt's error:
+        // callers retry on their own schedule, and none queues behind another's wait (a
+        // write-back with many requests in flight would otherwise make one attempt per
+        // back-off period, one caller at a time).
+        if let Some((when, e)) = &slot.last_failure
+            && when.elapsed() < RETRY_AFTER
+        {
+            return Err(e.clone());
         }
         match SledClient::connect(self.addr, &self.key, self.node, CONNECT_TIMEOUT).await {
             Ok(c) => {
@@ -67,11 +81,18 @@ impl SledConn {
                 *self.id.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.sled_id());
                 slot.client = Some(c.clone());
                 slot.last_failure = None;
+                *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 Ok(c)
             }
             Err(e) => {
-                tracing::warn!(sled = %self.addr, error = %e, "cannot reach sled");
+                // Once per outage at warning level; each further attempt at debug level.
+                if slot.last_failure.is_none() {
+                    tracing::warn!(sled = %self.addr, error = %e, "cannot reach sled");
+                } else {
+                    tracing::debug!(sled = %self.addr, error = %e, "still cannot reach sled");
+                }
                 slot.last_failure = Some((Instant::now(), e.clone()));
+                *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 Err(e)
             }
         }
@@ -97,6 +118,7 @@ impl SledPool {
                         node,
                         slot: tokio::sync::Mutex::new(Slot::default()),
                         id: Mutex::new(None),
+                        failed_at: Mutex::new(None),
                     })
                 })
                 .collect(),
