@@ -271,6 +271,7 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
             ..GroupConfig::default()
         },
         max_unflushed_bytes: cfg.raft.max_unflushed.0,
+        stale_after: cfg.raft.stale_after,
         ..DriverConfig::default()
     };
     let node = ReplNode::new(

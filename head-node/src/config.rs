@@ -118,6 +118,10 @@ pub struct RaftConfig {
     /// How long a request rides out an election (retrying on the new leader) before it fails.
     #[serde(with = "common::units::duration")]
     pub failover_timeout: std::time::Duration,
+    /// How long the write-back may keep failing on one sled before the leader records the
+    /// sled stale for the volume and writes go on with the other replicas.
+    #[serde(with = "common::units::duration")]
+    pub stale_after: std::time::Duration,
 }
 
 impl Default for RaftConfig {
@@ -128,6 +132,7 @@ impl Default for RaftConfig {
             heartbeat_tick: 2,
             max_unflushed: ByteSize(256 << 20),
             failover_timeout: std::time::Duration::from_secs(30),
+            stale_after: std::time::Duration::from_secs(1),
         }
     }
 }

@@ -65,6 +65,10 @@ struct Args {
     /// The node's throttling capacity, ops per second.
     #[arg(long)]
     capacity_iops: Option<u64>,
+    /// How long write-back may keep failing on a sled before the leader records it stale
+    /// (e.g. `1s`, `500ms`).
+    #[arg(long, value_parser = common::units::parse_duration)]
+    stale_after: Option<std::time::Duration>,
 }
 
 fn config(a: Args) -> anyhow::Result<HeadConfig> {
@@ -128,6 +132,9 @@ fn config(a: Args) -> anyhow::Result<HeadConfig> {
     }
     if let Some(v) = a.overcommit_ratio {
         cfg.control.overcommit_ratio = v;
+    }
+    if let Some(v) = a.stale_after {
+        cfg.raft.stale_after = v;
     }
     if a.capacity_iops.is_some() {
         cfg.throttle.capacity_iops = a.capacity_iops;

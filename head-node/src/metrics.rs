@@ -25,6 +25,8 @@ pub struct HeadMetrics {
     batch: HistogramVec,
     elections: IntCounterVec,
     leader_changes: IntCounterVec,
+    stale: IntGaugeVec,
+    resync: IntCounterVec,
 }
 
 fn int_gauge_vec(r: &Registry, name: &str, help: &str) -> Result<IntGaugeVec, MetricsError> {
@@ -128,6 +130,17 @@ impl HeadMetrics {
                 "Times the leader known to this node changed.",
                 &["volume"],
             )?,
+            stale: int_gauge_vec(
+                r,
+                "stockade_volume_stale_replicas",
+                "Sleds recorded stale for the volume (missed writes while unreachable; not read until resynchronised).",
+            )?,
+            resync: counter_vec(
+                r,
+                "stockade_volume_resync_bytes_total",
+                "Bytes this head node copied from current replicas to stale sleds of the volume to resynchronise them.",
+                &["volume"],
+            )?,
         })
     }
 
@@ -150,6 +163,8 @@ impl HeadMetrics {
             ready_entries: self.batch.with_label_values(&[name]),
             elections: self.elections.with_label_values(&[name]),
             leader_changes: self.leader_changes.with_label_values(&[name]),
+            stale_replicas: self.stale.with_label_values(&[name]),
+            resync_bytes: self.resync.with_label_values(&[name]),
         }
     }
 }
@@ -173,6 +188,8 @@ impl HeadMetrics {
         let _ = self.batch.remove_label_values(&one);
         let _ = self.elections.remove_label_values(&one);
         let _ = self.leader_changes.remove_label_values(&one);
+        let _ = self.stale.remove_label_values(&one);
+        let _ = self.resync.remove_label_values(&one);
         for stage in [
             "throttle",
             "sled_read",
@@ -219,6 +236,10 @@ pub struct VolumeMetrics {
     pub elections: IntCounter,
     /// Leader changes seen.
     pub leader_changes: IntCounter,
+    /// Sleds recorded stale.
+    pub stale_replicas: IntGauge,
+    /// Bytes copied to resynchronise stale sleds.
+    pub resync_bytes: IntCounter,
 }
 
 impl VolumeMetrics {

@@ -119,7 +119,16 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write() {
 
 #[test]
 fn a_frozen_leader_is_fenced_at_the_sleds_and_steps_down() {
-    let mut c = Cluster3::start("failover-freeze", 3, "2GiB", "8MiB", &["vol0:64MiB"], &[]);
+    // Sled 3 is killed below to hold write-back pending; a long stale-after keeps the leader
+    // from recording it stale (and finishing the write-back without it) before the freeze.
+    let mut c = Cluster3::start(
+        "failover-freeze",
+        3,
+        "2GiB",
+        "8MiB",
+        &["vol0:64MiB"],
+        &["--stale-after", "60s"],
+    );
     let l1 = serving(&c.heads, Duration::from_secs(60));
     let mut cl =
         NbdClient::connect(c.heads[l1].ready.nbd, "vol0", Duration::from_secs(30)).unwrap();
@@ -205,6 +214,71 @@ fn a_frozen_leader_is_fenced_at_the_sleds_and_steps_down() {
         log.contains("stopped leading"),
         "old leader did not log stepping down"
     );
+}
+
+/// A sled dies and is recorded stale; the leader dies too; the next leader (which learnt the
+/// stale set from the log) resynchronises the sled when it returns, after which the sled alone
+/// holds every write.
+#[test]
+fn the_next_leader_resyncs_a_sled_the_last_one_recorded_stale() {
+    let mut c = Cluster3::start("failover-stale", 3, "2GiB", "8MiB", &["vol0:64MiB"], &[]);
+    let l1 = serving(&c.heads, Duration::from_secs(60));
+    let mut cl =
+        NbdClient::connect(c.heads[l1].ready.nbd, "vol0", Duration::from_secs(30)).unwrap();
+    let mut expect = std::collections::BTreeMap::new();
+    let mut put = |cl: &mut NbdClient, i: u64, id: u64| {
+        // Spread over every chunk of the volume (8 MiB chunks, 64 KiB blocks).
+        let off = (i * 37 % 1024) * BS as u64;
+        cl.write(off, &block(id)).unwrap();
+        expect.insert(off, id);
+    };
+    for i in 0..64 {
+        put(&mut cl, i, 1 + i);
+    }
+    c.sleds[0].proc.kill9();
+    // Writes go on with a replica down: acknowledged at once, written back to the other two
+    // once the leader has recorded the dead sled stale (in the replicated volume state, so
+    // every node reports it).
+    for i in 64..192 {
+        put(&mut cl, i, 1 + i);
+    }
+    for h in &c.heads {
+        tests::eventually(Duration::from_secs(30), "the sled recorded stale", || {
+            (metric(h.ready.admin, "stockade_volume_stale_replicas") == Some(1.0)).then_some(())
+        });
+    }
+    tests::eventually(Duration::from_secs(30), "write-back without it", || {
+        (metric(c.heads[l1].ready.admin, "stockade_volume_unflushed_bytes") == Some(0.0))
+            .then_some(())
+    });
+    drop(cl);
+    c.heads[l1].proc.kill9();
+    let l2 = serving(&c.heads, Duration::from_secs(60));
+    c.sleds[0].restart();
+    let a2 = c.heads[l2].ready.admin;
+    tests::eventually(
+        Duration::from_secs(60),
+        "resynchronised by the new leader",
+        || (metric(a2, "stockade_volume_stale_replicas") == Some(0.0)).then_some(()),
+    );
+    assert!(metric(a2, "stockade_volume_resync_bytes_total").unwrap_or(0.0) > 0.0);
+    let mut cl =
+        NbdClient::connect(c.heads[l2].ready.nbd, "vol0", Duration::from_secs(30)).unwrap();
+    for i in 192..256 {
+        put(&mut cl, i, 1 + i);
+    }
+    tests::eventually(Duration::from_secs(30), "write-back", || {
+        (metric(a2, "stockade_volume_unflushed_bytes") == Some(0.0)).then_some(())
+    });
+    c.sleds[1].proc.kill9();
+    c.sleds[2].proc.kill9();
+    for (off, id) in &expect {
+        assert_eq!(
+            cl.read(*off, BS as u32).unwrap(),
+            block(*id),
+            "block at {off} read from the resynchronised sled alone"
+        );
+    }
 }
 
 #[test]

@@ -33,10 +33,10 @@ use crate::volume::store::{SledStore, StoreError};
 use crate::volume::{BLOCK, VolumeSpec};
 use bytes::Bytes;
 use common::ClusterKey;
-use common::ids::{Epoch, NodeId, VolumeId};
+use common::ids::{Epoch, NodeId, SledId, VolumeId};
 use futures_util::future::BoxFuture;
 use raft::prelude::{ConfChangeV2, Message};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -56,6 +56,11 @@ pub struct DriverConfig {
     pub flush_report_interval: Duration,
     /// Input queue length.
     pub queue: usize,
+    /// How long a write-back may keep failing on one sled before the leader records the sled
+    /// stale for the volume (and writes go on without it).
+    pub stale_after: Duration,
+    /// Pause between two attempts to resynchronise a stale sled.
+    pub resync_retry: Duration,
 }
 
 impl Default for DriverConfig {
@@ -67,6 +72,8 @@ impl Default for DriverConfig {
             flush_window: 64,
             flush_report_interval: Duration::from_millis(50),
             queue: 4096,
+            stale_after: Duration::from_secs(1),
+            resync_retry: Duration::from_secs(1),
         }
     }
 }
@@ -213,9 +220,21 @@ enum Input {
         index: u64,
         result: Result<(), StoreError>,
     },
+    /// Claims made; the sleds that could not be reached.
     Claimed {
         term: u64,
-        result: Result<(), StoreError>,
+        result: Result<Vec<SledId>, StoreError>,
+    },
+    /// A write-back has kept failing on a sled for `stale_after`.
+    SledDown {
+        term: u64,
+        sled: SledId,
+    },
+    /// A resynchronisation of a stale sled ended.
+    Resynced {
+        term: u64,
+        sled: SledId,
+        result: Result<u64, StoreError>,
     },
     SpecReady {
         term: u64,
@@ -250,6 +269,8 @@ impl std::fmt::Debug for Input {
             Input::Read { .. } => "Read",
             Input::FlushDone { .. } => "FlushDone",
             Input::Claimed { .. } => "Claimed",
+            Input::SledDown { .. } => "SledDown",
+            Input::Resynced { .. } => "Resynced",
             Input::SpecReady { .. } => "SpecReady",
             Input::Campaign => "Campaign",
             Input::ProposeAsLeader { .. } => "ProposeAsLeader",
@@ -421,6 +442,14 @@ struct Driver<L: RaftLog, T: Transport> {
     next_tag: u64,
     failed: Option<String>,
     cluster: Option<Arc<ClusterState>>,
+    /// Stale marks proposed in this leadership and not yet applied: sled → log index.
+    stale_pending: BTreeMap<SledId, u64>,
+    /// Current-again marks proposed and not yet applied: sled → log index.
+    fresh_pending: BTreeMap<SledId, u64>,
+    /// The stale sled being resynchronised.
+    resyncing: Option<SledId>,
+    /// No resynchronisation starts before this.
+    resync_after: tokio::time::Instant,
 }
 
 /// The metrics label of a group: its volume's name, `_meta`, or a placeholder while in the
@@ -487,6 +516,10 @@ pub fn spawn<L: RaftLog, T: Transport>(
         next_tag: 1,
         failed: None,
         cluster: None,
+        stale_pending: BTreeMap::new(),
+        fresh_pending: BTreeMap::new(),
+        resyncing: None,
+        resync_after: tokio::time::Instant::now(),
     };
     d.sync_cluster();
     d.sync_store();
@@ -616,15 +649,66 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 }
                 self.claiming = None;
                 match result {
-                    Ok(()) if self.core.is_leader() && self.core.term() == term => {
-                        self.start_serving(term)
+                    Ok(unreachable) if self.core.is_leader() && self.core.term() == term => {
+                        self.start_serving(term);
+                        for sled in unreachable {
+                            self.mark_stale(sled, "unreachable when claiming");
+                        }
                     }
-                    Ok(()) => {}
+                    Ok(_) => {}
                     Err(StoreError::Deposed { epoch, .. }) => self.core.fenced(epoch.0),
                     Err(e) => {
                         tracing::warn!(group = %self.group, term, error = %e,
                             "claiming the volume's sleds failed; retrying");
                         self.start_claim(term);
+                    }
+                }
+            }
+            Input::SledDown { term, sled } => {
+                if self.serving == Some(term) {
+                    self.mark_stale(sled, "write-back keeps failing");
+                }
+            }
+            Input::Resynced { term, sled, result } => {
+                if self.resyncing == Some(sled) {
+                    self.resyncing = None;
+                }
+                if self.serving != Some(term) {
+                    return;
+                }
+                let store = self.store.clone();
+                match result {
+                    Ok(bytes)
+                        if self.core.state.stale.contains(&sled)
+                            && store.as_ref().is_some_and(|s| s.resync_complete(sled)) =>
+                    {
+                        let tag = self.next_tag();
+                        match self.core.propose(
+                            tag,
+                            &EntryHeader::SledStale { sled, stale: false },
+                            Bytes::new(),
+                        ) {
+                            Ok(index) => {
+                                tracing::info!(group = %self.group, sled_id = %sled, bytes,
+                                    "stale sled resynchronised; recording it current");
+                                self.fresh_pending.insert(sled, index);
+                            }
+                            Err(e) => {
+                                tracing::warn!(group = %self.group, sled_id = %sled, error = %e,
+                                    "cannot record a resynchronised sled current");
+                                self.resync_after =
+                                    tokio::time::Instant::now() + self.cfg.resync_retry;
+                            }
+                        }
+                    }
+                    Ok(_) => {
+                        self.resync_after = tokio::time::Instant::now() + self.cfg.resync_retry;
+                    }
+                    Err(StoreError::Deposed { epoch, .. }) => self.core.fenced(epoch.0),
+                    Err(e) => {
+                        tracing::debug!(group = %self.group, sled_id = %sled, error = %e,
+                            "stale sled not resynchronised yet; trying again later");
+                        self.resync_after = tokio::time::Instant::now() + self.cfg.resync_retry;
                     }
                 }
             }
@@ -649,6 +733,84 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 }
             }
         }
+    }
+
+    /// Records `sled` stale for the volume (leader only), unless it already is or it is the
+    /// last current replica of some chunk: writes then wait for it instead.
+    fn mark_stale(&mut self, sled: SledId, why: &str) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let stale = &self.core.state.stale;
+        if stale.contains(&sled) && !self.fresh_pending.contains_key(&sled) {
+            // Stale already: a resynchronisation that was sending it writes is over.
+            store.abort_resync(sled);
+            return;
+        }
+        if self.stale_pending.contains_key(&sled) {
+            return;
+        }
+        let spec = store.spec();
+        let out: BTreeSet<SledId> = stale
+            .iter()
+            .chain(self.stale_pending.keys())
+            .copied()
+            .filter(|s| !self.fresh_pending.contains_key(s))
+            .chain([sled])
+            .collect();
+        if spec
+            .placement
+            .iter()
+            .any(|r| r.contains(&sled) && r.iter().all(|s| out.contains(s)))
+        {
+            tracing::error!(group = %self.group, sled_id = %sled, reason = why,
+                "the last current replica of a chunk is failing; writes wait for it");
+            return;
+        }
+        let tag = self.next_tag();
+        match self.core.propose(
+            tag,
+            &EntryHeader::SledStale { sled, stale: true },
+            Bytes::new(),
+        ) {
+            Ok(index) => {
+                tracing::warn!(group = %self.group, sled_id = %sled, reason = why,
+                    "recording a sled stale for the volume; writes go on without it");
+                store.abort_resync(sled);
+                self.stale_pending.insert(sled, index);
+            }
+            Err(e) => {
+                tracing::warn!(group = %self.group, sled_id = %sled, error = %e,
+                    "cannot record a sled stale");
+            }
+        }
+    }
+
+    /// Starts resynchronising one stale sled when none is and the last attempt is old enough.
+    fn maybe_resync(&mut self) {
+        let (Some(term), Some(store), None) = (self.serving, self.store.clone(), self.resyncing)
+        else {
+            return;
+        };
+        if tokio::time::Instant::now() < self.resync_after {
+            return;
+        }
+        let Some(sled) = self
+            .core
+            .state
+            .stale
+            .iter()
+            .copied()
+            .find(|s| !self.fresh_pending.contains_key(s))
+        else {
+            return;
+        };
+        self.resyncing = Some(sled);
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let result = store.resync(sled).await;
+            let _ = tx.send(Input::Resynced { term, sled, result }).await;
+        });
     }
 
     fn not_leader(&self) -> ReplError {
@@ -841,6 +1003,10 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
 
     /// After a ready: serve the reads whose index is applied.
     fn after_ready(&mut self) {
+        let applied = self.core.applied();
+        self.stale_pending.retain(|_, i| *i > applied);
+        self.fresh_pending.retain(|_, i| *i > applied);
+        self.maybe_resync();
         if let Some((_, Some(idx), _)) = &self.read_inflight
             && self.core.applied() >= *idx
         {
@@ -893,6 +1059,9 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 )));
             }
         }
+        if let Some(s) = &self.store {
+            s.set_stale(&self.core.state.stale);
+        }
     }
 
     fn start_spec(&mut self, term: u64) {
@@ -943,7 +1112,10 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             store,
             rx,
             self.tx.clone(),
-            self.cfg.flush_window,
+            FlushLimits {
+                window: self.cfg.flush_window,
+                stale_after: self.cfg.stale_after,
+            },
             stop_rx,
         ));
         self.flusher = Some(Flusher { jobs, stopping });
@@ -951,6 +1123,9 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
 
     fn stop_serving(&mut self) {
         self.serving = None;
+        self.stale_pending.clear();
+        self.fresh_pending.clear();
+        self.resyncing = None;
         self.claiming = None;
         self.flusher = None;
         self.flush_done.clear();
@@ -988,6 +1163,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         m.applied_index.set(self.core.applied() as i64);
         m.flushed_index.set(self.core.state.flushed as i64);
         m.unflushed_bytes.set(self.core.overlay.bytes() as i64);
+        m.stale_replicas.set(self.core.state.stale.len() as i64);
         let st = GroupStatus {
             role,
             term: self.core.term(),
@@ -1077,16 +1253,28 @@ async fn create_spec(pool: &SledPool, t: &VolumeTemplate) -> Result<VolumeSpec, 
         .map_err(|e| e.to_string())
 }
 
+/// Limits of the write-back.
+#[derive(Debug, Clone, Copy)]
+struct FlushLimits {
+    /// Writes in flight at once.
+    window: usize,
+    /// Failing on one sled this long reports it down.
+    stale_after: Duration,
+}
+
 /// Writes committed entries to the sleds in log order (per block range), many at a time,
-/// retrying I/O errors; reports each one done. A `Fenced` answer ends it.
+/// retrying I/O errors; reports each one done. A `Fenced` answer ends it. A write that keeps
+/// failing on one sled for `stale_after` reports the sled down (the leader records it stale
+/// and the retries then go on without it).
 async fn flusher(
     term: u64,
     store: Arc<SledStore>,
     mut jobs: mpsc::UnboundedReceiver<(u64, EntryHeader, Bytes)>,
     done: mpsc::Sender<Input>,
-    window: usize,
+    limits: FlushLimits,
     stopping: watch::Receiver<bool>,
 ) {
+    let window = limits.window;
     let locks = RangeLock::new();
     let window = Arc::new(Semaphore::new(window.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
@@ -1112,6 +1300,9 @@ async fn flusher(
         let stopping = stopping.clone();
         tasks.spawn(async move {
             let mut backoff = Duration::from_millis(20);
+            // Per failing sled: when it first failed, and whether it was reported.
+            let mut failing: HashMap<SledId, (tokio::time::Instant, bool)> = HashMap::new();
+            let mut attempts = 0u32;
             let result = loop {
                 let r = match &header {
                     EntryHeader::Write { .. } => store.write(offset, data.clone()).await,
@@ -1124,9 +1315,23 @@ async fn flusher(
                     // This leadership is over: no more retries.
                     Err(e) if *stopping.borrow() => break Err(e),
                     Err(e) => {
-                        tracing::warn!(index, error = %e, "write-back failed; retrying");
+                        if let StoreError::Replica { sled, .. } = &e {
+                            let now = tokio::time::Instant::now();
+                            let (since, reported) = failing.entry(*sled).or_insert((now, false));
+                            if !*reported && now.duration_since(*since) >= limits.stale_after {
+                                *reported = true;
+                                let _ = done.send(Input::SledDown { term, sled: *sled }).await;
+                            }
+                        }
+                        attempts += 1;
+                        if attempts == 1 {
+                            tracing::warn!(index, error = %e, "write-back failed; retrying");
+                        } else {
+                            tracing::debug!(index, attempts, error = %e, "write-back failed again; retrying");
+                        }
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        // Short enough that a sled recorded stale stops delaying the write soon.
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
                     }
                 }
             };

@@ -146,6 +146,9 @@ fn store_error(e: StoreError) -> Attempt {
         }),
         // A deposed store: the group steps down; the request goes to the new leader.
         StoreError::Deposed { .. } => Attempt::Retry,
+        e @ StoreError::Replica { .. } => {
+            Attempt::Fatal(VolumeError::io(std::io::Error::other(e.to_string())))
+        }
         StoreError::Io(m) => Attempt::Fatal(VolumeError::io(std::io::Error::other(m))),
     }
 }

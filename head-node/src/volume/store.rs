@@ -6,6 +6,15 @@
 //! answer means another head node has claimed the volume with a higher epoch: the store becomes
 //! *deposed*, refuses everything from then on, and [`SledStore::deposed`] resolves so the NBD
 //! connections are closed. Nothing is retried under an old epoch.
+//!
+//! **Stale replicas.** A sled recorded as stale in the volume's replicated state (it could not be
+//! reached when a write had to land) is skipped: no read goes to it and mutations count on the
+//! other replicas only. [`SledStore::resync`] brings one back: it claims it under the current
+//! epoch, then copies every chunk it holds for the volume from a current replica, one chunk at
+//! a time with mutations held back (the *gate*), and from then on mutations of a copied chunk
+//! reach it too, so when the group records it current again it misses nothing. A mutation that
+//! fails on a sled being resynchronised fails (and is retried by the write-back), so the
+//! sled cannot be recorded current while missing a write.
 
 use super::{BLOCK, Segment, VolumeSpec};
 use crate::metrics::VolumeMetrics;
@@ -16,7 +25,7 @@ use common::ids::{ChunkIndex, Epoch, NodeId, SledId};
 use common::sled_client::ClientError;
 use common::sled_proto::ErrorCode;
 use futures_util::future::join_all;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -38,6 +47,15 @@ pub enum StoreError {
     /// A replica could not be written or no replica could be read.
     #[error("{0}")]
     Io(String),
+    /// One replica failed a mutation (unreachable, or an I/O error there): the write-back
+    /// retries, and the group may record the sled as stale.
+    #[error("sled {sled}: {msg}")]
+    Replica {
+        /// The sled.
+        sled: SledId,
+        /// What went wrong.
+        msg: String,
+    },
     /// The range is outside the volume.
     #[error("range {offset}+{len} is outside the volume")]
     OutOfRange {
@@ -55,6 +73,17 @@ struct Allocation {
     empty: BTreeSet<u64>,
 }
 
+/// Which replicas may be used.
+#[derive(Debug, Default)]
+struct Health {
+    /// Stale sleds (the replicated set): never read; mutations skip them unless resyncing.
+    stale: BTreeSet<SledId>,
+    /// Stale sleds being resynchronised: a generation and the chunks copied so far (mutations of
+    /// those chunks reach the sled too).
+    resync: HashMap<SledId, (u64, BTreeSet<u64>)>,
+    next_gen: u64,
+}
+
 /// The sleds of one volume, seen through this head node's credential.
 #[derive(Debug)]
 pub struct SledStore {
@@ -65,6 +94,9 @@ pub struct SledStore {
     cred: RwLock<Credential>,
     claimed: Mutex<HashSet<SledId>>,
     alloc: Mutex<Allocation>,
+    health: Mutex<Health>,
+    /// Held shared by every mutation, exclusively while a chunk is copied to a resyncing sled.
+    gate: tokio::sync::RwLock<()>,
     deposed: tokio::sync::watch::Sender<Option<(Epoch, NodeId)>>,
     reads: AtomicU64,
     metrics: VolumeMetrics,
@@ -94,6 +126,8 @@ impl SledStore {
             cred: RwLock::new(cred),
             claimed: Mutex::default(),
             alloc: Mutex::default(),
+            health: Mutex::default(),
+            gate: tokio::sync::RwLock::new(()),
             deposed,
             reads: AtomicU64::new(0),
             metrics,
@@ -163,9 +197,13 @@ impl SledStore {
     }
 
     async fn conn(&self, sled: SledId) -> Result<Arc<SledConn>, StoreError> {
-        self.pool.find(sled).await.ok_or_else(|| {
-            StoreError::Io(format!("sled {sled} is not reachable (never connected)"))
-        })
+        self.pool
+            .find(sled)
+            .await
+            .ok_or_else(|| StoreError::Replica {
+                sled,
+                msg: "not reachable (never connected)".into(),
+            })
     }
 
     /// Maps a client error of a mutation to a store error (deposing on `Fenced`).
@@ -176,17 +214,20 @@ impl SledStore {
                 self.depose(epoch, holder)
             }
             (_, Some(ErrorCode::NoSpace)) => StoreError::NoSpace(sled),
-            _ => StoreError::Io(format!("sled {sled}: {e}")),
+            _ => StoreError::Replica {
+                sled,
+                msg: e.to_string(),
+            },
         }
     }
 
     /// Claims the volume on one sled under the current epoch.
     async fn claim_one(&self, sled: SledId) -> Result<(), StoreError> {
         let conn = self.conn(sled).await?;
-        let client = conn
-            .client()
-            .await
-            .map_err(|e| StoreError::Io(format!("sled {sled}: {e}")))?;
+        let client = conn.client().await.map_err(|e| StoreError::Replica {
+            sled,
+            msg: e.to_string(),
+        })?;
         let cred = self.credential();
         match client.claim(&cred).await {
             Ok(_) => {
@@ -204,8 +245,9 @@ impl SledStore {
     }
 
     /// Claims every sled of the volume and learns which chunks are empty. Sleds that cannot be
-    /// reached now are claimed before their first mutation.
-    pub async fn open(&self) -> Result<(), StoreError> {
+    /// reached now are claimed before their first mutation; they are returned (those not
+    /// already stale), for the group to record as stale.
+    pub async fn open(&self) -> Result<Vec<SledId>, StoreError> {
         let spec = self.spec();
         let sleds = spec.sleds();
         let results = join_all(sleds.iter().map(|s| self.claim_one(*s))).await;
@@ -214,10 +256,17 @@ impl SledStore {
                 return Err(e.clone());
             }
         }
-        // A chunk is empty when every replica answered and none holds it.
+        let stale = self.stale();
+        let unreachable: Vec<SledId> = sleds
+            .iter()
+            .zip(&results)
+            .filter(|(s, r)| r.is_err() && !stale.contains(s))
+            .map(|(s, _)| *s)
+            .collect();
+        // A chunk is empty when every current replica answered and none holds it.
         let mut reachable = HashSet::new();
         let mut held = BTreeSet::new();
-        for s in &sleds {
+        for s in sleds.iter().filter(|s| !stale.contains(s)) {
             let Ok(conn) = self.conn(*s).await else {
                 continue;
             };
@@ -235,13 +284,75 @@ impl SledStore {
             .filter(|c| {
                 spec.placement[*c as usize]
                     .iter()
-                    .all(|s| reachable.contains(s))
+                    .all(|s| reachable.contains(s) || stale.contains(s))
             })
             .collect();
         self.metrics
             .chunks_allocated
             .set((spec.chunks() - alloc.empty.len() as u64) as i64);
-        Ok(())
+        Ok(unreachable)
+    }
+
+    /// The sleds recorded stale.
+    pub fn stale(&self) -> BTreeSet<SledId> {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stale
+            .clone()
+    }
+
+    /// Takes the replicated set of stale sleds. A sled no longer in it is current again (its
+    /// resynchronisation, if any, is complete).
+    pub fn set_stale(&self, stale: &BTreeSet<SledId>) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if h.stale != *stale {
+            h.stale = stale.clone();
+            h.resync.retain(|s, _| stale.contains(s));
+        }
+    }
+
+    /// Forgets the progress of a resynchronisation (its sled failed a mutation): mutations skip
+    /// the sled again and a new resynchronisation starts from scratch.
+    pub fn abort_resync(&self, sled: SledId) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if h.resync.remove(&sled).is_some() {
+            tracing::warn!(volume_id = %self.spec().id, sled_id = %sled,
+                "resynchronisation of a stale sled abandoned");
+        }
+    }
+
+    /// True when `sled` is stale and every chunk it holds for the volume has been copied to
+    /// it by a resynchronisation that is still in force.
+    pub fn resync_complete(&self, sled: SledId) -> bool {
+        let spec = self.spec();
+        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((_, done)) = h.resync.get(&sled) else {
+            return false;
+        };
+        h.stale.contains(&sled)
+            && (0..spec.chunks())
+                .filter(|c| spec.placement[*c as usize].contains(&sled))
+                .all(|c| done.contains(&c))
+    }
+
+    /// The replicas a mutation of `chunk` must reach: the current ones and the resyncing ones
+    /// that already have the chunk. Empty when no replica is current.
+    fn targets(&self, chunk: ChunkIndex, replicas: &[SledId]) -> Vec<SledId> {
+        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if replicas.iter().all(|s| h.stale.contains(s)) {
+            return Vec::new();
+        }
+        replicas
+            .iter()
+            .copied()
+            .filter(|s| {
+                !h.stale.contains(s)
+                    || h.resync
+                        .get(s)
+                        .is_some_and(|(_, done)| done.contains(&chunk.0))
+            })
+            .collect()
     }
 
     async fn ensure_claimed(&self, sled: SledId) -> Result<(), StoreError> {
@@ -297,28 +408,43 @@ impl SledStore {
         F: Fn(Arc<common::sled_client::SledClient>, Credential) -> Fut,
         Fut: std::future::Future<Output = Result<(), ClientError>>,
     {
-        let replicas = &spec.placement[seg.chunk.0 as usize];
-        let results = join_all(replicas.iter().map(|sled| {
+        let _gate = self.gate.read().await;
+        let targets = self.targets(seg.chunk, &spec.placement[seg.chunk.0 as usize]);
+        if targets.is_empty() {
+            return Err(StoreError::Io(format!(
+                "chunk {} has no current replica (every replica is stale)",
+                seg.chunk.0
+            )));
+        }
+        let results = join_all(targets.iter().map(|sled| {
             let op = &op;
             async move {
-                self.ensure_claimed(*sled).await?;
-                let conn = self.conn(*sled).await?;
-                let client = conn
-                    .client()
-                    .await
-                    .map_err(|e| StoreError::Io(format!("sled {sled}: {e}")))?;
-                let cred = self.credential();
-                let mut res = op(client.clone(), cred).await;
-                if res.as_ref().err().and_then(ClientError::code) == Some(ErrorCode::NotClaimed) {
-                    // The sled lost its record (a replaced device): claim again, once.
-                    self.claimed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(sled);
+                let r = async {
                     self.ensure_claimed(*sled).await?;
-                    res = op(client, cred).await;
+                    let conn = self.conn(*sled).await?;
+                    let client = conn
+                        .client()
+                        .await
+                        .map_err(|e| StoreError::Io(e.to_string()))?;
+                    let cred = self.credential();
+                    let mut res = op(client.clone(), cred).await;
+                    if res.as_ref().err().and_then(ClientError::code) == Some(ErrorCode::NotClaimed)
+                    {
+                        // The sled lost its record (a replaced device): claim again, once.
+                        self.claimed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(sled);
+                        self.ensure_claimed(*sled).await?;
+                        res = op(client, cred).await;
+                    }
+                    res.map_err(|e| self.mutation_error(*sled, e))
                 }
-                res.map_err(|e| self.mutation_error(*sled, e))
+                .await;
+                r.map_err(|e| match e {
+                    StoreError::Io(msg) => StoreError::Replica { sled: *sled, msg },
+                    other => other,
+                })
             }
         }))
         .await;
@@ -400,14 +526,33 @@ impl SledStore {
         if self.is_empty(seg.chunk) {
             return Ok(AlignedBuf::zeroed(seg.len as usize));
         }
-        let replicas = &spec.placement[seg.chunk.0 as usize];
+        // Stale replicas are never read: they may miss writes.
+        let stale = self.stale();
+        let mut replicas: Vec<SledId> = spec.placement[seg.chunk.0 as usize]
+            .iter()
+            .copied()
+            .filter(|s| !stale.contains(s))
+            .collect();
         // Spread reads over the replicas; fall back to the others in turn.
         let start = self.reads.fetch_add(1, Ordering::Relaxed) as usize;
+        let n = replicas.len();
+        if n > 0 {
+            replicas.rotate_left(start % n);
+        }
+        // A sled that just failed to connect is tried last, not waited for first.
+        let suspect: HashSet<SledId> = replicas
+            .iter()
+            .copied()
+            .filter(|s| self.pool.by_id(*s).is_some_and(|c| c.is_suspect()))
+            .collect();
+        replicas.sort_by_key(|s| suspect.contains(s));
         let mut errors = Vec::new();
-        for k in 0..replicas.len() {
-            let sled = replicas[(start + k) % replicas.len()];
+        for sled in replicas {
             let attempt = async {
-                let conn = self.conn(sled).await?;
+                let conn = self.conn(sled).await.map_err(|e| match e {
+                    StoreError::Replica { msg, .. } => StoreError::Io(msg),
+                    other => other,
+                })?;
                 let client = conn
                     .client()
                     .await
@@ -487,13 +632,185 @@ impl SledStore {
             if !self.is_empty(seg.chunk) {
                 continue;
             }
-            self.on_replicas(&spec, seg, |c, cred| async move {
-                c.allocate(&cred, seg.chunk).await
-            })
-            .await?;
-            self.set_empty(seg.chunk, false, spec.chunks());
+            match self
+                .on_replicas(&spec, seg, |c, cred| async move {
+                    c.allocate(&cred, seg.chunk).await
+                })
+                .await
+            {
+                Ok(()) => self.set_empty(seg.chunk, false, spec.chunks()),
+                // A replica that cannot be reached does not refuse the write: its write-back
+                // waits for it or records it stale, and allocates the chunk there.
+                Err(StoreError::Replica { sled, msg }) => {
+                    tracing::debug!(volume_id = %spec.id, sled_id = %sled, error = %msg,
+                        "cannot allocate ahead on a replica; the write-back will");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
+    }
+
+    /// Brings a stale sled back: claims the volume on it under the current epoch (fencing any
+    /// older holder there), then copies every chunk of the volume it is a replica of from a
+    /// current replica (or frees it there when no current replica holds the chunk), one chunk
+    /// at a time with mutations held back. Returns the bytes copied. When it returns `Ok`, the
+    /// sled has every chunk and receives every mutation; the group then records it current.
+    /// The sled stays stale (and unread) throughout.
+    pub async fn resync(&self, sled: SledId) -> Result<u64, StoreError> {
+        self.check_deposed()?;
+        let volume = self.spec().id;
+        // A fresh claim, not a remembered one: the sled may have lost or missed it.
+        self.claimed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&sled);
+        self.claim_one(sled).await?;
+        let generation = {
+            let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            if !h.stale.contains(&sled) {
+                return Ok(0);
+            }
+            h.next_gen += 1;
+            let g = h.next_gen;
+            h.resync.insert(sled, (g, BTreeSet::new()));
+            g
+        };
+        tracing::info!(volume_id = %volume, sled_id = %sled, "resynchronising a stale sled");
+        let result = self.resync_chunks(sled, generation).await;
+        if result.is_err() {
+            let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            if h.resync.get(&sled).is_some_and(|(g, _)| *g == generation) {
+                h.resync.remove(&sled);
+            }
+        }
+        result
+    }
+
+    async fn resync_chunks(&self, sled: SledId, generation: u64) -> Result<u64, StoreError> {
+        let replica_err = |msg: String| StoreError::Replica { sled, msg };
+        let mut copied = 0u64;
+        let mut chunk = 0u64;
+        // The spec is read again each round: a volume grown meanwhile has more chunks.
+        loop {
+            let spec = self.spec();
+            if chunk >= spec.chunks() {
+                break;
+            }
+            let replicas = spec.placement[chunk as usize].clone();
+            if !replicas.contains(&sled) {
+                chunk += 1;
+                continue;
+            }
+            let _gate = self.gate.write().await;
+            self.check_deposed()?;
+            {
+                let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                if h.resync.get(&sled).is_none_or(|(g, _)| *g != generation) {
+                    return Err(replica_err("resynchronisation abandoned".into()));
+                }
+            }
+            let target = self
+                .conn(sled)
+                .await?
+                .client()
+                .await
+                .map_err(|e| replica_err(e.to_string()))?;
+            let cred = self.credential();
+            let stale = self.stale();
+            let sources: Vec<SledId> = replicas
+                .iter()
+                .copied()
+                .filter(|s| *s != sled && !stale.contains(s))
+                .collect();
+            copied += self
+                .copy_chunk(&spec, ChunkIndex(chunk), &sources, sled, &target, &cred)
+                .await?;
+            let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            match h.resync.get_mut(&sled) {
+                Some((g, done)) if *g == generation => {
+                    done.insert(chunk);
+                }
+                _ => return Err(replica_err("resynchronisation abandoned".into())),
+            }
+            chunk += 1;
+        }
+        Ok(copied)
+    }
+
+    /// Makes `chunk` on `target` what it is on a current replica. Called with the gate held.
+    async fn copy_chunk(
+        &self,
+        spec: &VolumeSpec,
+        chunk: ChunkIndex,
+        sources: &[SledId],
+        sled: SledId,
+        target: &common::sled_client::SledClient,
+        cred: &Credential,
+    ) -> Result<u64, StoreError> {
+        const PIECE: u64 = 4 << 20;
+        let replica_err = |msg: String| StoreError::Replica { sled, msg };
+        let target_holds = target
+            .volume_stat(spec.id)
+            .await
+            .map_err(|e| replica_err(e.to_string()))?
+            .chunks
+            .contains(&chunk);
+        let mut errors = Vec::new();
+        for source in sources {
+            let attempt = async {
+                let client = self
+                    .conn(*source)
+                    .await
+                    .map_err(|e| StoreError::Io(e.to_string()))?
+                    .client()
+                    .await
+                    .map_err(|e| StoreError::Io(e.to_string()))?;
+                let holds = client
+                    .volume_stat(spec.id)
+                    .await
+                    .map_err(|e| StoreError::Io(e.to_string()))?
+                    .chunks
+                    .contains(&chunk);
+                if !holds {
+                    if target_holds {
+                        target
+                            .free(cred, chunk)
+                            .await
+                            .map_err(|e| self.mutation_error(sled, e))?;
+                    }
+                    return Ok(0);
+                }
+                let mut at = 0;
+                while at < spec.chunk_size {
+                    let len = PIECE.min(spec.chunk_size - at);
+                    let buf = client
+                        .read(spec.id, chunk, at, len as u32)
+                        .await
+                        .map_err(|e| StoreError::Io(e.to_string()))?;
+                    target
+                        .write(cred, chunk, at, buf)
+                        .await
+                        .map_err(|e| self.mutation_error(sled, e))?;
+                    self.metrics.resync_bytes.inc_by(len);
+                    at += len;
+                }
+                Ok(spec.chunk_size)
+            };
+            match attempt.await {
+                Ok(n) => return Ok(n),
+                // The target's failure ends this resynchronisation; a source's tries the next.
+                Err(e @ (StoreError::Deposed { .. } | StoreError::Replica { .. })) => {
+                    return Err(e);
+                }
+                Err(e) => errors.push(format!("sled {source}: {e}")),
+            }
+        }
+        Err(replica_err(format!(
+            "no current replica of chunk {} could be read: {}",
+            chunk.0,
+            errors.join("; ")
+        )))
     }
 
     /// Allocation of `[offset, offset+len)` by chunk: `(length, allocated)` runs.
