@@ -87,6 +87,8 @@ pub struct SledClient {
     inflight: Arc<Semaphore>,
     reader: tokio::task::JoinHandle<()>,
     writer: tokio::task::JoinHandle<()>,
+    /// A request not answered within this closes the connection (see [`SledClient::call`]).
+    request_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Outgoing {
@@ -259,7 +261,42 @@ impl SledClient {
             inflight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             reader,
             writer,
+            request_timeout: None,
         })
+    }
+
+    /// Gives every request `timeout` to be answered: past it the request fails with
+    /// [`ClientError::Timeout`] and the whole connection is closed (its other requests fail
+    /// too), because a sled that does not answer one request is hung or unreachable, and a
+    /// connection with a request of unknown fate must not be reused. A caller that must know
+    /// that nothing sent on the closed connection can still run calls
+    /// [`SledClient::supersede`] on its next one.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = Some(timeout);
+        self
+    }
+
+    /// Closes the connection: requests in flight fail with `Disconnected`.
+    pub fn close(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        self.reader.abort();
+        self.writer.abort();
+        let drained: Vec<_> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for (_, w) in drained {
+            let _ = w.send(Err(ClientError::Disconnected(self.addr)));
+        }
+    }
+
+    /// Ends this head node's other connections to the sled and waits until everything they
+    /// had sent has run there or been dropped (see `Request::Supersede`).
+    pub async fn supersede(&self) -> Result<(), ClientError> {
+        let r = self.call(&Request::Supersede, None).await?;
+        Self::expect_ok(r)
     }
 
     /// The sled's id (from its handshake).
@@ -317,7 +354,19 @@ impl SledClient {
         {
             let _ = w.send(Err(ClientError::Disconnected(self.addr)));
         }
-        match wrx.await {
+        let answer = match self.request_timeout {
+            None => wrx.await,
+            Some(t) => match tokio::time::timeout(t, wrx).await {
+                Ok(a) => a,
+                Err(_) => {
+                    tracing::warn!(sled = %self.addr, timeout = ?t, op = req.op_name(),
+                        "sled request timed out; closing the connection");
+                    self.close();
+                    return Err(ClientError::Timeout(self.addr));
+                }
+            },
+        };
+        match answer {
             Ok(Ok((Response::Error(e), _))) => Err(ClientError::Remote(e)),
             Ok(r) => r,
             Err(_) => Err(ClientError::Disconnected(self.addr)),

@@ -396,6 +396,12 @@ pub enum Request {
         /// The volume.
         volume: VolumeId,
     },
+    /// End every other connection of this head node to this sled: they stop reading, what
+    /// they already read runs and is answered, then this is answered `Ok`. Nothing the head
+    /// node sent on an older connection can run after anything it sends on this one after the
+    /// answer — the barrier a head node needs before trusting a sled it had given up on (its
+    /// timed-out requests may still sit in the old connection's socket buffer).
+    Supersede,
 }
 
 impl Request {
@@ -414,6 +420,7 @@ impl Request {
             Request::Flush => "flush",
             Request::Stat => "stat",
             Request::VolumeStat { .. } => "volume_stat",
+            Request::Supersede => "supersede",
         }
     }
 }

@@ -300,7 +300,9 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
         .register(&registry)
         .map_err(|e| StartError::Setup(e.to_string()))?;
     node.set_throttle(throttle);
-    let pool = Arc::new(SledPool::new(&cfg.sleds, key.clone(), cfg.node_id));
+    let pool = Arc::new(
+        SledPool::new(&cfg.sleds, key.clone(), cfg.node_id).with_request_timeout(cfg.sled_timeout),
+    );
     let sleds = SledAccess {
         pool,
         key: key.clone(),

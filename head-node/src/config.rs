@@ -218,6 +218,10 @@ pub struct HeadConfig {
     /// Replicas of each chunk (fewer when fewer sleds exist).
     #[serde(default = "default_replicas")]
     pub replicas: usize,
+    /// A sled request not answered within this fails and closes the connection (a hung sled
+    /// is then treated like a dead one: reads go elsewhere, write-back marks it stale).
+    #[serde(default = "default_sled_timeout", with = "common::units::duration")]
+    pub sled_timeout: std::time::Duration,
     /// Volumes to serve.
     #[serde(default)]
     pub volume: Vec<VolumeConfig>,
@@ -248,6 +252,10 @@ pub struct HeadConfig {
     pub events: crate::events::EventsConfig,
 }
 
+fn default_sled_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
+}
+
 impl HeadConfig {
     /// A configuration with every default.
     pub fn new(node_id: NodeId, cluster_key_file: PathBuf, state_dir: PathBuf) -> Self {
@@ -263,6 +271,7 @@ impl HeadConfig {
             wal: Default::default(),
             sleds: Vec::new(),
             replicas: default_replicas(),
+            sled_timeout: default_sled_timeout(),
             volume: Vec::new(),
             nbd: Default::default(),
             ready_file: None,

@@ -69,6 +69,9 @@ struct Args {
     /// (e.g. `1s`, `500ms`).
     #[arg(long, value_parser = common::units::parse_duration)]
     stale_after: Option<std::time::Duration>,
+    /// Deadline of a sled request (e.g. `5s`): past it the connection is closed.
+    #[arg(long, value_parser = common::units::parse_duration)]
+    sled_timeout: Option<std::time::Duration>,
 }
 
 fn config(a: Args) -> anyhow::Result<HeadConfig> {
@@ -132,6 +135,9 @@ fn config(a: Args) -> anyhow::Result<HeadConfig> {
     }
     if let Some(v) = a.overcommit_ratio {
         cfg.control.overcommit_ratio = v;
+    }
+    if let Some(v) = a.sled_timeout {
+        cfg.sled_timeout = v;
     }
     if let Some(v) = a.stale_after {
         cfg.raft.stale_after = v;

@@ -2,7 +2,11 @@
 //!
 //! Each sled is known by its address (from configuration) and, once reached, by the id it proves
 //! in the handshake. A connection is made on first use and remade after it fails, with a short
-//! back-off so a dead sled does not cost a connect attempt per request.
+//! back-off so a dead sled does not cost a connect attempt per request. Every request has a
+//! deadline (`sled-timeout`): a hung sled's connection is closed like a dead one's. Every new
+//! connection first supersedes this node's older ones at the sled, so a request that timed out
+//! on a closed connection (and may still sit in the sled's socket buffer) can never run after
+//! what is sent on the new one — what makes resynchronising a sled that hung safe.
 
 use common::ClusterKey;
 use common::ids::{NodeId, SledId};
@@ -34,6 +38,8 @@ pub struct SledConn {
     id: Mutex<Option<SledId>>,
     /// When the last connect attempt failed (cleared by a success).
     failed_at: Mutex<Option<Instant>>,
+    /// Given to every request on this sled's connections.
+    request_timeout: Option<Duration>,
 }
 
 impl SledConn {
@@ -75,7 +81,18 @@ impl SledConn {
         {
             return Err(e.clone());
         }
-        match SledClient::connect(self.addr, &self.key, self.node, CONNECT_TIMEOUT).await {
+        let connected = async {
+            let mut c =
+                SledClient::connect(self.addr, &self.key, self.node, CONNECT_TIMEOUT).await?;
+            if let Some(t) = self.request_timeout {
+                c = c.with_request_timeout(t);
+            }
+            // A barrier with this node's older connections: requests of unknown fate (a
+            // connection closed after a timeout) can no longer run after this one's.
+            c.supersede().await?;
+            Ok::<_, ClientError>(c)
+        };
+        match connected.await {
             Ok(c) => {
                 let c = Arc::new(c);
                 *self.id.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.sled_id());
@@ -119,10 +136,22 @@ impl SledPool {
                         slot: tokio::sync::Mutex::new(Slot::default()),
                         id: Mutex::new(None),
                         failed_at: Mutex::new(None),
+                        request_timeout: None,
                     })
                 })
                 .collect(),
         }
+    }
+
+    /// Gives every request `timeout` (see [`SledClient::with_request_timeout`]). Call before
+    /// the pool is shared.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        for s in &mut self.sleds {
+            if let Some(s) = Arc::get_mut(s) {
+                s.request_timeout = Some(timeout);
+            }
+        }
+        self
     }
 
     /// Every sled.

@@ -10,6 +10,9 @@
 //!   threads in batches: everything one socket read brought in goes to a device in one queue
 //!   reservation with at most one doorbell. No task is spawned for them.
 //! * Control requests (claim, allocate, free, stat) each run in a task of their own.
+//! * `Supersede` ends the head node's other connections ([`Sessions`]) and is answered once
+//!   everything they had read has run: a barrier between a head node's old and new
+//!   connection.
 //! * Results come back through the connection's [`ReplySink`]: device threads push into it and
 //!   wake the writer once per round of work; the writer answers everything it finds and flushes
 //!   once.
@@ -26,18 +29,21 @@ use crate::reply::{Entry, Outcome, ReplySink, ReplyTo, Ticket};
 use crate::sled::{Sled, SledError};
 use common::AlignedBuf;
 use common::cred::{Credential, HandshakeRole, VerifiedCredentials, nonce};
+use common::ids::NodeId;
 use common::ids::{ChunkIndex, VolumeId};
 use common::sled_proto::{
     ErrorCode, Frame, FrameHeader, HEADER_LEN, KIND_REQUEST, KIND_RESPONSE, MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION, ProtoError, Request, Response, WireError, read_body, read_frame, read_header,
     write_frame,
 };
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 /// Limits of one connection.
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +108,7 @@ pub async fn serve(
     limits: ConnLimits,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let sessions = Arc::new(Sessions::default());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -109,9 +116,12 @@ pub async fn serve(
                     let _ = stream.set_nodelay(true);
                     let sled = sled.clone();
                     let shutdown = shutdown.clone();
+                    let sessions = sessions.clone();
                     tokio::spawn(async move {
                         sled.metrics().connections.inc();
-                        if let Err(e) = connection(stream, sled.clone(), limits, shutdown).await {
+                        if let Err(e) =
+                            connection(stream, sled.clone(), sessions, limits, shutdown).await
+                        {
                             tracing::debug!(%peer, error = %e, "connection ended");
                         }
                         sled.metrics().connections.dec();
@@ -140,7 +150,7 @@ async fn handshake(
     stream: &mut TcpStream,
     sled: &Sled,
     timeout: Duration,
-) -> Result<(), ConnError> {
+) -> Result<NodeId, ConnError> {
     let run = async {
         let f = read_frame(stream).await?;
         let hello = f.decode::<Request>();
@@ -221,7 +231,7 @@ async fn handshake(
         write_frame(stream, KIND_RESPONSE, f.header.tag, &Response::AuthOk, &[]).await?;
         stream.flush().await.map_err(ProtoError::Io)?;
         tracing::debug!(node_id = node.0, version, "head node authenticated");
-        Ok(())
+        Ok(node)
     };
     let res = match tokio::time::timeout(timeout, run).await {
         Ok(r) => r,
@@ -288,15 +298,103 @@ impl Permits {
     }
 }
 
+/// Longest a `Supersede` waits for the older connections to finish.
+const SUPERSEDE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The authenticated connections, by head node, so a new one can end the older ones.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Session>>,
+}
+
+#[derive(Debug)]
+struct Session {
+    node: NodeId,
+    /// Set to make the connection stop reading.
+    stop: watch::Sender<bool>,
+    /// Closed (its sender dropped) once the connection has answered everything it read.
+    done: watch::Receiver<()>,
+}
+
+/// A registered connection; dropping it (the connection is over) unregisters it and tells the
+/// waiters.
+struct SessionGuard {
+    sessions: Arc<Sessions>,
+    id: u64,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.sessions
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl Sessions {
+    fn register(self: &Arc<Self>, node: NodeId) -> (SessionGuard, watch::Receiver<bool>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (stop, stop_rx) = watch::channel(false);
+        let (done_tx, done) = watch::channel(());
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Session { node, stop, done });
+        (
+            SessionGuard {
+                sessions: self.clone(),
+                id,
+                _done: done_tx,
+            },
+            stop_rx,
+        )
+    }
+
+    /// Stops every other connection of `node` and waits until each has answered what it read.
+    async fn supersede(&self, node: NodeId, me: u64) -> Result<usize, String> {
+        let others: Vec<watch::Receiver<()>> = {
+            let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            live.iter()
+                .filter(|(id, s)| **id != me && s.node == node)
+                .map(|(_, s)| {
+                    s.stop.send_replace(true);
+                    s.done.clone()
+                })
+                .collect()
+        };
+        let n = others.len();
+        let wait = async {
+            for mut d in others {
+                // Resolves when the sender is dropped: the connection is over.
+                while d.changed().await.is_ok() {}
+            }
+        };
+        tokio::time::timeout(SUPERSEDE_TIMEOUT, wait)
+            .await
+            .map_err(|_| {
+                format!(
+                    "older connections of node {node} did not finish within {SUPERSEDE_TIMEOUT:?}"
+                )
+            })?;
+        Ok(n)
+    }
+}
+
 /// Serves one connection: handshake, then this task reads requests while a writer task answers
 /// them.
 async fn connection(
     mut stream: TcpStream,
     sled: Arc<Sled>,
+    sessions: Arc<Sessions>,
     limits: ConnLimits,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    handshake(&mut stream, &sled, limits.handshake_timeout).await?;
+    let node = handshake(&mut stream, &sled, limits.handshake_timeout).await?;
+    let (guard, mut stop) = sessions.register(node);
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let sink = Arc::new(ReplySink::default());
@@ -308,6 +406,9 @@ async fn connection(
         permits.clone(),
     ));
     let mut reader = Reader {
+        sessions: sessions.clone(),
+        session: guard.id,
+        node,
         creds: sled.credential_cache(),
         batches: (0..sled.device_count()).map(|_| Vec::new()).collect(),
         queued: 0,
@@ -316,17 +417,23 @@ async fn connection(
         sink: sink.clone(),
         permits,
     };
-    let result = reader.run(&mut rd, &mut shutdown).await;
+    let result = reader.run(&mut rd, &mut shutdown, &mut stop).await;
     // What was read before the end still runs and is answered.
     reader.submit().await;
     sink.end();
     let _ = writer.await;
+    drop(guard);
     result
 }
 
 /// The reading side of a connection: parses frames, checks what can be checked at once, and
 /// hands reads and mutations to the device threads in batches.
 struct Reader {
+    sessions: Arc<Sessions>,
+    /// This connection's id in `sessions`.
+    session: u64,
+    /// The head node on the other end.
+    node: NodeId,
     sled: Arc<Sled>,
     sink: Arc<ReplySink>,
     permits: Arc<Permits>,
@@ -352,6 +459,7 @@ impl Reader {
         &mut self,
         rd: &mut BufReader<OwnedReadHalf>,
         shutdown: &mut tokio::sync::watch::Receiver<bool>,
+        stop: &mut watch::Receiver<bool>,
     ) -> Result<(), ConnError> {
         loop {
             // Everything one socket read brought in goes to the devices together; before waiting
@@ -362,6 +470,11 @@ impl Reader {
             let header = tokio::select! {
                 h = read_header(rd) => h,
                 _ = shutdown.changed() => return Ok(()),
+                // A newer connection of the same head node superseded this one.
+                _ = stop.wait_for(|s| *s) => {
+                    tracing::debug!(node_id = self.node.0, "connection superseded by a newer one");
+                    return Ok(());
+                }
             };
             let started = Instant::now();
             let header = match header {
@@ -535,6 +648,24 @@ impl Reader {
             Request::Claim { cred } => self.control(t, Control::Claim(cred)).await,
             Request::Stat => self.control(t, Control::Stat).await,
             Request::VolumeStat { volume } => self.control(t, Control::VolumeStat(volume)).await,
+            Request::Supersede => {
+                // Inline: this connection reads nothing more until the older ones are done.
+                self.submit().await;
+                let resp = match self.sessions.supersede(self.node, self.session).await {
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::info!(
+                                node_id = self.node.0,
+                                connections = n,
+                                "older connections of the head node ended"
+                            );
+                        }
+                        Response::Ok
+                    }
+                    Err(msg) => proto_error(ErrorCode::Io, msg),
+                };
+                self.reply(t, resp);
+            }
         }
     }
 

@@ -150,6 +150,65 @@ fn write_read_trim_and_stat_over_the_network() {
     });
 }
 
+/// A head node's new connection supersedes its older ones: what they already sent runs and is
+/// answered before `Supersede` is, then they are closed; another node's connection is untouched.
+#[test]
+fn a_new_connection_supersedes_the_same_nodes_older_ones() {
+    let f = fixture("sled-supersede");
+    rt().block_on(async {
+        let old = Arc::new(client(f.sled.ready.listen, &f.key, 1).await);
+        let other = client(f.sled.ready.listen, &f.key, 2).await;
+        let cred = f.key.mint(V, Epoch(1), NodeId(1));
+        old.claim(&cred).await.unwrap();
+        // Writes in flight on the old connection when the new one supersedes it.
+        let writes: Vec<_> = (0..16u64)
+            .map(|i| {
+                let old = old.clone();
+                tokio::spawn(async move {
+                    old.write(&cred, ChunkIndex(0), i * 4096, filled(4096, 0x40 + i as u8))
+                        .await
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let new = client(f.sled.ready.listen, &f.key, 1).await;
+        new.supersede().await.unwrap();
+        // Each old write either ran (and was answered) before the barrier, or never runs.
+        let mut landed = Vec::new();
+        for (i, w) in writes.into_iter().enumerate() {
+            if w.await.unwrap().is_ok() {
+                landed.push(i as u64);
+            }
+        }
+        let got = new.read(V, ChunkIndex(0), 0, 16 * 4096).await.unwrap();
+        for i in 0..16u64 {
+            let block = &got[(i * 4096) as usize..((i + 1) * 4096) as usize];
+            if landed.contains(&i) {
+                assert!(
+                    block.iter().all(|&b| b == 0x40 + i as u8),
+                    "write {i} acknowledged but missing"
+                );
+            } else {
+                assert!(block.iter().all(|&b| b == 0), "write {i} failed but landed");
+            }
+        }
+        // The old connection is closed by the sled; the other node's is not.
+        let e = old.stat().await.unwrap_err();
+        assert!(
+            matches!(e, ClientError::Disconnected(_)),
+            "old connection still served: {e}"
+        );
+        other.stat().await.unwrap();
+        new.write(&cred, ChunkIndex(0), 0, filled(4096, 0x77))
+            .await
+            .unwrap();
+        // Superseding with no older connection is a no-op.
+        new.supersede().await.unwrap();
+        other.supersede().await.unwrap();
+        new.stat().await.unwrap();
+    });
+}
+
 #[test]
 fn fencing_over_the_network() {
     let f = fixture("sled-fence");
