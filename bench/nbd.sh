@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The NBD benchmark (issues 3 and 4), in one run on one disk: fio through NBD against
 #
-#   * Stockade, one head node over three sleds (R = 3 sled copies, no Raft peers);
+#   * Stockade, one head node over three sleds (R = 3 sled copies, no Raft peers), and again with
+#     R = 1 (one sled copy per chunk: the R = 1 write target);
 #   * Stockade, three head nodes over three sleds (a 3-way Raft-replicated volume, R = 3), at its
 #     leader, the write runs sustained for LONG seconds so write-back to the sleds sets the pace;
 #   * nbdkit's file plugin (page cache: what a user would otherwise pick);
@@ -131,10 +132,10 @@ workloads "qemu-nbd cache=none" short
 kill "$SERVER_PIDS"; wait "$SERVER_PIDS" 2>/dev/null || true
 
 stockade() {
-    local heads=$1 label=$2 long=$3 d=$S/up-$1
-    echo "== Stockade, $heads head node(s), 3 sleds" >&2
-    "$BIN" --data-dir "$d" up --heads "$heads" --sleds 3 --sled-size 8GiB --detach \
-        >"$d.log" 2>&1
+    local heads=$1 replicas=$2 label=$3 long=$4 d=$S/up-$1-r$2
+    echo "== Stockade, $heads head node(s), 3 sleds, R=$replicas" >&2
+    "$BIN" --data-dir "$d" up --heads "$heads" --sleds 3 --replicas "$replicas" \
+        --sled-size 8GiB --detach >"$d.log" 2>&1
     # The leader's NBD address (a follower would forward every request to it).
     local leader uri
     leader=$(jq -r .leader < <("$BIN" --data-dir "$d" volume show vol0 --json))
@@ -145,12 +146,14 @@ stockade() {
     TARGET=(--ioengine=nbd --uri="$uri")
     workloads "$label" "$long"
 }
-stockade 1 "Stockade, 1 head node (R=3 sleds)" short
-jq -r '.processes[].pid' "$S/up-1/cluster.json" | xargs -r kill; sleep 2
-stockade 3 "Stockade, 3 head nodes (Raft x3, R=3 sleds)" long
+stockade 1 3 "Stockade, 1 head node (R=3 sleds)" short
+jq -r '.processes[].pid' "$S/up-1-r3/cluster.json" | xargs -r kill; sleep 2
+stockade 1 1 "Stockade, 1 head node (R=1 sled)" short
+jq -r '.processes[].pid' "$S/up-1-r1/cluster.json" | xargs -r kill; sleep 2
+stockade 3 3 "Stockade, 3 head nodes (Raft x3, R=3 sleds)" long
 
 echo "== failover pause" >&2
-d=$S/up-3
+d=$S/up-3-r3
 leader=$(jq -r .leader < <("$BIN" --data-dir "$d" volume show vol0 --json))
 follower=$(jq -r --arg id "head-$leader" '[.processes[] | select(.role == "head" and .id != $id)][0].listen' "$d/cluster.json")
 lpid=$(jq -r --arg id "head-$leader" '.processes[] | select(.id == $id) | .pid' "$d/cluster.json")
@@ -179,9 +182,10 @@ errors=$(jq '.jobs[0].error' "$S/failover.json" 2>/dev/null || echo "-")
         kit=$(awk -F'\t' -v w="$w" '$1 == "nbdkit file" && $2 == w { print $3 }' "$RESULTS")
         qn=$(awk -F'\t' -v w="$w" '$1 ~ /^qemu-nbd/ && $2 == w { print $3 }' "$RESULTS")
         awk -F'\t' -v w="$w" -v dev="$dev" -v kit="$kit" -v qn="$qn" '$1 ~ /^Stockade/ && $2 == w {
-            lim = (w ~ /write/) ? dev / 3 : dev
+            r = match($1, /R=[0-9]+/) ? substr($1, RSTART + 2, RLENGTH - 2) : 3
+            lim = (w ~ /write/) ? dev / r : dev
             printf "  %s, %s: %.2fx the device limit (%s), %.2fx qemu-nbd cache=none, %.2fx nbdkit\n",
-                $1, w, $3 / (lim ? lim : 1), (w ~ /write/) ? "device write IOPS / 3 copies" : "device read IOPS",
+                $1, w, $3 / (lim ? lim : 1), (w ~ /write/) ? "device write IOPS / " r " copies" : "device read IOPS",
                 $3 / (qn ? qn : 1), $3 / (kit ? kit : 1) }' "$RESULTS"
     done
     echo

@@ -32,6 +32,9 @@ pub struct UpArgs {
     /// one-member group that grows while serving).
     #[arg(long, default_value_t = 2)]
     pub pool_size: usize,
+    /// Sled copies of each chunk of new volumes (at most the number of sleds).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub replicas: u8,
     /// Size of each sled's device file (sparse: only written data takes disk space).
     #[arg(long, default_value = "20GiB")]
     pub sled_size: ByteSize,
@@ -334,11 +337,13 @@ fn head_config(
     token: &Path,
     state: &Path,
     pool_size: usize,
+    replicas: u8,
 ) -> String {
     let mut t = format!(
         "# Written by `stockade up`; the same file a head node uses on a real machine.\n\
          node-id = {id}\nnbd-listen = {}\nadmin-listen = {}\npeer-listen = {}\n\
-         cluster-key-file = {}\nadmin-token-file = {}\nstate-dir = {}\nsleds = [{}]\n",
+         cluster-key-file = {}\nadmin-token-file = {}\nstate-dir = {}\nsleds = [{}]\n\
+         replicas = {replicas}\n",
         toml_str(&p.listen.to_string()),
         toml_str(&p.metrics.to_string()),
         toml_str(&p.peer.map(|a| a.to_string()).unwrap_or_default()),
@@ -517,6 +522,7 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
                     &token,
                     &hdir.join("state"),
                     args.pool_size,
+                    args.replicas,
                 ),
             )?;
             let a = vec!["--config".to_string(), cfg.display().to_string()];
