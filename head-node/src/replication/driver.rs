@@ -682,12 +682,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                         if self.core.state.stale.contains(&sled)
                             && store.as_ref().is_some_and(|s| s.resync_complete(sled)) =>
                     {
-                        let tag = self.next_tag();
-                        match self.core.propose(
-                            tag,
-                            &EntryHeader::SledStale { sled, stale: false },
-                            Bytes::new(),
-                        ) {
+                        match self.propose_stale(sled, false) {
                             Ok(index) => {
                                 tracing::info!(group = %self.group, sled_id = %sled, bytes,
                                     "stale sled resynchronised; recording it current");
@@ -767,12 +762,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 "the last current replica of a chunk is failing; writes wait for it");
             return;
         }
-        let tag = self.next_tag();
-        match self.core.propose(
-            tag,
-            &EntryHeader::SledStale { sled, stale: true },
-            Bytes::new(),
-        ) {
+        match self.propose_stale(sled, true) {
             Ok(index) => {
                 tracing::warn!(group = %self.group, sled_id = %sled, reason = why,
                     "recording a sled stale for the volume; writes go on without it");
@@ -784,6 +774,13 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                     "cannot record a sled stale");
             }
         }
+    }
+
+    /// Proposes a `SledStale` entry; returns its log index.
+    fn propose_stale(&mut self, sled: SledId, stale: bool) -> Result<u64, GroupError> {
+        let tag = self.next_tag();
+        self.core
+            .propose(tag, &EntryHeader::SledStale { sled, stale }, Bytes::new())
     }
 
     /// Starts resynchronising one stale sled when none is and the last attempt is old enough.
