@@ -1301,6 +1301,7 @@ async fn flusher(
             let mut failing: HashMap<SledId, (tokio::time::Instant, bool)> = HashMap::new();
             let mut attempts = 0u32;
             let result = loop {
+                let attempt = tokio::time::Instant::now();
                 let r = match &header {
                     EntryHeader::Write { .. } => store.write(offset, data.clone()).await,
                     EntryHeader::Zero { free, .. } => store.zero(offset, len, *free).await,
@@ -1314,7 +1315,10 @@ async fn flusher(
                     Err(e) => {
                         if let StoreError::Replica { sled, .. } = &e {
                             let now = tokio::time::Instant::now();
-                            let (since, reported) = failing.entry(*sled).or_insert((now, false));
+                            // Failing since the attempt began: a hung sled's request that
+                            // timed out has been failing for the whole deadline.
+                            let (since, reported) =
+                                failing.entry(*sled).or_insert((attempt, false));
                             if !*reported && now.duration_since(*since) >= limits.stale_after {
                                 *reported = true;
                                 let _ = done.send(Input::SledDown { term, sled: *sled }).await;

@@ -702,6 +702,13 @@ impl SledStore {
                 chunk += 1;
                 continue;
             }
+            // Connected before the gate is taken: mutations are not held back by a reconnect.
+            let target = self
+                .conn(sled)
+                .await?
+                .client()
+                .await
+                .map_err(|e| replica_err(e.to_string()))?;
             let _gate = self.gate.write().await;
             self.check_deposed()?;
             {
@@ -710,12 +717,6 @@ impl SledStore {
                     return Err(replica_err("resynchronisation abandoned".into()));
                 }
             }
-            let target = self
-                .conn(sled)
-                .await?
-                .client()
-                .await
-                .map_err(|e| replica_err(e.to_string()))?;
             let cred = self.credential();
             let stale = self.stale();
             let sources: Vec<SledId> = replicas
