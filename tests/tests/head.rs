@@ -161,6 +161,11 @@ fn stale_and_resync(name: &str, outage: Outage) {
         ],
     );
     assert!(ok(&r), "{}", text(&r));
+    // A hung sled is not known to be away until a request to it times out: one of the reads
+    // waited for it and fell back. (A killed one may be skipped without a fallback.)
+    if outage == Outage::Freeze {
+        assert!(metric(admin, "stockade_volume_read_fallbacks_total") > 0.0);
+    }
     assert_eq!(metric(admin, "stockade_volume_stale_replicas"), 0.0);
 
     // A writer over the whole volume: most chunks are not allocated yet, so it also allocates

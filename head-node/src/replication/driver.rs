@@ -764,9 +764,11 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         }
         match self.propose_stale(sled, true) {
             Ok(index) => {
+                // The resynchronisation's progress is kept: a sled whose current-again mark is
+                // still pending must go on failing writes (they retry) until this mark is
+                // applied, or it would be current for a moment without them.
                 tracing::warn!(group = %self.group, sled_id = %sled, reason = why,
                     "recording a sled stale for the volume; writes go on without it");
-                store.abort_resync(sled);
                 self.stale_pending.insert(sled, index);
             }
             Err(e) => {
