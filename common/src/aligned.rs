@@ -11,6 +11,9 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
+mod pool;
+pub use pool::{BufPool, MAX_POOLED, PoolStats};
+
 /// The alignment of every device I/O buffer, offset and length.
 pub const ALIGN: usize = 4096;
 
@@ -20,15 +23,19 @@ struct EmptyPage;
 
 const _: () = assert!(std::mem::align_of::<EmptyPage>() == ALIGN);
 
-/// A zero-initialised heap buffer whose start is aligned to [`ALIGN`].
+/// A zero-initialised buffer whose start is aligned to [`ALIGN`]: on the heap, or a slot of a
+/// [`BufPool`] region that it gives back when dropped.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
     cap: usize,
+    /// The pool owning the memory, for pooled buffers.
+    home: Option<std::sync::Arc<pool::PoolShared>>,
 }
 
-// SAFETY: AlignedBuf owns its allocation exclusively (like Vec<u8>); moving it between threads
-// moves that ownership, and shared references only allow reads.
+// SAFETY: AlignedBuf owns its allocation (or pool slot) exclusively (like Vec<u8>); moving it
+// between threads moves that ownership, and shared references only allow reads. The pool it may
+// point to is itself Send + Sync.
 unsafe impl Send for AlignedBuf {}
 // SAFETY: &AlignedBuf only exposes &[u8]; there is no interior mutability.
 unsafe impl Sync for AlignedBuf {}
@@ -40,6 +47,7 @@ impl AlignedBuf {
             ptr: NonNull::<EmptyPage>::dangling().cast::<u8>(),
             len: 0,
             cap: 0,
+            home: None,
         }
     }
 
@@ -56,7 +64,12 @@ impl AlignedBuf {
         let Some(ptr) = NonNull::new(raw) else {
             std::alloc::handle_alloc_error(layout)
         };
-        Self { ptr, len, cap }
+        Self {
+            ptr,
+            len,
+            cap,
+            home: None,
+        }
     }
 
     /// A buffer holding a copy of `data`.
@@ -108,6 +121,10 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if let Some(home) = self.home.take() {
+            home.release(self.ptr, self.cap);
+            return;
+        }
         if self.cap == 0 {
             // An empty buffer owns no allocation.
             return;

@@ -11,8 +11,9 @@ use crate::Credential;
 use crate::cred::{ClusterKey, HandshakeRole, nonce};
 use crate::ids::{ChunkIndex, NodeId, SledId, VolumeId};
 use crate::sled_proto::{
-    ErrorCode, KIND_REQUEST, KIND_RESPONSE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtoError,
-    Request, Response, SledStat, VolumeStat, WireError, encode_frame, read_frame, write_frame,
+    CACHED_WRITES_VERSION, ErrorCode, KIND_REQUEST, KIND_RESPONSE, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, ProtoError, Request, Response, SledStat, VolumeStat, WireError, encode_frame,
+    read_frame, write_frame,
 };
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -80,6 +81,8 @@ struct Outgoing {
 pub struct SledClient {
     addr: SocketAddr,
     sled: SledId,
+    /// The protocol version agreed at hello.
+    version: u16,
     tx: mpsc::Sender<Outgoing>,
     pending: Pending,
     next_tag: AtomicU64,
@@ -163,10 +166,13 @@ impl SledClient {
             write_frame(&mut stream, KIND_REQUEST, 0, &hello, &[]).await?;
             stream.flush().await?;
             let f = read_frame(&mut stream).await?;
-            let (sled, their_nonce, proof) = match f.decode::<Response>()? {
+            let (sled, version, their_nonce, proof) = match f.decode::<Response>()? {
                 Response::Challenge {
-                    sled, nonce, proof, ..
-                } => (sled, nonce, proof),
+                    sled,
+                    version,
+                    nonce,
+                    proof,
+                } => (sled, version, nonce, proof),
                 Response::Error(e) => return Ok(Err(e.to_string())),
                 other => return Ok(Err(format!("expected Challenge, got {other:?}"))),
             };
@@ -180,16 +186,16 @@ impl SledClient {
             stream.flush().await?;
             let f = read_frame(&mut stream).await?;
             match f.decode::<Response>()? {
-                Response::AuthOk => Ok(Ok(sled)),
+                Response::AuthOk => Ok(Ok((sled, version))),
                 Response::Error(e) => Ok(Err(e.to_string())),
                 other => Ok(Err(format!("expected AuthOk, got {other:?}"))),
             }
         };
-        let sled = match tokio::time::timeout(timeout, hs).await {
+        let (sled, version) = match tokio::time::timeout(timeout, hs).await {
             Err(_) => return Err(conn_err("handshake timed out".into())),
             Ok(Err::<_, ProtoError>(e)) => return Err(conn_err(e.to_string())),
             Ok(Ok(Err(message))) => return Err(ClientError::Handshake { addr, message }),
-            Ok(Ok(Ok(sled))) => sled,
+            Ok(Ok(Ok(answer))) => answer,
         };
         let (rd, wr) = stream.into_split();
         let pending: Pending = Arc::default();
@@ -254,6 +260,7 @@ impl SledClient {
         Ok(Self {
             addr,
             sled,
+            version,
             tx,
             pending,
             next_tag: AtomicU64::new(2),
@@ -429,6 +436,44 @@ impl SledClient {
             )
             .await?;
         Self::expect_ok(r)
+    }
+
+    /// Writes, acknowledged once the sled's device holds the data but before it is durable;
+    /// [`SledClient::flush`] makes it durable (see `Request::WriteCached`). A sled older than
+    /// protocol version 2 gets a durable write instead, which is at least as strong.
+    pub async fn write_cached(
+        &self,
+        cred: &Credential,
+        chunk: ChunkIndex,
+        offset: u64,
+        data: impl Into<Payload>,
+    ) -> Result<(), ClientError> {
+        if self.version < CACHED_WRITES_VERSION {
+            return self.write(cred, chunk, offset, data).await;
+        }
+        let r = self
+            .call(
+                &Request::WriteCached {
+                    cred: *cred,
+                    chunk,
+                    offset,
+                },
+                Some(data.into().0),
+            )
+            .await?;
+        Self::expect_ok(r)
+    }
+
+    /// Makes every cached write this head node had acknowledged before the call durable on the
+    /// sled.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let r = self.call(&Request::Flush, None).await?;
+        Self::expect_ok(r)
+    }
+
+    /// The protocol version agreed with the sled.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// Makes a range read as zeros.

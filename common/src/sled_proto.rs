@@ -1,4 +1,4 @@
-//! The head-node ↔ sled-controller wire protocol, version 1.
+//! The head-node ↔ sled-controller wire protocol, version 2.
 //!
 //! Every frame is a fixed 32-byte little-endian header, a control part (a postcard-encoded
 //! [`Request`] or [`Response`]) and a raw data part (block payloads are never serialized: they are
@@ -7,7 +7,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic     0x53_4B_54_53 ("STKS" little-endian)
-//!      4    2 version   protocol version of this frame
+//!      4    2 version   frame layout version (FRAME_VERSION, 1 so far)
 //!      6    2 kind      1 = request, 2 = response
 //!      8    8 tag       chosen by the requester, echoed in the response
 //!     16    4 ctl_len   length of the control part (≤ MAX_CTL_LEN)
@@ -19,6 +19,12 @@
 //! Requests are tagged, so many can be in flight on one connection and responses may come back in
 //! any order. A frame that is too large, malformed or fails its checksum is answered with an
 //! error and the connection is closed.
+//!
+//! Versions: the frame layout has its own version ([`FRAME_VERSION`], in every header); the
+//! message set is negotiated at hello (the highest version both sides speak, between
+//! [`MIN_PROTOCOL_VERSION`] and [`PROTOCOL_VERSION`]). Version 2 added [`Request::WriteCached`]
+//! and made [`Request::Flush`] mean something; a client talking to a version 1 sled sends
+//! durable writes instead (see `SledClient::write_cached`).
 //!
 //! Postcard encodes enum variants by their position: variants of [`Request`], [`Response`] and
 //! [`ErrorCode`] are append-only. The golden-bytes tests below pin the encoding.
@@ -33,9 +39,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Frame magic.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"STKS");
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The first version with [`Request::WriteCached`] (and a `Flush` that does something).
+pub const CACHED_WRITES_VERSION: u16 = 2;
 /// The oldest protocol version this build accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// The layout of frames (the header below), independent of the message set.
+pub const FRAME_VERSION: u16 = 1;
 /// Header length.
 pub const HEADER_LEN: usize = 32;
 /// Largest control part.
@@ -61,7 +71,7 @@ pub enum ProtoError {
     #[error("bad frame magic {0:#010x}")]
     BadMagic(u32),
     /// A version this build does not speak.
-    #[error("unsupported protocol version {got} (this build speaks {min}..={max})")]
+    #[error("unsupported frame version {got} (this build reads {min}..={max})")]
     Version {
         /// What the peer sent.
         got: u16,
@@ -102,7 +112,7 @@ pub enum ProtoError {
 /// A decoded frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
-    /// Protocol version.
+    /// Frame layout version ([`FRAME_VERSION`]).
     pub version: u16,
     /// [`KIND_REQUEST`] or [`KIND_RESPONSE`].
     pub kind: u16,
@@ -139,11 +149,11 @@ impl FrameHeader {
             return Err(ProtoError::BadMagic(magic));
         }
         let version = u16_at(4);
-        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+        if version != FRAME_VERSION {
             return Err(ProtoError::Version {
                 got: version,
-                min: MIN_PROTOCOL_VERSION,
-                max: PROTOCOL_VERSION,
+                min: FRAME_VERSION,
+                max: FRAME_VERSION,
             });
         }
         let kind = u16_at(6);
@@ -245,9 +255,19 @@ pub async fn read_body<R: AsyncRead + Unpin>(
     r: &mut R,
     header: FrameHeader,
 ) -> Result<Frame, ProtoError> {
+    read_body_with(r, header, AlignedBuf::zeroed).await
+}
+
+/// [`read_body`], taking the data buffer from `alloc` (given the data length; e.g. a
+/// [`BufPool`](crate::aligned::BufPool) whose region a ring has registered).
+pub async fn read_body_with<R: AsyncRead + Unpin>(
+    r: &mut R,
+    header: FrameHeader,
+    alloc: impl FnOnce(usize) -> AlignedBuf,
+) -> Result<Frame, ProtoError> {
     let mut ctl = vec![0u8; header.ctl_len as usize];
     r.read_exact(&mut ctl).await?;
-    let mut data = AlignedBuf::zeroed(header.data_len as usize);
+    let mut data = alloc(header.data_len as usize);
     r.read_exact(&mut data).await?;
     let actual = frame_crc(&header, &ctl, &data);
     if actual != header.crc {
@@ -276,7 +296,7 @@ pub fn encode_frame<T: Serialize>(
             max: MAX_DATA_LEN,
         })?;
     let mut header = FrameHeader {
-        version: PROTOCOL_VERSION,
+        version: FRAME_VERSION,
         kind,
         tag,
         ctl_len: ctl.len() as u32,
@@ -387,7 +407,9 @@ pub enum Request {
         /// The new credential.
         cred: Credential,
     },
-    /// Make every acknowledged write durable (they already are; kept for clients that ask).
+    /// Make durable every [`Request::WriteCached`] acknowledged before this request was sent, on
+    /// every device of the sled (other writes are durable when acknowledged). Answered `Ok` once
+    /// they are.
     Flush,
     /// Sled-wide statistics.
     Stat,
@@ -402,6 +424,18 @@ pub enum Request {
     /// answer — the barrier a head node needs before trusting a sled it had given up on (its
     /// timed-out requests may still sit in the old connection's socket buffer).
     Supersede,
+    /// Like [`Request::Write`] (fenced the same way), but acknowledged once the device holds the
+    /// data, before it is durable: a later [`Request::Flush`] makes it durable. For head nodes'
+    /// write-back, whose Raft log keeps the data durable until they flush the sleds. Since
+    /// protocol version [`CACHED_WRITES_VERSION`].
+    WriteCached {
+        /// Fencing credential of the writer; names the volume.
+        cred: Credential,
+        /// Chunk within the volume.
+        chunk: ChunkIndex,
+        /// Byte offset within the chunk (4 KiB aligned).
+        offset: u64,
+    },
 }
 
 impl Request {
@@ -421,6 +455,7 @@ impl Request {
             Request::Stat => "stat",
             Request::VolumeStat { .. } => "volume_stat",
             Request::Supersede => "supersede",
+            Request::WriteCached { .. } => "write_cached",
         }
     }
 }
@@ -605,6 +640,21 @@ mod tests {
             [2, 1, 2, 0x80, 0x20, 0x80, 0x40]
         );
         assert_eq!(postcard::to_stdvec(&Request::Flush).unwrap(), [9]);
+        assert_eq!(postcard::to_stdvec(&Request::Supersede).unwrap(), [12]);
+        // Appended in version 2: after every variant of version 1.
+        let wc = postcard::to_stdvec(&Request::WriteCached {
+            cred: Credential {
+                volume: VolumeId(1),
+                epoch: Epoch(2),
+                holder: NodeId(3),
+                mac: [0; 32],
+            },
+            chunk: ChunkIndex(4),
+            offset: 4096,
+        })
+        .unwrap();
+        assert_eq!(&wc[..4], [13, 1, 2, 3]);
+        assert_eq!(&wc[wc.len() - 3..], [4, 0x80, 0x20]);
         let err = Response::Error(WireError {
             code: ErrorCode::Fenced,
             message: "x".into(),

@@ -195,6 +195,7 @@ impl HeadMetrics {
             "sled_read",
             "sled_write",
             "sled_zero",
+            "sled_flush",
             "read_index",
             "raft_commit",
         ] {

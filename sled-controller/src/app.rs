@@ -13,6 +13,7 @@ use crate::layout::LayoutError;
 use crate::metrics::SledMetrics;
 use crate::server::{ConnLimits, serve};
 use crate::sled::{Device, Sled};
+use common::aligned::BufPool;
 use common::clock::{SharedClock, SystemClock};
 use common::cred::{ClusterKey, KeyError};
 use common::ids::{SledId, Uuid128};
@@ -129,16 +130,24 @@ fn engine_for(
     dev: DevFile,
     depth: u32,
     path: &str,
+    pool: Option<&BufPool>,
 ) -> Result<Box<dyn IoEngine>, StartError> {
     Ok(match kind {
         EngineKind::Uring => {
-            Box::new(
-                UringEngine::new(dev, depth).map_err(|source| StartError::Engine {
-                    engine: kind,
-                    path: path.to_string(),
-                    source,
-                })?,
-            )
+            let mut engine = UringEngine::new(dev, depth).map_err(|source| StartError::Engine {
+                engine: kind,
+                path: path.to_string(),
+                source,
+            })?;
+            if let Some(pool) = pool
+                && let Err(e) = engine.register_pool(pool)
+            {
+                // Still correct without it: every operation then pins its pages itself.
+                tracing::warn!(device = path, error = %e, bytes = pool.region().1,
+                    "cannot register the I/O buffer region with io_uring; using unregistered \
+                     buffers (raise the locked-memory limit, or set registered-buffers = 0)");
+            }
+            Box::new(engine)
         }
         EngineKind::Sync => Box::new(SyncEngine::new(dev, depth as usize)),
     })
@@ -175,6 +184,11 @@ pub async fn start(cfg: SledConfig, registry: prometheus::Registry) -> Result<Ru
     cfg.validate()?;
     let key = ClusterKey::load(&cfg.cluster_key_file)?;
     let metrics = SledMetrics::new(&registry)?;
+    let pool =
+        (cfg.registered_buffers.0 > 0).then(|| BufPool::new(cfg.registered_buffers.0 as usize));
+    if let Some(p) = &pool {
+        crate::metrics::register_pool(&registry, p)?;
+    }
     let clock: SharedClock = Arc::new(SystemClock::new());
 
     // Open every device; learn the sled id and chunk size from those already formatted.
@@ -184,7 +198,7 @@ pub async fn start(cfg: SledConfig, registry: prometheus::Registry) -> Result<Ru
     for d in &cfg.device {
         let path = d.path.display().to_string();
         let dev = DevFile::open(&d.path, d.size.map(|s| s.0))?;
-        let mut engine = engine_for(cfg.io_engine, dev, cfg.queue_depth, &path)?;
+        let mut engine = engine_for(cfg.io_engine, dev, cfg.queue_depth, &path, pool.as_ref())?;
         let formatted = match read_superblock(&mut engine, &path) {
             Ok(sb) => Some(sb),
             Err(OpenError::Layout {
@@ -221,6 +235,7 @@ pub async fn start(cfg: SledConfig, registry: prometheus::Registry) -> Result<Ru
     let core_cfg = CoreConfig {
         durability: cfg.durability,
         clean_after: cfg.clean_after,
+        pool: pool.clone(),
         ..CoreConfig::default()
     };
     let mut devices = Vec::new();
@@ -262,7 +277,7 @@ pub async fn start(cfg: SledConfig, registry: prometheus::Registry) -> Result<Ru
         });
         threads.push(join);
     }
-    let sled = Arc::new(Sled::new(sled_id, key, chunk_size, devices, metrics).await);
+    let sled = Arc::new(Sled::new(sled_id, key, chunk_size, devices, metrics, pool).await);
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

@@ -111,6 +111,12 @@ fn default_clean_after() -> Duration {
 fn default_durability() -> Durability {
     Durability::Dsync
 }
+fn default_registered_buffers() -> ByteSize {
+    ByteSize(32 << 20)
+}
+
+/// The most memory one io_uring buffer registration may cover.
+pub const MAX_REGISTERED_BUFFERS: u64 = 1 << 30;
 
 /// The sled controller's configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -139,6 +145,10 @@ pub struct SledConfig {
     /// io_uring entries per device.
     #[serde(default = "default_depth")]
     pub queue_depth: u32,
+    /// Memory for I/O buffers, registered with every device's io_uring so data reads and writes
+    /// use fixed buffers (0: none, every buffer from the heap). Pinned while the process runs.
+    #[serde(default = "default_registered_buffers")]
+    pub registered_buffers: ByteSize,
     /// Idle time after which a region's checksums are written back.
     #[serde(default = "default_clean_after", with = "common::units::duration")]
     pub clean_after: Duration,
@@ -159,6 +169,7 @@ impl SledConfig {
             io_engine: EngineKind::default(),
             durability: default_durability(),
             queue_depth: default_depth(),
+            registered_buffers: default_registered_buffers(),
             clean_after: default_clean_after(),
             ready_file: None,
         }
@@ -190,6 +201,13 @@ impl SledConfig {
             return Err(ConfigError::Invalid(format!(
                 "queue-depth {} out of range 4..=4096",
                 self.queue_depth
+            )));
+        }
+        if self.registered_buffers.0 > MAX_REGISTERED_BUFFERS {
+            return Err(ConfigError::Invalid(format!(
+                "registered-buffers {} is above the {} one io_uring registration can cover",
+                self.registered_buffers,
+                ByteSize(MAX_REGISTERED_BUFFERS)
             )));
         }
         let mut seen = std::collections::HashSet::new();
@@ -240,6 +258,12 @@ mod tests {
             toml::from_str("cluster-key-file = 'k'\nchunk-size = '3MiB'\n[[device]]\npath = 'x'")
                 .unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("chunk size"));
+        let c: SledConfig = toml::from_str(
+            "cluster-key-file = 'k'\nregistered-buffers = '2GiB'\n[[device]]\npath = 'x'",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("registered-buffers"), "{e}");
     }
 
     #[test]

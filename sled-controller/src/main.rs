@@ -38,6 +38,9 @@ struct Args {
     /// Write durability: dsync or batch-fsync.
     #[arg(long, value_parser = parse_durability)]
     durability: Option<Durability>,
+    /// Memory for I/O buffers registered with every device's io_uring (0: none).
+    #[arg(long)]
+    registered_buffers: Option<ByteSize>,
     /// Write the bound addresses here (JSON) once ready.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -85,6 +88,9 @@ fn config(args: Args) -> anyhow::Result<SledConfig> {
     }
     if let Some(v) = args.durability {
         cfg.durability = v;
+    }
+    if let Some(v) = args.registered_buffers {
+        cfg.registered_buffers = v;
     }
     if args.ready_file.is_some() {
         cfg.ready_file = args.ready_file;

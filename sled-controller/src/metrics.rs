@@ -1,5 +1,6 @@
 //! The sled controller's metrics. Every name here is listed in `docs/metrics.md`.
 
+use common::aligned::BufPool;
 use common::ids::VolumeId;
 use common::logging::RateLimit;
 use common::metrics::{MetricsError, counter_vec, gauge_vec, latency_vec};
@@ -402,4 +403,67 @@ impl DeviceMetrics {
             .get_or_insert_with(|| seconds_vec.with_label_values(&[device, op]))
             .observe(seconds);
     }
+}
+
+/// Exports a [`BufPool`]'s counters, read at every scrape.
+#[derive(Debug, Clone)]
+struct PoolCollector {
+    pool: BufPool,
+    region: IntGauge,
+    carved: IntGauge,
+    allocations: IntCounterVec,
+}
+
+impl prometheus::core::Collector for PoolCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d = self.region.desc();
+        d.extend(self.carved.desc());
+        d.extend(self.allocations.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let s = self.pool.stats();
+        self.region.set(s.region_bytes as i64);
+        self.carved.set(s.carved_bytes as i64);
+        for (source, now) in [("pool", s.hits), ("heap", s.misses)] {
+            let c = self.allocations.with_label_values(&[source]);
+            c.inc_by(now.saturating_sub(c.get()));
+        }
+        let mut f = self.region.collect();
+        f.extend(self.carved.collect());
+        f.extend(self.allocations.collect());
+        f
+    }
+}
+
+/// Registers the metrics of the sled's I/O buffer pool (see [`BufPool`]).
+pub fn register_pool(r: &Registry, pool: &BufPool) -> Result<(), MetricsError> {
+    let allocations = IntCounterVec::new(
+        Opts::new(
+            "stockade_sled_buffer_allocations_total",
+            "I/O buffers allocated, by source: the registered pool, or the heap when the pool was \
+             used up or the buffer is larger than its largest class.",
+        ),
+        &["source"],
+    )?;
+    for source in ["pool", "heap"] {
+        allocations.with_label_values(&[source]);
+    }
+    common::metrics::register(
+        r,
+        PoolCollector {
+            pool: pool.clone(),
+            region: IntGauge::new(
+                "stockade_sled_buffer_pool_bytes",
+                "Size of the I/O buffer region registered with every device's io_uring.",
+            )?,
+            carved: IntGauge::new(
+                "stockade_sled_buffer_pool_carved_bytes",
+                "Bytes of the buffer region handed to size classes so far (at most the region).",
+            )?,
+            allocations,
+        },
+    )?;
+    Ok(())
 }

@@ -33,8 +33,8 @@ use common::ids::NodeId;
 use common::ids::{ChunkIndex, VolumeId};
 use common::sled_proto::{
     ErrorCode, Frame, FrameHeader, HEADER_LEN, KIND_REQUEST, KIND_RESPONSE, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, ProtoError, Request, Response, WireError, read_body, read_frame, read_header,
-    write_frame,
+    PROTOCOL_VERSION, ProtoError, Request, Response, WireError, read_body_with, read_frame,
+    read_header, write_frame,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -452,6 +452,7 @@ enum Control {
     Claim(Credential),
     Stat,
     VolumeStat(VolumeId),
+    Flush,
 }
 
 impl Reader {
@@ -513,7 +514,7 @@ impl Reader {
                 len: 0,
                 pinned: None,
             };
-            let frame = match read_body(rd, header).await {
+            let frame = match read_body_with(rd, header, |n| self.sled.alloc(n)).await {
                 Ok(f) => f,
                 Err(e) => {
                     self.count_rejected(reject_reason(&e));
@@ -569,7 +570,13 @@ impl Reader {
                 cred,
                 chunk,
                 offset,
+            }
+            | Request::WriteCached {
+                cred,
+                chunk,
+                offset,
             } => {
+                let cached = matches!(req, Request::WriteCached { .. });
                 if let Some(bad) = check_len(&frame, true) {
                     return self.reply(t, bad);
                 }
@@ -591,6 +598,7 @@ impl Reader {
                         chunk,
                         offset,
                         data: frame.data,
+                        cached,
                         reply,
                     },
                 )
@@ -633,8 +641,9 @@ impl Reader {
                 )
                 .await;
             }
-            // Every write is durable when acknowledged.
-            Request::Flush => self.reply(t, Response::Ok),
+            // After the requests read before it reached their devices: a flush covers every
+            // cached write acknowledged before it was sent.
+            Request::Flush => self.control(t, Control::Flush).await,
             Request::Hello { .. } | Request::Auth { .. } => {
                 self.reply(
                     t,
@@ -794,6 +803,7 @@ async fn control(sled: &Sled, c: Control) -> Response {
             Err(e) => Response::Error(wire_error(&e)),
         },
         Control::Stat => Response::Stat(sled.stat().await),
+        Control::Flush => done(sled.flush().await),
         Control::VolumeStat(volume) => Response::VolumeStat(sled.volume_stat(volume).await),
     }
 }

@@ -9,6 +9,7 @@ use crate::device::thread::DeviceHandle;
 use crate::device::{DevError, DevRequest, DeviceStatus, Holder, Reply};
 use crate::metrics::SledMetrics;
 use common::AlignedBuf;
+use common::aligned::BufPool;
 use common::cred::{ClusterKey, Credential, VerifiedCredentials};
 use common::ids::{ChunkIndex, SledId, VolumeId};
 use common::sled_proto::{DeviceStat, SledStat, VolumeStat};
@@ -58,6 +59,7 @@ pub struct Sled {
     devices: Vec<Device>,
     catalog: Mutex<Catalog>,
     metrics: SledMetrics,
+    pool: Option<BufPool>,
 }
 
 async fn ask<T>(dev: &Device, make: impl FnOnce(Reply<T>) -> DevRequest) -> Result<T, DevError> {
@@ -74,6 +76,7 @@ impl Sled {
         chunk_size: u64,
         devices: Vec<Device>,
         metrics: SledMetrics,
+        pool: Option<BufPool>,
     ) -> Self {
         let mut catalog = Catalog {
             where_: HashMap::new(),
@@ -96,12 +99,21 @@ impl Sled {
             devices,
             catalog: Mutex::new(catalog),
             metrics,
+            pool,
         }
     }
 
     /// This sled's id.
     pub fn id(&self) -> SledId {
         self.id
+    }
+
+    /// A zeroed buffer for a request's data: from the registered pool when there is one.
+    pub fn alloc(&self, len: usize) -> AlignedBuf {
+        match &self.pool {
+            Some(p) => p.alloc(len),
+            None => AlignedBuf::zeroed(len),
+        }
     }
 
     /// The cluster key (for the handshake).
@@ -262,6 +274,7 @@ impl Sled {
             chunk,
             offset,
             data,
+            cached: false,
             reply,
         })
         .await;
@@ -373,6 +386,29 @@ impl Sled {
                         result = Err(e);
                     }
                 }
+            }
+        }
+        Ok(result?)
+    }
+
+    /// Makes every cached write acknowledged so far durable, on every device.
+    pub async fn flush(&self) -> Result<(), SledError> {
+        let mut waits = Vec::new();
+        for d in &self.devices {
+            let (tx, rx) = oneshot::channel();
+            d.handle
+                .send(DevRequest::Flush {
+                    reply: Reply::Once(tx),
+                })
+                .await;
+            waits.push(rx);
+        }
+        let mut result = Ok(());
+        for rx in waits {
+            if let Err(e) = rx.await.unwrap_or(Err(DevError::ShuttingDown))
+                && result.is_ok()
+            {
+                result = Err(e);
             }
         }
         Ok(result?)

@@ -309,4 +309,35 @@ fn head_node_metrics_pass_promtool_and_are_documented() {
     }
     let problems = check_metrics(&body);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // Write-back reaches the sleds as cached writes, and they are flushed before the group
+    // records the data flushed (and may compact its log below it).
+    let admin = c.head.ready.admin;
+    tests::eventually(
+        Duration::from_secs(20),
+        "the write recorded flushed",
+        || (metric(admin, "stockade_volume_flushed_index") > 0.0).then_some(()),
+    );
+    for s in &c.sleds {
+        let m = s.ready.metrics;
+        let cached = metric(
+            m,
+            "stockade_sled_requests_total{op=\"write_cached\",result=\"ok\"}",
+        );
+        let flushes = metric(
+            m,
+            "stockade_sled_requests_total{op=\"flush\",result=\"ok\"}",
+        );
+        let durable = metric(
+            m,
+            "stockade_sled_requests_total{op=\"write\",result=\"ok\"}",
+        );
+        assert!(
+            cached >= 1.0 && flushes >= 1.0,
+            "sled {m}: {cached} cached writes, {flushes} flushes"
+        );
+        assert_eq!(
+            durable, 0.0,
+            "sled {m}: write-back must not pay for durable writes"
+        );
+    }
 }

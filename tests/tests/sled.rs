@@ -571,6 +571,75 @@ fn claims_and_data_survive_restart_and_kill9() {
     let _ = &f.key_path;
 }
 
+/// Cached writes (the head nodes' write-back): fenced like durable writes, readable at once,
+/// answered by a flush, and still there after a kill -9 (a process crash loses no device cache;
+/// power cuts are the crash-model engine's job, in the device tests).
+#[test]
+fn cached_writes_are_fenced_readable_and_flushed() {
+    let mut f = fixture("sled-cached");
+    let r = rt();
+    r.block_on(async {
+        let c = client(f.sled.ready.listen, &f.key, 1).await;
+        assert_eq!(c.version(), common::sled_proto::CACHED_WRITES_VERSION);
+        // Nothing cached yet: a flush is answered at once.
+        c.flush().await.unwrap();
+        let e2 = f.key.mint(V, Epoch(2), NodeId(1));
+        c.claim(&e2).await.unwrap();
+        for i in 0..16u64 {
+            c.write_cached(&e2, ChunkIndex(i % 2), i * 8192, filled(8192, i as u8 + 1))
+                .await
+                .unwrap();
+        }
+        for i in 0..16u64 {
+            let b = c.read(V, ChunkIndex(i % 2), i * 8192, 8192).await.unwrap();
+            assert!(b.iter().all(|&x| x == i as u8 + 1), "cached write {i}");
+        }
+        c.flush().await.unwrap();
+        // An older epoch is refused and nothing of it lands.
+        let e1 = f.key.mint(V, Epoch(1), NodeId(1));
+        let err = c
+            .write_cached(&e1, ChunkIndex(0), 0, filled(8192, 0xee))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Fenced));
+        // A cached write without its data is refused, not run.
+        let err = c
+            .call(
+                &Request::WriteCached {
+                    cred: e2,
+                    chunk: ChunkIndex(0),
+                    offset: 0,
+                },
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert!(err.code().is_some(), "{err}");
+        let b = c.read(V, ChunkIndex(0), 0, 8192).await.unwrap();
+        assert!(b.iter().all(|&x| x == 1));
+        // Cached, not flushed, then the process dies.
+        c.write_cached(&e2, ChunkIndex(1), 1 << 20, filled(4096, 0x77))
+            .await
+            .unwrap();
+    });
+    f.sled.proc.kill9();
+    f.sled.restart();
+    r.block_on(async {
+        let c = client(f.sled.ready.listen, &f.key, 2).await;
+        for i in 0..16u64 {
+            let b = c.read(V, ChunkIndex(i % 2), i * 8192, 8192).await.unwrap();
+            assert!(
+                b.iter().all(|&x| x == i as u8 + 1),
+                "after restart: write {i}"
+            );
+        }
+        let b = c.read(V, ChunkIndex(1), 1 << 20, 4096).await.unwrap();
+        assert!(b.iter().all(|&x| x == 0x77));
+    });
+    let _ = &f.dir;
+    let _ = &f.key_path;
+}
+
 /// kill -9 the sled while a client allocates, writes, frees and claims in a loop; every restart
 /// must open the device with a consistent chunk table, every acknowledged claim in place and
 /// every acknowledged write readable.
@@ -844,9 +913,20 @@ fn metrics_pass_promtool_and_are_documented() {
         "stockade_sled_volume_bytes_total",
         "stockade_sled_request_duration_seconds_bucket",
         "process_open_fds",
+        "stockade_sled_buffer_pool_bytes 33554432",
     ] {
         assert!(body.contains(name), "{name} missing from /metrics");
     }
+    // The write's payload and the read's destination came from the registered region.
+    let pooled: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("stockade_sled_buffer_allocations_total{source=\"pool\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("pool allocations exported");
+    assert!(
+        pooled >= 2,
+        "{pooled} pooled buffers for a write and a read"
+    );
     let problems = check_metrics(&body);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

@@ -230,6 +230,13 @@ enum Input {
         term: u64,
         sled: SledId,
     },
+    /// A flush of the sleds' cached write-back, started to record `upto` flushed, ended; the
+    /// sleds that failed it.
+    SledsFlushed {
+        term: u64,
+        upto: u64,
+        failed: Vec<(SledId, String)>,
+    },
     /// A resynchronisation of a stale sled ended.
     Resynced {
         term: u64,
@@ -271,6 +278,7 @@ impl std::fmt::Debug for Input {
             Input::Claimed { .. } => "Claimed",
             Input::SledDown { .. } => "SledDown",
             Input::Resynced { .. } => "Resynced",
+            Input::SledsFlushed { .. } => "SledsFlushed",
             Input::SpecReady { .. } => "SpecReady",
             Input::Campaign => "Campaign",
             Input::ProposeAsLeader { .. } => "ProposeAsLeader",
@@ -437,6 +445,13 @@ struct Driver<L: RaftLog, T: Transport> {
     flush_done: BTreeSet<u64>,
     flush_reported: u64,
     flush_due: bool,
+    /// Highest index such that every data entry at or below it was written back (cached on the
+    /// sleds, maybe not durable yet).
+    flush_written: u64,
+    /// The index a flush of the sleds in flight will let the group record as flushed.
+    sleds_flushing: Option<u64>,
+    /// Sleds failing those flushes, since when.
+    flush_failing: HashMap<SledId, tokio::time::Instant>,
     /// Highest data entry known to be on the sleds in this leadership.
     flush_data_max: u64,
     next_tag: u64,
@@ -512,6 +527,9 @@ pub fn spawn<L: RaftLog, T: Transport>(
         flush_done: BTreeSet::new(),
         flush_reported: 0,
         flush_due: false,
+        flush_written: 0,
+        sleds_flushing: None,
+        flush_failing: HashMap::new(),
         flush_data_max: 0,
         next_tag: 1,
         failed: None,
@@ -664,6 +682,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                     }
                 }
             }
+            Input::SledsFlushed { term, upto, failed } => self.sleds_flushed(term, upto, failed),
             Input::SledDown { term, sled } => {
                 if self.serving == Some(term) {
                     self.mark_stale(sled, "write-back keeps failing");
@@ -850,25 +869,74 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         }
         // Report the flushed prefix now and then (only when data reached the sleds: an idle
         // group proposes nothing).
-        if self.flush_due && self.serving.is_some() && self.flush_data_max > self.flush_reported {
+        // Write-back is cached on the sleds: flush them first, then record it (`SledsFlushed`).
+        if self.flush_due
+            && self.sleds_flushing.is_none()
+            && let (Some(term), Some(store)) = (self.serving, self.store.clone())
+            && self.flush_data_max > self.flush_reported
+        {
             self.flush_due = false;
             let f = self.flushed_prefix();
             if f > self.flush_reported {
-                let tag = self.next_tag();
-                if self
-                    .core
-                    .propose(tag, &EntryHeader::FlushedUpTo { index: f }, Bytes::new())
-                    .is_ok()
-                {
-                    self.flush_reported = f;
+                self.sleds_flushing = Some(f);
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let failed = store.flush().await;
+                    let _ = tx
+                        .send(Input::SledsFlushed {
+                            term,
+                            upto: f,
+                            failed,
+                        })
+                        .await;
+                });
+            }
+        }
+    }
+
+    /// The sleds flushed what was written back up to `upto` (or some failed).
+    fn sleds_flushed(&mut self, term: u64, upto: u64, failed: Vec<(SledId, String)>) {
+        if self.serving != Some(term) || self.sleds_flushing != Some(upto) {
+            return;
+        }
+        self.sleds_flushing = None;
+        let now = tokio::time::Instant::now();
+        self.flush_failing
+            .retain(|s, _| failed.iter().any(|(f, _)| f == s));
+        if !failed.is_empty() {
+            for (sled, why) in failed {
+                let since = *self.flush_failing.entry(sled).or_insert(now);
+                tracing::debug!(group = %self.group, sled_id = %sled, error = %why,
+                    "flushing a sled's write-back failed; retrying");
+                if now.duration_since(since) >= self.cfg.stale_after {
+                    self.flush_failing.remove(&sled);
+                    self.mark_stale(sled, "flushing write-back keeps failing");
                 }
+            }
+            // Not recorded: the next report retries (a sled recorded stale is left out).
+            self.flush_due = true;
+            return;
+        }
+        if upto > self.flush_reported {
+            let tag = self.next_tag();
+            if self
+                .core
+                .propose(tag, &EntryHeader::FlushedUpTo { index: upto }, Bytes::new())
+                .is_ok()
+            {
+                self.flush_reported = upto;
             }
         }
     }
 
     /// Highest index such that every data entry at or below it is on the sleds.
     fn flushed_prefix(&mut self) -> u64 {
-        let base = self.core.state.flushed.max(self.flush_reported);
+        let base = self
+            .core
+            .state
+            .flushed
+            .max(self.flush_reported)
+            .max(self.flush_written);
         let mut upto = self.core.applied();
         for (k, _) in self.core.overlay.entries_after(base) {
             if !self.flush_done.contains(&k) {
@@ -877,7 +945,8 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             }
         }
         self.flush_done.retain(|k| *k > upto);
-        upto.max(base)
+        self.flush_written = upto.max(base);
+        self.flush_written
     }
 
     async fn process_ready(&mut self) {
@@ -1099,6 +1168,9 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         self.serving = Some(term);
         self.flush_done.clear();
         self.flush_reported = self.core.state.flushed;
+        self.flush_written = self.core.state.flushed;
+        self.sleds_flushing = None;
+        self.flush_failing.clear();
         self.flush_data_max = 0;
         let (jobs, rx) = mpsc::unbounded_channel();
         // Re-flush the whole unflushed tail: the previous leader may not have finished it.

@@ -463,7 +463,10 @@ impl SledStore {
         first.map_or(Ok(()), Err)
     }
 
-    /// Writes block-aligned `data` at `offset` to every replica.
+    /// Writes block-aligned `data` at `offset` to every replica, as cached writes: done once
+    /// every replica's device holds it, durable only after a later [`SledStore::flush`]. This is
+    /// write-back of committed log entries, which the Raft log keeps durable until the group
+    /// records them flushed, and it records that only after a flush of every replica.
     pub async fn write(&self, offset: u64, data: bytes::Bytes) -> Result<(), StoreError> {
         self.check_deposed()?;
         let len = data.len() as u64;
@@ -482,7 +485,7 @@ impl SledStore {
                 let r = self
                     .on_replicas(spec, seg, |c, cred| {
                         let buf = buf.clone();
-                        async move { c.write(&cred, seg.chunk, seg.offset, buf).await }
+                        async move { c.write_cached(&cred, seg.chunk, seg.offset, buf).await }
                     })
                     .await;
                 if r.is_ok() {
@@ -494,6 +497,36 @@ impl SledStore {
         .await;
         self.metrics.observe_stage("sled_write", started);
         results.into_iter().collect()
+    }
+
+    /// Makes every write done so far durable on every sled that may have received it: the
+    /// current ones and those being resynchronised (stale sleds get no writes). Returns the
+    /// sleds that failed, with why; empty when every one is flushed.
+    pub async fn flush(&self) -> Vec<(SledId, String)> {
+        let started = Instant::now();
+        let sleds: Vec<SledId> = {
+            let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            self.spec()
+                .sleds()
+                .into_iter()
+                .filter(|s| !h.stale.contains(s) || h.resync.contains_key(s))
+                .collect()
+        };
+        let results = join_all(sleds.iter().map(|sled| async move {
+            let r = async {
+                let conn = self.conn(*sled).await.map_err(|e| e.to_string())?;
+                let client = conn.client().await.map_err(|e| e.to_string())?;
+                client.flush().await.map_err(|e| e.to_string())
+            }
+            .await;
+            (*sled, r)
+        }))
+        .await;
+        self.metrics.observe_stage("sled_flush", started);
+        results
+            .into_iter()
+            .filter_map(|(s, r)| r.err().map(|e| (s, e)))
+            .collect()
     }
 
     /// Reads block-aligned `[offset, offset+len)`, each chunk from one replica with fall-back.

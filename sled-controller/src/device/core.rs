@@ -21,6 +21,7 @@ use crate::layout::{
 use crate::metrics::DeviceMetrics;
 use crate::reply::Wakes;
 use common::AlignedBuf;
+use common::aligned::BufPool;
 use common::clock::SharedClock;
 use common::ids::{ChunkIndex, VolumeId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -50,6 +51,8 @@ pub struct CoreConfig {
     pub crc_cache_pages: usize,
     /// Requests accepted at once (beyond: back-pressure on the queue).
     pub max_jobs: usize,
+    /// Where read buffers come from (the region registered with the ring), if anywhere.
+    pub pool: Option<BufPool>,
 }
 
 impl Default for CoreConfig {
@@ -60,6 +63,7 @@ impl Default for CoreConfig {
             max_dirty_regions: 4096,
             crc_cache_pages: 16384,
             max_jobs: 1024,
+            pool: None,
         }
     }
 }
@@ -126,6 +130,8 @@ struct Job {
     regions_held: bool,
     entries: Vec<CrcEntry>,
     started_ns: u64,
+    /// A write acknowledged before it is durable (see [`DevRequest::Write`]).
+    cached: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,12 +159,23 @@ struct CrcPage {
     waiters: Vec<u64>,
 }
 
+/// Whether a region's checksums can be written back (see `DeviceCore::clean_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cleanable {
+    Now,
+    AfterSync,
+    No,
+}
+
 #[derive(Debug, Default)]
 struct Region {
     flushing: bool,
     changed: bool,
     writes_in_flight: u32,
     last_write_ns: u64,
+    /// The fsync sequence number that makes its cached writes durable: its checksums may not be
+    /// written back before (they would describe data a power cut can still take away).
+    needs_sync: u64,
 }
 
 #[derive(Debug)]
@@ -239,6 +256,17 @@ pub struct DeviceCore<E: IoEngine> {
     backlog: VecDeque<Op>,
     group_waiting: Vec<u64>,
     group_inflight: Option<Vec<u64>>,
+    /// Flushes waiting for the next group fsync, and those the one in flight answers.
+    flushes_waiting: Vec<Reply<()>>,
+    flushes_inflight: Vec<Reply<()>>,
+    /// A cached write completed after the last fsync was submitted.
+    cached_unsynced: bool,
+    /// Group fsyncs submitted so far (the sequence number of the latest), and the latest that
+    /// succeeded (they run one at a time, so in order).
+    sync_submitted: u64,
+    sync_done: u64,
+    /// A group fsync is wanted even with nobody waiting on it (regions to clean).
+    sync_wanted: bool,
     ready: VecDeque<u64>,
     completions: Vec<Completion>,
     use_counter: u64,
@@ -355,6 +383,12 @@ impl<E: IoEngine> DeviceCore<E> {
             backlog: VecDeque::new(),
             group_waiting: Vec::new(),
             group_inflight: None,
+            flushes_waiting: Vec::new(),
+            flushes_inflight: Vec::new(),
+            cached_unsynced: false,
+            sync_submitted: 0,
+            sync_done: 0,
+            sync_wanted: false,
             ready: VecDeque::new(),
             completions: Vec::new(),
             use_counter: 0,
@@ -393,6 +427,7 @@ impl<E: IoEngine> DeviceCore<E> {
     /// Accepts a request.
     pub fn accept(&mut self, req: DevRequest) {
         let now = self.now();
+        let mut cached = false;
         let (kind, volume, chunk, offset, len, fence, data, reply) = match req {
             DevRequest::Read {
                 volume,
@@ -416,8 +451,10 @@ impl<E: IoEngine> DeviceCore<E> {
                 chunk,
                 offset,
                 data,
+                cached: c,
                 reply,
             } => {
+                cached = c;
                 let len = data.len() as u64;
                 (
                     JobKind::Write,
@@ -489,6 +526,10 @@ impl<E: IoEngine> DeviceCore<E> {
                 let _ = reply.send(self.status());
                 return;
             }
+            DevRequest::Flush { reply } => {
+                self.flush(reply);
+                return;
+            }
         };
         let id = self.next_job;
         self.next_job += 1;
@@ -510,6 +551,7 @@ impl<E: IoEngine> DeviceCore<E> {
             regions_held: false,
             entries: Vec::new(),
             started_ns: now,
+            cached,
         };
         if let Err(e) = self.validate(&job) {
             self.finish(job, Err(e));
@@ -831,13 +873,11 @@ impl<E: IoEngine> DeviceCore<E> {
                 if !any_written {
                     return Park::Done(Ok(Some(AlignedBuf::zeroed(job.len as usize))));
                 }
-                self.submit(
-                    OpCtx::Data(id),
-                    OpKind::Read {
-                        buf: AlignedBuf::zeroed(job.len as usize),
-                        offset: pos,
-                    },
-                );
+                let buf = match &self.cfg.pool {
+                    Some(p) => p.alloc(job.len as usize),
+                    None => AlignedBuf::zeroed(job.len as usize),
+                };
+                self.submit(OpCtx::Data(id), OpKind::Read { buf, offset: pos });
             }
             JobKind::Write => {
                 let data = job.data.take().expect("write data");
@@ -847,7 +887,7 @@ impl<E: IoEngine> DeviceCore<E> {
                     OpKind::Write {
                         buf: data,
                         offset: pos,
-                        dsync: self.cfg.durability == Durability::Dsync,
+                        dsync: self.cfg.durability == Durability::Dsync && !job.cached,
                     },
                 );
             }
@@ -1347,6 +1387,17 @@ impl<E: IoEngine> DeviceCore<E> {
             OpCtx::CrcFlush(slot, r) => self.flush_done(slot, r, c.result),
             OpCtx::GroupFsync => {
                 let ids = self.group_inflight.take().unwrap_or_default();
+                if c.result.is_ok() {
+                    // The one in flight was the latest submitted.
+                    self.sync_done = self.sync_submitted;
+                }
+                for r in std::mem::take(&mut self.flushes_inflight) {
+                    let res = match &c.result {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(DevError::Io(e.to_string())),
+                    };
+                    r.send_batched(res, &mut self.wakes);
+                }
                 for id in ids {
                     if let Some(job) = self.jobs.remove(&id) {
                         let res = match &c.result {
@@ -1416,7 +1467,16 @@ impl<E: IoEngine> DeviceCore<E> {
                 for (i, e) in std::mem::take(&mut job.entries).into_iter().enumerate() {
                     self.set_entry(slot, first + i as u64, e);
                 }
-                if self.cfg.durability == Durability::BatchFsync {
+                if job.cached {
+                    // Durable at the next fsync: one that starts from now on covers it.
+                    self.cached_unsynced = true;
+                    let needs = self.sync_submitted + 1;
+                    for r in regions_of(job.offset, job.len) {
+                        let reg = self.regions.entry((slot, r)).or_default();
+                        reg.needs_sync = reg.needs_sync.max(needs);
+                    }
+                    self.finish(job, Ok(None));
+                } else if self.cfg.durability == Durability::BatchFsync {
                     job.stage = Stage::GroupSync;
                     self.jobs.insert(id, job);
                     self.group_waiting.push(id);
@@ -1453,11 +1513,33 @@ impl<E: IoEngine> DeviceCore<E> {
     }
 
     fn start_group_fsync(&mut self) {
-        if self.group_inflight.is_some() || self.group_waiting.is_empty() {
+        if self.group_inflight.is_some()
+            || (self.group_waiting.is_empty()
+                && self.flushes_waiting.is_empty()
+                && !self.sync_wanted)
+        {
             return;
         }
         self.group_inflight = Some(std::mem::take(&mut self.group_waiting));
+        self.flushes_inflight = std::mem::take(&mut self.flushes_waiting);
+        // This fsync covers every cached write completed so far.
+        self.cached_unsynced = false;
+        self.sync_wanted = false;
+        self.sync_submitted += 1;
         self.submit(OpCtx::GroupFsync, OpKind::Fsync);
+    }
+
+    /// A flush: answered when every cached write completed before it is durable. With none
+    /// since the last fsync (and none in flight that might still be covering one), at once;
+    /// otherwise by the next group fsync, which starts after the one in flight, so it covers
+    /// everything completed before now.
+    fn flush(&mut self, reply: Reply<()>) {
+        if !self.cached_unsynced && self.group_inflight.is_none() {
+            reply.send_batched(Ok(()), &mut self.wakes);
+            return;
+        }
+        self.flushes_waiting.push(reply);
+        self.start_group_fsync();
     }
 
     fn page_loaded(&mut self, slot: u64, r: u64, c: Completion) {
@@ -1498,24 +1580,48 @@ impl<E: IoEngine> DeviceCore<E> {
         self.last_tick_ns = now;
         let over = self.regions.len() > self.cfg.max_dirty_regions;
         let idle_ns = self.cfg.clean_after.as_nanos() as u64;
-        let mut to_flush = Vec::new();
-        for (&(slot, r), reg) in &self.regions {
-            // A checksum page may only be written while its region is durably dirty: a torn
-            // page write in a region the device says is clean would read as corruption.
-            if reg.flushing || reg.writes_in_flight > 0 || !self.bit_durable(slot, r) {
-                continue;
-            }
-            let idle = now.saturating_sub(reg.last_write_ns) >= idle_ns;
-            if idle || over {
-                to_flush.push((slot, r));
-            }
-        }
+        let to_flush = self.regions_to_clean((!over).then_some(idle_ns));
         for (slot, r) in to_flush {
             self.flush_region(slot, r);
         }
+        self.start_group_fsync();
         self.evict_pages();
         self.run_ready();
         self.update_gauges();
+    }
+
+    /// Whether a region's checksums may be written back now. A checksum page may only be
+    /// written while its region is durably dirty (a torn page write in a region the device says
+    /// is clean would read as corruption), with no write in flight, and after its cached
+    /// writes are durable (else a power cut could leave checksums of data that never landed).
+    fn clean_state(&self, slot: u64, r: u64, reg: &Region) -> Cleanable {
+        if reg.flushing || reg.writes_in_flight > 0 || !self.bit_durable(slot, r) {
+            Cleanable::No
+        } else if reg.needs_sync > self.sync_done {
+            Cleanable::AfterSync
+        } else {
+            Cleanable::Now
+        }
+    }
+
+    /// The regions whose checksums may be written back now (all of them, or the idle ones);
+    /// asks for a group fsync when some wait only for their cached writes to be durable.
+    fn regions_to_clean(&mut self, min_idle_ns: Option<u64>) -> Vec<(u64, u64)> {
+        let now = self.now();
+        let mut out = Vec::new();
+        let mut want_sync = false;
+        for (&(slot, r), reg) in &self.regions {
+            let idle = min_idle_ns.is_none_or(|d| now.saturating_sub(reg.last_write_ns) >= d);
+            match self.clean_state(slot, r, reg) {
+                Cleanable::Now if idle => out.push((slot, r)),
+                Cleanable::AfterSync if idle => want_sync = true,
+                _ => {}
+            }
+        }
+        if want_sync {
+            self.sync_wanted = true;
+        }
+        out
     }
 
     fn flush_region(&mut self, slot: u64, r: u64) {
@@ -1606,17 +1712,11 @@ impl<E: IoEngine> DeviceCore<E> {
     /// shutdown, so the next open needs no recovery). Blocks.
     pub fn flush_all(&mut self, doorbell: &Doorbell) -> std::io::Result<()> {
         for _ in 0..10_000 {
-            let keys: Vec<(u64, u64)> = self
-                .regions
-                .iter()
-                .filter(|(k, r)| {
-                    !r.flushing && r.writes_in_flight == 0 && self.bit_durable(k.0, k.1)
-                })
-                .map(|(k, _)| *k)
-                .collect();
+            let keys = self.regions_to_clean(None);
             for (slot, r) in keys {
                 self.flush_region(slot, r);
             }
+            self.start_group_fsync();
             self.run_ready();
             if self.regions.is_empty() && self.ops.is_empty() && self.lane.idle() {
                 return Ok(());

@@ -122,6 +122,15 @@ pub enum DevRequest {
         offset: u64,
         /// Data.
         data: AlignedBuf,
+        /// Acknowledge once the device holds the data, without making it durable: a later
+        /// [`DevRequest::Flush`] does (for head nodes' write-back, whose Raft log is the durable
+        /// copy until they flush). Otherwise durable before acknowledged.
+        cached: bool,
+        /// Result.
+        reply: Reply<()>,
+    },
+    /// Make every cached write acknowledged before this request durable.
+    Flush {
         /// Result.
         reply: Reply<()>,
     },
@@ -186,7 +195,8 @@ impl DevRequest {
             DevRequest::Write { reply, .. }
             | DevRequest::Zero { reply, .. }
             | DevRequest::Allocate { reply, .. }
-            | DevRequest::Free { reply, .. } => reply.send(Err(e)),
+            | DevRequest::Free { reply, .. }
+            | DevRequest::Flush { reply } => reply.send(Err(e)),
             DevRequest::Claim { reply, .. } => drop(reply.send(Err(e))),
             DevRequest::Status { .. } => {}
         }

@@ -113,6 +113,7 @@ impl H {
             chunk: ChunkIndex(chunk),
             offset: off,
             data,
+            cached: false,
             reply,
         });
         self.wait(rx)
@@ -344,6 +345,7 @@ fn claim_waits_for_older_writes_and_nothing_older_lands_after() {
                     chunk: ChunkIndex(0),
                     offset: i * 4096,
                     data: filled(4096, 0x10 + i as u8),
+                    cached: false,
                     reply,
                 })
             })
@@ -453,14 +455,34 @@ struct Model {
 /// Random operations on a crash-model device, a power cut at a random point, reopen, and check
 /// that every acknowledged write and claim survived and no block reads as corrupt.
 /// A mutation sent and not yet answered: reply, blocks, byte, arrival order.
+/// A mutation in flight: its answer, its blocks, its byte, its arrival, and whether it is a
+/// cached write (durable only after a later flush).
 type InFlight = (
     oneshot::Receiver<Result<(), DevError>>,
     Vec<(u64, u64)>,
     u8,
     u64,
+    bool,
 );
 
-fn crash_run(seed: u64, durability: Durability) {
+/// A cached write acknowledged and not yet covered by a flush: blocks, byte, arrival, and the
+/// step at which its acknowledgement was seen.
+type CachedAck = (Vec<(u64, u64)>, u8, u64, u64);
+
+fn model_apply(m: &mut Model, blocks: &[(u64, u64)], byte: u8, arrival: u64) {
+    for b in blocks {
+        let e = m.blocks.entry(*b).or_insert((0, 0));
+        if arrival >= e.0 {
+            *e = (arrival, byte);
+        }
+    }
+}
+
+/// Random writes, zeroes, claims, clock steps and (with `cached`) cached writes and flushes,
+/// then a simulated power cut: every acknowledged durable mutation and every cached write
+/// acknowledged before an acknowledged flush must be intact; other cached writes and those in
+/// flight may or may not be there.
+fn crash_run(seed: u64, durability: Durability, cached: bool) {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let image = MemImage::new(SIZE);
@@ -472,6 +494,8 @@ fn crash_run(seed: u64, durability: Durability) {
     m.claim = Some(h(epoch, 1));
     let steps = rng.gen_range(5..60);
     let mut pending: Vec<InFlight> = Vec::new();
+    let mut cached_acks: Vec<CachedAck> = Vec::new();
+    let mut flushes: Vec<(oneshot::Receiver<Result<(), DevError>>, u64)> = Vec::new();
     for arrival in 0..steps {
         match rng.gen_range(0..10) {
             0..=5 => {
@@ -479,12 +503,14 @@ fn crash_run(seed: u64, durability: Durability) {
                 let block = rng.gen_range(0..16u64) * 8;
                 let n = rng.gen_range(1..=8u64);
                 let byte = rng.gen_range(1..=255u8);
+                let is_cached = cached && rng.gen_bool(0.5);
                 let rx = t.send(|reply| DevRequest::Write {
                     fence: h(epoch, 1),
                     volume: V,
                     chunk: ChunkIndex(chunk),
                     offset: block * 4096,
                     data: filled((n * 4096) as usize, byte),
+                    cached: is_cached,
                     reply,
                 });
                 pending.push((
@@ -492,7 +518,12 @@ fn crash_run(seed: u64, durability: Durability) {
                     (block..block + n).map(|b| (chunk, b)).collect(),
                     byte,
                     arrival,
+                    is_cached,
                 ));
+            }
+            9 if cached && rng.gen_bool(0.5) => {
+                let rx = t.send(|reply| DevRequest::Flush { reply });
+                flushes.push((rx, arrival));
             }
             6 => {
                 let chunk = rng.gen_range(0..3u64);
@@ -510,6 +541,7 @@ fn crash_run(seed: u64, durability: Durability) {
                     (block..block + 8).map(|b| (chunk, b)).collect(),
                     0,
                     arrival,
+                    false,
                 ));
             }
             7 => {
@@ -535,27 +567,54 @@ fn crash_run(seed: u64, durability: Durability) {
                 }
             }
         }
-        // Collect answers.
-        pending.retain_mut(|(rx, blocks, byte, arrival)| match rx.try_recv() {
+        let now = arrival;
+        // Collect answers: flushes first, so a write acknowledged in this same round is not
+        // taken as covered by a flush sent before its acknowledgement was seen.
+        flushes.retain_mut(|(rx, sent)| match rx.try_recv() {
             Ok(Ok(())) => {
-                for b in blocks.iter() {
-                    let e = m.blocks.entry(*b).or_insert((0, 0));
-                    if *arrival >= e.0 {
-                        *e = (*arrival, *byte);
+                cached_acks.retain(|(blocks, byte, arrival, seen)| {
+                    if seen < sent {
+                        model_apply(&mut m, blocks, *byte, *arrival);
+                        false
+                    } else {
+                        true
                     }
-                }
+                });
                 false
             }
-            Ok(Err(DevError::Fenced { .. })) => false,
-            Ok(Err(e)) => panic!("seed {seed}: unexpected {e}"),
+            Ok(Err(e)) => panic!("seed {seed}: flush failed: {e}"),
             Err(oneshot::error::TryRecvError::Empty) => true,
             Err(e) => panic!("seed {seed}: {e}"),
         });
+        pending.retain_mut(
+            |(rx, blocks, byte, arrival, is_cached)| match rx.try_recv() {
+                Ok(Ok(())) if *is_cached => {
+                    cached_acks.push((std::mem::take(blocks), *byte, *arrival, now));
+                    false
+                }
+                Ok(Ok(())) => {
+                    model_apply(&mut m, blocks, *byte, *arrival);
+                    false
+                }
+                Ok(Err(DevError::Fenced { .. })) => false,
+                Ok(Err(e)) => panic!("seed {seed}: unexpected {e}"),
+                Err(oneshot::error::TryRecvError::Empty) => true,
+                Err(e) => panic!("seed {seed}: {e}"),
+            },
+        );
     }
-    // Whatever is still in flight, and arrived after the latest acknowledged mutation of a
-    // block, may or may not land.
+    // Whatever is still in flight, or cached and not flushed, and arrived after the latest
+    // durable mutation of a block, may or may not be there.
     let mut uncertain: std::collections::HashMap<(u64, u64), Vec<u8>> = Default::default();
-    for (_, blocks, byte, arrival) in &pending {
+    let maybe = pending
+        .iter()
+        .map(|(_, blocks, byte, arrival, _)| (blocks, byte, arrival))
+        .chain(
+            cached_acks
+                .iter()
+                .map(|(blocks, byte, arrival, _)| (blocks, byte, arrival)),
+        );
+    for (blocks, byte, arrival) in maybe {
         for b in blocks {
             if m.blocks.get(b).is_none_or(|(acked, _)| arrival > acked) {
                 uncertain.entry(*b).or_default().push(*byte);
@@ -607,7 +666,19 @@ fn crash_model_keeps_every_acknowledged_write_dsync() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     for seed in 0..n {
-        crash_run(seed, Durability::Dsync);
+        crash_run(seed, Durability::Dsync, false);
+    }
+}
+
+#[test]
+fn crash_model_keeps_every_flushed_cached_write() {
+    let n: u64 = std::env::var("STOCKADE_CRASH_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    for seed in 0..n {
+        crash_run(seed, Durability::Dsync, true);
+        crash_run(seed, Durability::BatchFsync, true);
     }
 }
 
@@ -618,7 +689,7 @@ fn crash_model_keeps_every_acknowledged_write_batch_fsync() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     for seed in 0..n {
-        crash_run(seed, Durability::BatchFsync);
+        crash_run(seed, Durability::BatchFsync, false);
     }
 }
 
@@ -673,6 +744,7 @@ fn engine_back_pressure_does_not_lose_requests() {
                 chunk: ChunkIndex(i % 4),
                 offset: (i / 4) * 4096,
                 data: filled(4096, i as u8 + 1),
+                cached: false,
                 reply,
             })
         })

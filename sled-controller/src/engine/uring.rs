@@ -1,13 +1,18 @@
 //! The io_uring engine: one ring per device, driven by the device's own thread.
 //!
 //! The device file is registered with the ring (fixed file 0) so the kernel skips the per-op file
-//! lookup. The doorbell eventfd is watched with a one-shot `POLL_ADD` kept armed in the ring, so a
+//! lookup. The sled's buffer region ([`BufPool`]) is registered too (fixed buffer 0, see
+//! [`UringEngine::register_pool`]): a read or write whose buffer lies inside it goes out as
+//! `READ_FIXED`/`WRITE_FIXED`, so the kernel does not pin and unpin its pages per operation; any
+//! other buffer (larger than the pool's classes, or allocated when the pool was used up) goes
+//! out as a plain `READ`/`WRITE`. The doorbell eventfd is watched with a one-shot `POLL_ADD` kept armed in the ring, so a
 //! blocking wait returns as soon as a request is queued or the queue closes. Short reads and
 //! writes (possible on some file systems near holes) are resubmitted for the remainder, so the
 //! caller only ever sees whole operations or errors.
 
 use super::devfile::DevFile;
 use super::{Completion, DeviceKind, Doorbell, IoEngine, Op, OpKind};
+use common::aligned::BufPool;
 use io_uring::{IoUring, opcode, types};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -36,6 +41,10 @@ pub struct UringEngine {
     /// The doorbell whose poll is armed in the ring (a poll armed on another doorbell, such as
     /// one used while opening the device, would never wake the device thread).
     doorbell_armed: Option<u64>,
+    /// The buffer region registered as fixed buffer 0 (held so it outlives the ring).
+    pool: Option<BufPool>,
+    /// Reads and writes submitted with the registered buffer.
+    fixed_ops: u64,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -64,10 +73,40 @@ impl UringEngine {
             in_flight: 0,
             local: Vec::new(),
             doorbell_armed: None,
+            pool: None,
+            fixed_ops: 0,
         })
     }
 
-    fn sqe_for(slot: usize, f: &InFlight) -> io_uring::squeue::Entry {
+    /// Registers `pool`'s region with the ring as fixed buffer 0; from then on reads and writes
+    /// of buffers inside it use `READ_FIXED`/`WRITE_FIXED`. Fails (leaving the engine as it was)
+    /// when the kernel refuses, e.g. over the locked-memory limit of an unprivileged process.
+    pub fn register_pool(&mut self, pool: &BufPool) -> io::Result<()> {
+        if self.pool.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a buffer region is already registered",
+            ));
+        }
+        let (base, len) = pool.region();
+        let iov = libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        };
+        // SAFETY: the region stays allocated and at the same address while self.pool holds a
+        // reference to it, which lasts as long as the ring (both are dropped with self, the ring
+        // first since it is declared first; the kernel keeps its own page pins until then).
+        unsafe { self.ring.submitter().register_buffers(&[iov])? };
+        self.pool = Some(pool.clone());
+        Ok(())
+    }
+
+    /// Reads and writes submitted with the registered buffer so far.
+    pub fn fixed_ops(&self) -> u64 {
+        self.fixed_ops
+    }
+
+    fn sqe_for(&mut self, slot: usize, f: &InFlight) -> io_uring::squeue::Entry {
         let fd = types::Fixed(0);
         let user = slot as u64;
         match &f.kind {
@@ -75,20 +114,40 @@ impl UringEngine {
                 let rest = buf.len() - f.done;
                 // SAFETY: done < len, so the pointer stays inside the buffer's allocation.
                 let ptr = unsafe { buf.as_ptr().add(f.done) } as *mut u8;
-                opcode::Read::new(fd, ptr, rest as u32)
-                    .offset(offset + f.done as u64)
-                    .build()
-                    .user_data(user)
+                let offset = offset + f.done as u64;
+                if self.pool.as_ref().is_some_and(|p| p.contains(ptr, rest)) {
+                    self.fixed_ops += 1;
+                    opcode::ReadFixed::new(fd, ptr, rest as u32, 0)
+                        .offset(offset)
+                        .build()
+                        .user_data(user)
+                } else {
+                    opcode::Read::new(fd, ptr, rest as u32)
+                        .offset(offset)
+                        .build()
+                        .user_data(user)
+                }
             }
             OpKind::Write { buf, offset, dsync } => {
                 let rest = buf.len() - f.done;
                 // SAFETY: done < len, so the pointer stays inside the buffer's allocation.
                 let ptr = unsafe { buf.as_ptr().add(f.done) };
-                opcode::Write::new(fd, ptr, rest as u32)
-                    .offset(offset + f.done as u64)
-                    .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
-                    .build()
-                    .user_data(user)
+                let offset = offset + f.done as u64;
+                let flags = if *dsync { libc::RWF_DSYNC } else { 0 };
+                if self.pool.as_ref().is_some_and(|p| p.contains(ptr, rest)) {
+                    self.fixed_ops += 1;
+                    opcode::WriteFixed::new(fd, ptr, rest as u32, 0)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build()
+                        .user_data(user)
+                } else {
+                    opcode::Write::new(fd, ptr, rest as u32)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build()
+                        .user_data(user)
+                }
             }
             OpKind::Fsync => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
@@ -184,7 +243,7 @@ impl UringEngine {
             });
         }
         for (slot, f) in resubmit {
-            let sqe = Self::sqe_for(slot, &f);
+            let sqe = self.sqe_for(slot, &f);
             self.slots[slot] = Some(f);
             // The slot was just freed by its completion, so the queue has room.
             if !self.push(&sqe) {
@@ -264,7 +323,7 @@ impl IoEngine for UringEngine {
             kind: op.kind,
             done: 0,
         };
-        let sqe = Self::sqe_for(slot, &f);
+        let sqe = self.sqe_for(slot, &f);
         self.slots[slot] = Some(f);
         if !self.push(&sqe) {
             // Cannot happen (capacity < ring size), but hand the op back rather than lose it.
