@@ -203,6 +203,15 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
     let w = qemu_io(&uri2, &["write -P 0x11 0 1M", "read -P 0x11 0 1M"]);
     assert!(ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
     assert!(small.stop(Duration::from_secs(60)));
+    // Restarting it with another number of head nodes is refused at once, saying why.
+    let reshaped = std::process::Command::new(bin("stockade"))
+        .args(["up", "--heads", "3", "--data-dir"])
+        .arg(dir.path().join("data2"))
+        .output()
+        .unwrap();
+    assert!(!reshaped.status.success());
+    let err = String::from_utf8_lossy(&reshaped.stderr);
+    assert!(err.contains("holds a cluster of 1 head node"), "{err}");
     for s in 1..=3 {
         let log = std::fs::read_to_string(dir.path().join(format!("data/sled-{s}/log"))).unwrap();
         assert_eq!(

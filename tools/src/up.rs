@@ -156,6 +156,24 @@ fn ports(dir: &Path, names: &[String]) -> anyhow::Result<BTreeMap<String, Ports>
     Ok(map)
 }
 
+/// How many head nodes an earlier run of this data directory started (those with state).
+fn existing_heads(dir: &Path) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name
+            .strip_prefix("head-")
+            .is_some_and(|i| i.parse::<usize>().is_ok())
+            && e.path().join("state").is_dir()
+        {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Holds an exclusive lock on the data directory for the life of `stockade up`.
 struct DirLock(#[allow(dead_code)] File);
 
@@ -468,6 +486,16 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
     let key = dir.join("cluster.key");
     common::ClusterKey::load_or_create(&key)?;
     let token = token_file(&dir)?;
+    // The head nodes' Raft groups were formed by the first run: a later run with another number
+    // of head nodes would wait for members that can never join (or lose its quorum).
+    let existing = existing_heads(&dir)?;
+    if existing > 0 && existing != args.heads {
+        bail!(
+            "{} holds a cluster of {existing} head node(s), created by an earlier `stockade up \
+             --heads {existing}`; run it with --heads {existing}, or use another --data-dir",
+            dir.display()
+        );
+    }
     let sled_names: Vec<String> = (1..=args.sleds).map(|i| format!("sled-{i}")).collect();
     let head_names: Vec<String> = (1..=args.heads).map(|i| format!("head-{i}")).collect();
     let all: Vec<String> = sled_names.iter().chain(&head_names).cloned().collect();
