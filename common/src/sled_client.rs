@@ -81,6 +81,8 @@ struct Outgoing {
 pub struct SledClient {
     addr: SocketAddr,
     sled: SledId,
+    /// Unique in this process: which connection acknowledged what (see [`SledClient::id`]).
+    id: u64,
     /// The protocol version agreed at hello.
     version: u16,
     tx: mpsc::Sender<Outgoing>,
@@ -140,6 +142,9 @@ pub const MAX_IN_FLIGHT: usize = 256;
 
 /// Bytes the reader takes from the socket at once.
 const READ_BUFFER: usize = 64 * 1024;
+
+/// Source of [`SledClient::id`]s.
+static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl SledClient {
     /// Connects and authenticates as head node `node`, within `timeout`.
@@ -260,6 +265,7 @@ impl SledClient {
         Ok(Self {
             addr,
             sled,
+            id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
             version,
             tx,
             pending,
@@ -469,6 +475,14 @@ impl SledClient {
     pub async fn flush(&self) -> Result<(), ClientError> {
         let r = self.call(&Request::Flush, None).await?;
         Self::expect_ok(r)
+    }
+
+    /// This connection's identity, unique in the process. A sled's flush covers the cached writes
+    /// it acknowledged before, on any connection, unless it restarted in between, which always
+    /// ends the connection: cached writes acknowledged on another connection than the flush's
+    /// may have been lost.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The protocol version agreed with the sled.

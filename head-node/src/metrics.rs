@@ -27,6 +27,7 @@ pub struct HeadMetrics {
     leader_changes: IntCounterVec,
     stale: IntGaugeVec,
     resync: IntCounterVec,
+    rewrites: IntCounterVec,
 }
 
 fn int_gauge_vec(r: &Registry, name: &str, help: &str) -> Result<IntGaugeVec, MetricsError> {
@@ -141,6 +142,12 @@ impl HeadMetrics {
                 "Bytes this head node copied from current replicas to stale sleds of the volume to resynchronise them.",
                 &["volume"],
             )?,
+            rewrites: counter_vec(
+                r,
+                "stockade_volume_writeback_rewrites_total",
+                "Times the leader wrote the unflushed tail back again because a sled may have lost cached writes (it was flushed on another connection than the one that acknowledged them).",
+                &["volume"],
+            )?,
         })
     }
 
@@ -165,6 +172,7 @@ impl HeadMetrics {
             leader_changes: self.leader_changes.with_label_values(&[name]),
             stale_replicas: self.stale.with_label_values(&[name]),
             resync_bytes: self.resync.with_label_values(&[name]),
+            rewrites: self.rewrites.with_label_values(&[name]),
         }
     }
 }
@@ -190,6 +198,7 @@ impl HeadMetrics {
         let _ = self.leader_changes.remove_label_values(&one);
         let _ = self.stale.remove_label_values(&one);
         let _ = self.resync.remove_label_values(&one);
+        let _ = self.rewrites.remove_label_values(&one);
         for stage in [
             "throttle",
             "sled_read",
@@ -241,6 +250,8 @@ pub struct VolumeMetrics {
     pub stale_replicas: IntGauge,
     /// Bytes copied to resynchronise stale sleds.
     pub resync_bytes: IntCounter,
+    /// Unflushed tails written back again (a sled may have lost cached writes).
+    pub rewrites: IntCounter,
 }
 
 impl VolumeMetrics {

@@ -29,7 +29,7 @@ use crate::control::state::ClusterState;
 use crate::metrics::{HeadMetrics, VolumeMetrics};
 use crate::sleds::SledPool;
 use crate::volume::rangelock::RangeLock;
-use crate::volume::store::{SledStore, StoreError};
+use crate::volume::store::{FlushFailure, SledStore, StoreError};
 use crate::volume::{BLOCK, VolumeSpec};
 use bytes::Bytes;
 use common::ClusterKey;
@@ -235,7 +235,7 @@ enum Input {
     SledsFlushed {
         term: u64,
         upto: u64,
-        failed: Vec<(SledId, String)>,
+        failed: Vec<(SledId, FlushFailure)>,
     },
     /// A resynchronisation of a stale sled ended.
     Resynced {
@@ -895,16 +895,28 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
     }
 
     /// The sleds flushed what was written back up to `upto` (or some failed).
-    fn sleds_flushed(&mut self, term: u64, upto: u64, failed: Vec<(SledId, String)>) {
+    fn sleds_flushed(&mut self, term: u64, upto: u64, failed: Vec<(SledId, FlushFailure)>) {
         if self.serving != Some(term) || self.sleds_flushing != Some(upto) {
             return;
         }
         self.sleds_flushing = None;
         let now = tokio::time::Instant::now();
-        self.flush_failing
-            .retain(|s, _| failed.iter().any(|(f, _)| f == s));
+        self.flush_failing.retain(|s, _| {
+            failed
+                .iter()
+                .any(|(f, why)| f == s && matches!(why, FlushFailure::Failed(_)))
+        });
+        if let Some((sled, _)) = failed
+            .iter()
+            .find(|(_, why)| *why == FlushFailure::MayHaveLost)
+        {
+            self.write_back_again(*sled);
+        }
         if !failed.is_empty() {
             for (sled, why) in failed {
+                let FlushFailure::Failed(why) = why else {
+                    continue;
+                };
                 let since = *self.flush_failing.entry(sled).or_insert(now);
                 tracing::debug!(group = %self.group, sled_id = %sled, error = %why,
                     "flushing a sled's write-back failed; retrying");
@@ -927,6 +939,28 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 self.flush_reported = upto;
             }
         }
+    }
+
+    /// Writes back again everything above the recorded flushed prefix, in log order, after the
+    /// committed entries already queued (so every block ends with its latest write): `sled` may
+    /// have lost cached writes it had acknowledged. Reads are unaffected meanwhile: the overlay
+    /// serves every block written above the recorded prefix.
+    fn write_back_again(&mut self, sled: SledId) {
+        let Some(f) = &self.flusher else {
+            return;
+        };
+        let from = self.flush_reported;
+        let mut n = 0u64;
+        for (index, e) in self.core.overlay.entries_after(from) {
+            let _ = f.jobs.send((index, e.header.clone(), e.data.clone()));
+            n += 1;
+        }
+        tracing::warn!(group = %self.group, sled_id = %sled, from_index = from, entries = n,
+            "a sled may have restarted and lost cached write-back; writing the unflushed tail again");
+        self.vm.rewrites.inc();
+        // Their first write-back no longer counts.
+        self.flush_done.retain(|k| *k <= from);
+        self.flush_written = from;
     }
 
     /// Highest index such that every data entry at or below it is on the sleds.

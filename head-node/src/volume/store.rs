@@ -99,7 +99,33 @@ pub struct SledStore {
     gate: tokio::sync::RwLock<()>,
     deposed: tokio::sync::watch::Sender<Option<(Epoch, NodeId)>>,
     reads: AtomicU64,
+    /// Cached writes acknowledged and not yet covered by a flush: connection id → (sled, how
+    /// many). See [`SledStore::flush`].
+    unflushed: Mutex<HashMap<u64, (SledId, u64)>>,
     metrics: VolumeMetrics,
+}
+
+/// Why a sled's flush did not make the write-back durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlushFailure {
+    /// The flush failed (unreachable, timed out, device error); retry.
+    Failed(String),
+    /// The flush succeeded, but cached writes were acknowledged on an earlier connection: the
+    /// sled may have restarted (power loss) since and lost them. What is above the recorded
+    /// flushed index must be written back again before it is recorded.
+    MayHaveLost,
+}
+
+impl std::fmt::Display for FlushFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FlushFailure::Failed(m) => f.write_str(m),
+            FlushFailure::MayHaveLost => f.write_str(
+                "cached writes were acknowledged on an earlier connection; the sled may have \
+                 restarted and lost them",
+            ),
+        }
+    }
 }
 
 fn block_aligned(offset: u64, len: u64) -> bool {
@@ -130,6 +156,7 @@ impl SledStore {
             gate: tokio::sync::RwLock::new(()),
             deposed,
             reads: AtomicU64::new(0),
+            unflushed: Mutex::default(),
             metrics,
         }
     }
@@ -485,7 +512,11 @@ impl SledStore {
                 let r = self
                     .on_replicas(spec, seg, |c, cred| {
                         let buf = buf.clone();
-                        async move { c.write_cached(&cred, seg.chunk, seg.offset, buf).await }
+                        async move {
+                            c.write_cached(&cred, seg.chunk, seg.offset, buf).await?;
+                            self.note_cached(&c);
+                            Ok(())
+                        }
                     })
                     .await;
                 if r.is_ok() {
@@ -499,10 +530,22 @@ impl SledStore {
         results.into_iter().collect()
     }
 
+    /// Counts a cached write acknowledged on connection `c`.
+    fn note_cached(&self, c: &common::sled_client::SledClient) {
+        let mut u = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+        u.entry(c.id()).or_insert((c.sled_id(), 0)).1 += 1;
+    }
+
     /// Makes every write done so far durable on every sled that may have received it: the
     /// current ones and those being resynchronised (stale sleds get no writes). Returns the
     /// sleds that failed, with why; empty when every one is flushed.
-    pub async fn flush(&self) -> Vec<(SledId, String)> {
+    ///
+    /// A sled flushes what it acknowledged before, unless it restarted in between (a power loss
+    /// takes its device cache): then the flush succeeds on a new connection while the writes
+    /// were acknowledged on an old one. Any cached write acknowledged on another connection than
+    /// the flush's gives [`FlushFailure::MayHaveLost`] (a reconnect without a restart does too:
+    /// writing the tail again is cheap, losing it is not).
+    pub async fn flush(&self) -> Vec<(SledId, FlushFailure)> {
         let started = Instant::now();
         let sleds: Vec<SledId> = {
             let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
@@ -516,17 +559,46 @@ impl SledStore {
             let r = async {
                 let conn = self.conn(*sled).await.map_err(|e| e.to_string())?;
                 let client = conn.client().await.map_err(|e| e.to_string())?;
-                client.flush().await.map_err(|e| e.to_string())
+                // What this flush will cover: acknowledged before it is sent.
+                let before: Vec<(u64, u64)> = self
+                    .unflushed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .filter(|(_, (s, _))| s == sled)
+                    .map(|(id, (_, n))| (*id, *n))
+                    .collect();
+                client.flush().await.map_err(|e| e.to_string())?;
+                Ok::<_, String>((client.id(), before))
             }
             .await;
             (*sled, r)
         }))
         .await;
         self.metrics.observe_stage("sled_flush", started);
-        results
-            .into_iter()
-            .filter_map(|(s, r)| r.err().map(|e| (s, e)))
-            .collect()
+        let mut failed = Vec::new();
+        let mut u = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+        for (sled, r) in results {
+            match r {
+                Err(e) => failed.push((sled, FlushFailure::Failed(e))),
+                Ok((conn, before)) => {
+                    let lost = before.iter().any(|(id, n)| *id != conn && *n > 0);
+                    // Covered (or to be written again): forget them.
+                    for (id, n) in before {
+                        if let Some(e) = u.get_mut(&id) {
+                            e.1 = e.1.saturating_sub(n);
+                            if e.1 == 0 {
+                                u.remove(&id);
+                            }
+                        }
+                    }
+                    if lost {
+                        failed.push((sled, FlushFailure::MayHaveLost));
+                    }
+                }
+            }
+        }
+        failed
     }
 
     /// Reads block-aligned `[offset, offset+len)`, each chunk from one replica with fall-back.
