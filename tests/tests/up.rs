@@ -34,7 +34,19 @@ fn ok(o: &std::process::Output) -> bool {
 }
 
 fn alive(pid: u32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+    // A zombie nobody has reaped yet (an orphan, waiting for init) has exited.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|st| {
+            let state = st
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
 }
 
 fn up(dir: &std::path::Path, name: &str) -> (Proc, ClusterInfo) {
@@ -202,7 +214,19 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
     let uri2 = other.nbd_uri.clone().expect("NBD URI");
     let w = qemu_io(&uri2, &["write -P 0x11 0 1M", "read -P 0x11 0 1M"]);
     assert!(ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
-    assert!(small.stop(Duration::from_secs(60)));
+    // kill -9 of `stockade up` itself does not leave its cluster running without it.
+    let small_pids: Vec<u32> = other.processes.iter().map(|p| p.pid).collect();
+    small.kill9();
+    eventually(
+        Duration::from_secs(60),
+        "the killed supervisor's children to stop",
+        || small_pids.iter().all(|p| !alive(*p)).then_some(()),
+    );
+    let sled_log = std::fs::read_to_string(dir.path().join("data2/sled-1/log")).unwrap();
+    assert!(
+        sled_log.contains("stopped"),
+        "sled-1 did not stop cleanly:\n{sled_log}"
+    );
     // Restarting it with another number of head nodes is refused at once, saying why.
     let reshaped = std::process::Command::new(bin("stockade"))
         .args(["up", "--heads", "3", "--data-dir"])

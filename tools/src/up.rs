@@ -225,6 +225,7 @@ fn spawn(
     args: &[String],
     dir: &Path,
     ports: Ports,
+    detach: bool,
 ) -> anyhow::Result<Member> {
     std::fs::create_dir_all(dir)?;
     let log = dir.join("log");
@@ -239,13 +240,27 @@ fn spawn(
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
-    // Children ignore the terminal's Ctrl-C; `stockade up` stops them itself, in order.
+    // Children ignore the terminal's Ctrl-C; `stockade up` stops them itself, in order. Unless
+    // detached, they also get SIGTERM (and stop cleanly) if `stockade up` dies without stopping
+    // them (kill -9, a crash): a cluster left running without its supervisor would hold the
+    // ports the next `stockade up` needs.
     {
         use std::os::unix::process::CommandExt;
-        // SAFETY: setpgid is async-signal-safe and touches no memory of the parent.
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: setpgid, prctl and getppid are async-signal-safe system calls; the closure
+        // allocates nothing and touches no memory of the parent.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::setpgid(0, 0);
+                if !detach {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent may have died before the prctl.
+                    if libc::getppid() != parent {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                }
                 Ok(())
             });
         }
@@ -522,7 +537,7 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
                 ),
             )?;
             let a = vec!["--config".to_string(), cfg.display().to_string()];
-            members.push(spawn("sled", name, &sled_bin, &a, &sdir, p)?);
+            members.push(spawn("sled", name, &sled_bin, &a, &sdir, p, args.detach)?);
             configs.insert(name.clone(), cfg);
         }
         for m in &mut members {
@@ -554,7 +569,7 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
                 ),
             )?;
             let a = vec!["--config".to_string(), cfg.display().to_string()];
-            members.push(spawn("head", name, &head_bin, &a, &hdir, p)?);
+            members.push(spawn("head", name, &head_bin, &a, &hdir, p, args.detach)?);
             configs.insert(name.clone(), cfg);
         }
         for m in members.iter_mut().filter(|m| m.info_role == "head") {
