@@ -341,6 +341,7 @@ const STAGES: &[&str] = &[
     "sled_read",
     "sled_write",
     "sled_zero",
+    "sled_flush",
 ];
 
 /// Schema problems of one dashboard (Grafana 9/10 model, as far as import needs it).
