@@ -431,17 +431,7 @@ impl SledClient {
         offset: u64,
         data: impl Into<Payload>,
     ) -> Result<(), ClientError> {
-        let r = self
-            .call(
-                &Request::Write {
-                    cred: *cred,
-                    chunk,
-                    offset,
-                },
-                Some(data.into().0),
-            )
-            .await?;
-        Self::expect_ok(r)
+        self.write_as(false, cred, chunk, offset, data.into()).await
     }
 
     /// Writes, acknowledged once the sled's device holds the data but before it is durable;
@@ -454,20 +444,34 @@ impl SledClient {
         offset: u64,
         data: impl Into<Payload>,
     ) -> Result<(), ClientError> {
-        if self.version < CACHED_WRITES_VERSION {
-            return self.write(cred, chunk, offset, data).await;
-        }
-        let r = self
-            .call(
-                &Request::WriteCached {
-                    cred: *cred,
-                    chunk,
-                    offset,
-                },
-                Some(data.into().0),
-            )
-            .await?;
-        Self::expect_ok(r)
+        let cached = self.version >= CACHED_WRITES_VERSION;
+        self.write_as(cached, cred, chunk, offset, data.into())
+            .await
+    }
+
+    async fn write_as(
+        &self,
+        cached: bool,
+        cred: &Credential,
+        chunk: ChunkIndex,
+        offset: u64,
+        data: Payload,
+    ) -> Result<(), ClientError> {
+        let cred = *cred;
+        let req = if cached {
+            Request::WriteCached {
+                cred,
+                chunk,
+                offset,
+            }
+        } else {
+            Request::Write {
+                cred,
+                chunk,
+                offset,
+            }
+        };
+        Self::expect_ok(self.call(&req, Some(data.0)).await?)
     }
 
     /// Makes every cached write this head node had acknowledged before the call durable on the

@@ -112,6 +112,31 @@ fn data_survives_a_head_restart_and_the_epoch_rises() {
     assert!(ok(&r), "{}", text(&r));
 }
 
+/// A ledger writer (`tests::writer`) over the whole of `vol0` (64 MiB) on a thread of its own:
+/// its ledger, its stop flag and its thread.
+fn ledger_writer(
+    nbd: std::net::SocketAddr,
+    seed: u64,
+) -> (
+    std::sync::Arc<std::sync::Mutex<tests::writer::Ledger>>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+    let ledger = Arc::new(Mutex::new(tests::writer::Ledger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = {
+        let (ledger, stop) = (ledger.clone(), stop.clone());
+        let target = Arc::new(Mutex::new(nbd));
+        let pause = Arc::new(AtomicBool::new(false));
+        std::thread::spawn(move || {
+            tests::writer::writer("vol0", seed, 64 << 20, target, ledger, stop, pause)
+        })
+    };
+    (ledger, stop, t)
+}
+
 /// How a sled is taken away and brought back.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Outage {
@@ -126,9 +151,8 @@ enum Outage {
 /// is back it is resynchronised and recorded current; then, with the two other sleds killed,
 /// every acknowledged write reads back from it alone.
 fn stale_and_resync(name: &str, outage: Outage) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    use tests::writer::{Ledger, verify, writer};
+    use std::sync::atomic::Ordering;
+    use tests::writer::verify;
 
     let mut c = Cluster::start_with(
         name,
@@ -178,14 +202,7 @@ fn stale_and_resync(name: &str, outage: Outage) {
 
     // A writer over the whole volume: most chunks are not allocated yet, so it also allocates
     // chunks while a replica is away.
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let t = {
-        let (ledger, stop) = (ledger.clone(), stop.clone());
-        let target = Arc::new(Mutex::new(nbd));
-        let pause = Arc::new(AtomicBool::new(false));
-        std::thread::spawn(move || writer("vol0", 7, 64 << 20, target, ledger, stop, pause))
-    };
+    let (ledger, stop, t) = ledger_writer(nbd, 7);
     let writes = || ledger.lock().unwrap().writes;
     tests::eventually(Duration::from_secs(60), "the sled recorded stale", || {
         (metric(admin, "stockade_volume_stale_replicas") == 1.0).then_some(())
@@ -236,9 +253,8 @@ fn a_dead_sled_goes_stale_and_is_resynced_when_it_returns() {
 /// missing rewrite; the counter shows it happened, and the data must still all be there.)
 #[test]
 fn a_sled_restarted_under_write_back_gets_the_unflushed_tail_again() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    use tests::writer::{Ledger, verify, writer};
+    use std::sync::atomic::Ordering;
+    use tests::writer::verify;
 
     let mut c = Cluster::start_with(
         "head-rewrite",
@@ -249,14 +265,7 @@ fn a_sled_restarted_under_write_back_gets_the_unflushed_tail_again() {
         &["--stale-after", "60s"],
     );
     let (admin, nbd) = (c.head.ready.admin, c.head.ready.nbd);
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let t = {
-        let (ledger, stop) = (ledger.clone(), stop.clone());
-        let target = Arc::new(Mutex::new(nbd));
-        let pause = Arc::new(AtomicBool::new(false));
-        std::thread::spawn(move || writer("vol0", 11, 64 << 20, target, ledger, stop, pause))
-    };
+    let (ledger, stop, t) = ledger_writer(nbd, 11);
     let writes = || ledger.lock().unwrap().writes;
     tests::eventually(Duration::from_secs(30), "writes", || {
         (writes() > 200).then_some(())

@@ -659,24 +659,24 @@ fn crash_run(seed: u64, durability: Durability, cached: bool) {
     }
 }
 
-#[test]
-fn crash_model_keeps_every_acknowledged_write_dsync() {
-    let n: u64 = std::env::var("STOCKADE_CRASH_SEEDS")
+/// Seeds per crash-model test: `STOCKADE_CRASH_SEEDS`, or 200.
+fn crash_seeds() -> u64 {
+    std::env::var("STOCKADE_CRASH_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
-    for seed in 0..n {
+        .unwrap_or(200)
+}
+
+#[test]
+fn crash_model_keeps_every_acknowledged_write_dsync() {
+    for seed in 0..crash_seeds() {
         crash_run(seed, Durability::Dsync, false);
     }
 }
 
 #[test]
 fn crash_model_keeps_every_flushed_cached_write() {
-    let n: u64 = std::env::var("STOCKADE_CRASH_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
-    for seed in 0..n {
+    for seed in 0..crash_seeds() {
         crash_run(seed, Durability::Dsync, true);
         crash_run(seed, Durability::BatchFsync, true);
     }
@@ -684,11 +684,7 @@ fn crash_model_keeps_every_flushed_cached_write() {
 
 #[test]
 fn crash_model_keeps_every_acknowledged_write_batch_fsync() {
-    let n: u64 = std::env::var("STOCKADE_CRASH_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
-    for seed in 0..n {
+    for seed in 0..crash_seeds() {
         crash_run(seed, Durability::BatchFsync, false);
     }
 }
