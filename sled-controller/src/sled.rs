@@ -110,10 +110,7 @@ impl Sled {
 
     /// A zeroed buffer for a request's data: from the registered pool when there is one.
     pub fn alloc(&self, len: usize) -> AlignedBuf {
-        match &self.pool {
-            Some(p) => p.alloc(len),
-            None => AlignedBuf::zeroed(len),
-        }
+        BufPool::alloc_in(self.pool.as_ref(), len)
     }
 
     /// The cluster key (for the handshake).

@@ -173,6 +173,8 @@ fn stale_and_resync(name: &str, outage: Outage) {
         Outage::Kill => c.sleds[0].proc.kill9(),
         Outage::Freeze => c.sleds[0].proc.sigstop(),
     }
+    // Whether the head node had found the sled away on its own before the reads (see below).
+    let known_away = c.head.proc.log_text().contains("cannot reach sled");
     // Several reads: they start on different replicas, so one meets the missing sled (or
     // skips it, once the head node has found it unreachable: then it is tried last).
     let r = qemu_io(
@@ -186,13 +188,12 @@ fn stale_and_resync(name: &str, outage: Outage) {
     );
     assert!(ok(&r), "{}", text(&r));
     // A hung sled is not known to be away until a request to it times out: one of the reads
-    // waited for it and fell back — unless a request of the head node's own (its periodic sled
-    // report, or a slow request under a busy machine) had already timed out and its reconnect
-    // failed, which it logs; then the reads tried it last. (A killed one may be skipped without
-    // a fallback.)
+    // waited for it and fell back — unless, before the reads began, a request of the head node's
+    // own (its periodic sled report, or a slow request on a busy machine) had already timed out
+    // and its reconnect failed, which it logs; then the reads tried it last. (A killed one may
+    // be skipped without a fallback.)
     if outage == Outage::Freeze {
         let fell_back = metric(admin, "stockade_volume_read_fallbacks_total") > 0.0;
-        let known_away = c.head.proc.log_text().contains("cannot reach sled");
         assert!(
             fell_back || known_away,
             "no read met the hung sled, nor was it found away"

@@ -171,6 +171,14 @@ impl BufPool {
         }
     }
 
+    /// A zeroed buffer from `pool` when there is one, else from the heap.
+    pub fn alloc_in(pool: Option<&BufPool>, len: usize) -> AlignedBuf {
+        match pool {
+            Some(p) => p.alloc(len),
+            None => AlignedBuf::zeroed(len),
+        }
+    }
+
     /// The region as (start address, length), for registering it with a ring.
     pub fn region(&self) -> (*mut u8, usize) {
         (self.shared.base.as_ptr(), self.shared.len)

@@ -873,10 +873,7 @@ impl<E: IoEngine> DeviceCore<E> {
                 if !any_written {
                     return Park::Done(Ok(Some(AlignedBuf::zeroed(job.len as usize))));
                 }
-                let buf = match &self.cfg.pool {
-                    Some(p) => p.alloc(job.len as usize),
-                    None => AlignedBuf::zeroed(job.len as usize),
-                };
+                let buf = BufPool::alloc_in(self.cfg.pool.as_ref(), job.len as usize);
                 self.submit(OpCtx::Data(id), OpKind::Read { buf, offset: pos });
             }
             JobKind::Write => {

@@ -5,8 +5,9 @@
 //! [`UringEngine::register_pool`]): a read or write whose buffer lies inside it goes out as
 //! `READ_FIXED`/`WRITE_FIXED`, so the kernel does not pin and unpin its pages per operation; any
 //! other buffer (larger than the pool's classes, or allocated when the pool was used up) goes
-//! out as a plain `READ`/`WRITE`. The doorbell eventfd is watched with a one-shot `POLL_ADD` kept armed in the ring, so a
-//! blocking wait returns as soon as a request is queued or the queue closes. Short reads and
+//! out as a plain `READ`/`WRITE`. The doorbell eventfd is watched with a one-shot `POLL_ADD` kept
+//! armed in the ring, so a blocking wait returns as soon as a request is queued or the queue
+//! closes. Short reads and
 //! writes (possible on some file systems near holes) are resubmitted for the remainder, so the
 //! caller only ever sees whole operations or errors.
 
