@@ -1022,7 +1022,12 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
 
     /// Reacts to the core's events (no calls into the core that feed it input).
     fn handle_events(&mut self) {
-        for ev in self.core.take_events() {
+        let events = self.core.take_events();
+        if events.is_empty() {
+            return;
+        }
+        self.publish_progress();
+        for ev in events {
             match ev {
                 Event::Applied { tag, index } => {
                     if let Some(r) = self.proposals.remove(&tag) {
@@ -1248,6 +1253,18 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         }
     }
 
+    /// The log-progress gauges (cheap stores). Also set before any proposal is acknowledged
+    /// ([`Self::handle_events`]): a client that has its write acknowledged must find it counted
+    /// in `unflushed_bytes`, not see a gauge that lags until the end of the loop iteration.
+    fn publish_progress(&self) {
+        let m = &self.vm;
+        m.commit_index.set(self.core.committed() as i64);
+        m.applied_index.set(self.core.applied() as i64);
+        m.flushed_index.set(self.core.state.flushed as i64);
+        m.unflushed_bytes.set(self.core.overlay.bytes() as i64);
+        m.stale_replicas.set(self.core.state.stale.len() as i64);
+    }
+
     fn publish(&mut self) {
         let role = match self.core.role() {
             raft::StateRole::Leader => "leader",
@@ -1264,11 +1281,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             raft::StateRole::Leader if self.serving.is_some() => 3,
             raft::StateRole::Leader => 4,
         });
-        m.commit_index.set(self.core.committed() as i64);
-        m.applied_index.set(self.core.applied() as i64);
-        m.flushed_index.set(self.core.state.flushed as i64);
-        m.unflushed_bytes.set(self.core.overlay.bytes() as i64);
-        m.stale_replicas.set(self.core.state.stale.len() as i64);
+        self.publish_progress();
         let st = GroupStatus {
             role,
             term: self.core.term(),
@@ -1381,6 +1394,9 @@ async fn flusher(
 ) {
     let window = limits.window;
     let locks = RangeLock::new();
+    // A sled outage fails every entry in flight: one warning per interval, the rest at debug.
+    let warn = Arc::new(common::logging::RateLimit::new(Duration::from_secs(10)));
+    let epoch = tokio::time::Instant::now();
     let window = Arc::new(Semaphore::new(window.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     while let Some((index, header, data)) = jobs.recv().await {
@@ -1403,6 +1419,7 @@ async fn flusher(
         let store = store.clone();
         let done = done.clone();
         let stopping = stopping.clone();
+        let warn = warn.clone();
         tasks.spawn(async move {
             let mut backoff = Duration::from_millis(20);
             // Per failing sled: when it first failed, and whether it was reported.
@@ -1433,8 +1450,12 @@ async fn flusher(
                             }
                         }
                         attempts += 1;
-                        if attempts == 1 {
-                            tracing::warn!(index, error = %e, "write-back failed; retrying");
+                        let now_ns = epoch.elapsed().as_nanos() as u64;
+                        if attempts == 1
+                            && let Some(suppressed) = warn.check(now_ns)
+                        {
+                            tracing::warn!(volume_id = %store.spec().id, index, error = %e,
+                                suppressed, "write-back failed; retrying");
                         } else {
                             tracing::debug!(index, attempts, error = %e, "write-back failed again; retrying");
                         }
