@@ -797,11 +797,20 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         }
     }
 
-    /// Proposes a `SledStale` entry; returns its log index.
+    /// Proposes recording `sled` stale (with what it is known to hold: every write up to the
+    /// flushed index, which every current sled had flushed) or current again; returns the
+    /// entry's log index.
     fn propose_stale(&mut self, sled: SledId, stale: bool) -> Result<u64, GroupError> {
         let tag = self.next_tag();
-        self.core
-            .propose(tag, &EntryHeader::SledStale { sled, stale }, Bytes::new())
+        let header = if stale {
+            EntryHeader::SledStaleSince {
+                sled,
+                since: self.core.state.flushed,
+            }
+        } else {
+            EntryHeader::SledStale { sled, stale }
+        };
+        self.core.propose(tag, &header, Bytes::new())
     }
 
     /// Starts resynchronising one stale sled when none is and the last attempt is old enough.
@@ -824,9 +833,11 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             return;
         };
         self.resyncing = Some(sled);
+        // What it missed, by the replicated record (`None`: unknown, so everything).
+        let missed = self.core.state.missed_chunks(sled);
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            let result = store.resync(sled).await;
+            let result = store.resync(sled, missed).await;
             let _ = tx.send(Input::Resynced { term, sled, result }).await;
         });
     }

@@ -7,24 +7,29 @@
 //! build does not know, or another version byte, is refused with a clear error.
 //!
 //! The Raft snapshot is only metadata ([`VolumeState`]): the data lives on the sleds, so a
-//! snapshot is taken at the flushed index and carries no blocks.
+//! snapshot is taken at the flushed index and carries no blocks. Its own version byte
+//! ([`SNAPSHOT_FORMAT_VERSION`]) moves separately from the entries'; this build still reads
+//! version-1 snapshots (written before the state tracked which chunks changed).
 
 use crate::control::state::{ClusterState, MetaCmd};
 use crate::volume::VolumeSpec;
 use common::ids::SledId;
 use common::throttle::{QosConfig, QosState};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-/// Version byte of entry headers and snapshots written by this build.
+/// Version byte of entry headers written by this build.
 pub const LOG_FORMAT_VERSION: u8 = 1;
+/// Version byte of snapshots written by this build (2: [`VolumeState`] records which chunks
+/// changed while a sled was stale). Version 1 is still read.
+pub const SNAPSHOT_FORMAT_VERSION: u8 = 2;
 
 /// Errors decoding log entries or snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EntryError {
     /// A version this build cannot read.
     #[error(
-        "log format version {found} is not supported (this build reads {LOG_FORMAT_VERSION}); upgrade the head node"
+        "log format version {found} is not supported (this build reads entries of version {LOG_FORMAT_VERSION} and snapshots of versions 1 to {SNAPSHOT_FORMAT_VERSION}); upgrade the head node"
     )]
     Version {
         /// Version found.
@@ -75,6 +80,16 @@ pub enum EntryHeader {
     },
     /// A change of the cluster state (metadata group only).
     Meta(MetaCmd),
+    /// A sled is stale for this volume, and holds every write at or below `since` (the flushed
+    /// index when the leader proposed this): its resynchronisation copies only the chunks
+    /// written after it. (Appended after `SledStale`, which still records a sled current again;
+    /// an older head node cannot read this kind.)
+    SledStaleSince {
+        /// The sled.
+        sled: SledId,
+        /// Every write at or below this index is on the sled.
+        since: u64,
+    },
 }
 
 impl EntryHeader {
@@ -120,6 +135,26 @@ pub struct VolumeState {
     pub stale: BTreeSet<SledId>,
     /// The cluster state (metadata group only).
     pub cluster: Option<ClusterState>,
+    /// Per stale sled: every write at or below this index is on it. A stale sled missing here
+    /// (recorded stale by an older head node) is resynchronised in full.
+    pub stale_since: BTreeMap<SledId, u64>,
+    /// Per chunk: the index of the last write or zero entry that touched it (0: none above
+    /// `written_from`).
+    pub chunk_written: Vec<u64>,
+    /// `chunk_written` covers every data entry above this index (`u64::MAX` until the first
+    /// entry is applied after a version-1 snapshot, which did not track it).
+    pub written_from: u64,
+}
+
+/// The state as version-1 snapshots hold it.
+#[derive(Deserialize)]
+struct VolumeStateV1 {
+    spec: Option<VolumeSpec>,
+    flushed: u64,
+    qos: QosConfig,
+    qos_state: Option<QosState>,
+    stale: BTreeSet<SledId>,
+    cluster: Option<ClusterState>,
 }
 
 impl VolumeState {
@@ -141,15 +176,73 @@ impl VolumeState {
                     self.stale.insert(*sled);
                 } else {
                     self.stale.remove(sled);
+                    self.stale_since.remove(sled);
+                }
+            }
+            EntryHeader::SledStaleSince { sled, since } => {
+                // Already stale: it has missed everything since the earlier mark.
+                if self.stale.insert(*sled) || self.stale_since.contains_key(sled) {
+                    let at = self.stale_since.entry(*sled).or_insert(*since);
+                    *at = (*at).min(*since);
                 }
             }
             EntryHeader::Meta(cmd) => self.cluster.get_or_insert_default().apply(cmd),
         }
     }
 
+    /// Records which chunks the entry at `index` touches (call for every applied entry, in
+    /// order; only writes and zeroes change anything). Taking the maximum keeps replays over a
+    /// later state harmless.
+    pub fn note_applied(&mut self, index: u64, h: &EntryHeader) {
+        if self.written_from == u64::MAX {
+            self.written_from = index.saturating_sub(1);
+        }
+        let (offset, len) = match h {
+            EntryHeader::Write { offset, len } => (*offset, u64::from(*len)),
+            EntryHeader::Zero { offset, len, .. } => (*offset, *len),
+            _ => return,
+        };
+        let Some(chunk) = self.spec.as_ref().map(|s| s.chunk_size).filter(|c| *c > 0) else {
+            return;
+        };
+        if len == 0 {
+            return;
+        }
+        let (first, last) = (offset / chunk, (offset.saturating_add(len) - 1) / chunk);
+        // Bounded by the volume's size: the entry was checked against it when proposed.
+        let chunks = self.spec.as_ref().map_or(0, |s| s.chunks());
+        let last = last.min(chunks.saturating_sub(1));
+        if first > last {
+            return;
+        }
+        if self.chunk_written.len() <= last as usize {
+            self.chunk_written.resize(last as usize + 1, 0);
+        }
+        for c in &mut self.chunk_written[first as usize..=last as usize] {
+            *c = (*c).max(index);
+        }
+    }
+
+    /// The chunks a stale `sled` may have missed: those written after its mark's `since`.
+    /// `None` when that is not known (every chunk must be copied).
+    pub fn missed_chunks(&self, sled: SledId) -> Option<BTreeSet<u64>> {
+        let since = *self.stale_since.get(&sled)?;
+        if since < self.written_from {
+            return None;
+        }
+        Some(
+            self.chunk_written
+                .iter()
+                .enumerate()
+                .filter(|(_, at)| **at > since)
+                .map(|(c, _)| c as u64)
+                .collect(),
+        )
+    }
+
     /// Encodes as Raft snapshot data.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![LOG_FORMAT_VERSION];
+        let mut out = vec![SNAPSHOT_FORMAT_VERSION];
         out.extend(postcard::to_stdvec(self).unwrap_or_default());
         out
     }
@@ -159,10 +252,27 @@ impl VolumeState {
         let Some((&v, rest)) = data.split_first() else {
             return Ok(Self::default());
         };
-        if v != LOG_FORMAT_VERSION {
-            return Err(EntryError::Version { found: v });
+        let malformed = |e: postcard::Error| EntryError::Malformed(e.to_string());
+        match v {
+            SNAPSHOT_FORMAT_VERSION => postcard::from_bytes(rest).map_err(malformed),
+            1 => {
+                let old: VolumeStateV1 = postcard::from_bytes(rest).map_err(malformed)?;
+                Ok(Self {
+                    spec: old.spec,
+                    flushed: old.flushed,
+                    qos: old.qos,
+                    qos_state: old.qos_state,
+                    stale: old.stale,
+                    cluster: old.cluster,
+                    // Nothing was tracked: stale sleds are copied in full, and tracking starts
+                    // with the next entry applied.
+                    stale_since: BTreeMap::new(),
+                    chunk_written: Vec::new(),
+                    written_from: u64::MAX,
+                })
+            }
+            found => Err(EntryError::Version { found }),
         }
-        postcard::from_bytes(rest).map_err(|e| EntryError::Malformed(e.to_string()))
     }
 }
 
@@ -225,6 +335,138 @@ mod tests {
         assert_eq!(VolumeState::decode(&s.encode()).unwrap(), s);
         assert_eq!(VolumeState::decode(&[]).unwrap(), VolumeState::default());
         assert!(VolumeState::decode(&[9, 0]).is_err());
+    }
+
+    fn four_chunk_spec() -> VolumeSpec {
+        VolumeSpec {
+            id: VolumeId(1),
+            name: "v".into(),
+            size: 4 << 20,
+            chunk_size: 1 << 20,
+            placement: vec![vec![Uuid128(1), Uuid128(2)]; 4],
+        }
+    }
+
+    fn write(offset: u64, len: u32) -> EntryHeader {
+        EntryHeader::Write { offset, len }
+    }
+
+    /// Applies `(index, header)` pairs the way the group does.
+    fn run(s: &mut VolumeState, entries: &[(u64, EntryHeader)]) {
+        for (i, h) in entries {
+            s.note_applied(*i, h);
+            s.apply(h);
+        }
+    }
+
+    #[test]
+    fn a_stale_sled_missed_only_the_chunks_written_after_its_mark() {
+        let sled = Uuid128(2);
+        let log = vec![
+            (1, EntryHeader::Spec(four_chunk_spec())),
+            (2, write(0, 4096)),                // chunk 0
+            (3, write((1 << 20) - 4096, 8192)), // chunks 0 and 1
+            (4, EntryHeader::FlushedUpTo { index: 3 }),
+            (5, write(2 << 20, 4096)), // chunk 2: not flushed when the sled went away
+            (6, EntryHeader::SledStaleSince { sled, since: 3 }),
+            (
+                7,
+                EntryHeader::Zero {
+                    offset: 3 << 20,
+                    len: 1 << 20,
+                    free: true,
+                },
+            ), // chunk 3
+            // A later mark with a later flushed index does not forget the earlier misses.
+            (8, EntryHeader::FlushedUpTo { index: 7 }),
+            (9, EntryHeader::SledStaleSince { sled, since: 7 }),
+        ];
+        let mut s = VolumeState::default();
+        run(&mut s, &log);
+        assert_eq!(s.missed_chunks(sled), Some(BTreeSet::from([2, 3])));
+        assert_eq!(s.missed_chunks(Uuid128(1)), None, "not stale");
+        // Replaying the log over the state it produced changes nothing (snapshots are taken at
+        // the flushed index with the state of a later one).
+        let mut again = s.clone();
+        run(&mut again, &log);
+        assert_eq!(again, s);
+        // Current again: nothing recorded; stale again later: only what follows.
+        run(
+            &mut s,
+            &[
+                (10, EntryHeader::SledStale { sled, stale: false }),
+                (11, EntryHeader::FlushedUpTo { index: 10 }),
+                (12, EntryHeader::SledStaleSince { sled, since: 10 }),
+                (13, write(4096, 4096)),
+            ],
+        );
+        assert_eq!(s.missed_chunks(sled), Some(BTreeSet::from([0])));
+        // Marked stale by an older head node: what it missed is unknown.
+        let mut old = VolumeState::default();
+        run(
+            &mut old,
+            &[
+                (1, EntryHeader::Spec(four_chunk_spec())),
+                (2, EntryHeader::SledStale { sled, stale: true }),
+                (3, EntryHeader::SledStaleSince { sled, since: 2 }),
+            ],
+        );
+        assert_eq!(old.missed_chunks(sled), None);
+        // Entries past the end of the volume (never proposed) do not grow the record.
+        let mut s = VolumeState::default();
+        run(
+            &mut s,
+            &[
+                (1, EntryHeader::Spec(four_chunk_spec())),
+                (2, write(64 << 20, 4096)),
+            ],
+        );
+        assert!(s.chunk_written.len() <= 4);
+    }
+
+    #[test]
+    fn version_1_snapshots_are_read_and_tracking_starts_after_them() {
+        let sled = Uuid128(2);
+        let stale = BTreeSet::from([sled]);
+        let mut v1 = vec![1u8];
+        v1.extend(
+            postcard::to_stdvec(&(
+                Some(four_chunk_spec()),
+                9u64,
+                QosConfig::default(),
+                None::<QosState>,
+                stale.clone(),
+                None::<ClusterState>,
+            ))
+            .unwrap(),
+        );
+        let mut s = VolumeState::decode(&v1).unwrap();
+        assert_eq!(s.flushed, 9);
+        assert_eq!(s.stale, stale);
+        assert_eq!(s.written_from, u64::MAX);
+        // Stale before the upgrade: unknown, whatever follows.
+        run(&mut s, &[(12, write(0, 4096))]);
+        assert_eq!(s.written_from, 11);
+        assert_eq!(s.missed_chunks(sled), None);
+        // Stale after it: known.
+        let other = Uuid128(1);
+        run(
+            &mut s,
+            &[
+                (
+                    13,
+                    EntryHeader::SledStaleSince {
+                        sled: other,
+                        since: 12,
+                    },
+                ),
+                (14, write(2 << 20, 4096)),
+            ],
+        );
+        assert_eq!(s.missed_chunks(other), Some(BTreeSet::from([2])));
+        // And it is kept in a version-2 snapshot.
+        assert_eq!(s.encode()[0], SNAPSHOT_FORMAT_VERSION);
+        assert_eq!(VolumeState::decode(&s.encode()).unwrap(), s);
     }
 
     proptest! {

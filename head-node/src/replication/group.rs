@@ -614,6 +614,7 @@ impl<L: RaftLog> GroupCore<L> {
     }
 
     fn apply_header(&mut self, index: u64, h: EntryHeader, data: bytes::Bytes) {
+        self.state.note_applied(index, &h);
         match &h {
             EntryHeader::Write { .. } | EntryHeader::Zero { .. } => {
                 self.overlay.insert(index, h, data);

@@ -10,9 +10,13 @@
 //! **Stale replicas.** A sled recorded as stale in the volume's replicated state (it could not be
 //! reached when a write had to land) is skipped: no read goes to it and mutations count on the
 //! other replicas only. [`SledStore::resync`] brings one back: it claims it under the current
-//! epoch, then copies every chunk it holds for the volume from a current replica, one chunk at
-//! a time with mutations held back (the *gate*), and from then on mutations of a copied chunk
-//! reach it too, so when the group records it current again it misses nothing. A mutation that
+//! epoch, then copies the chunks it missed from a current replica, one chunk at a time with
+//! mutations held back (the *gate*), and from then on mutations of a copied chunk reach it too,
+//! so when the group records it current again it misses nothing. What it missed is the union
+//! of the replicated record (chunks written after the flushed index at which it went stale;
+//! unknown means every chunk), the chunks whose mutations skipped it under this leader, and the
+//! chunks a current replica holds and it does not (a replaced device). The rest count as
+//! copied from the start, under the gate, so their mutations reach it at once. A mutation that
 //! fails on a sled being resynchronised fails (and is retried by the write-back), so the
 //! sled cannot be recorded current while missing a write.
 
@@ -82,6 +86,9 @@ struct Health {
     /// those chunks reach the sled too).
     resync: HashMap<SledId, (u64, BTreeSet<u64>)>,
     next_gen: u64,
+    /// Per stale sled: the chunks whose mutations skipped it here (this store, so this
+    /// leadership). With the replicated record, what its resynchronisation must copy.
+    missed: HashMap<SledId, BTreeSet<u64>>,
 }
 
 /// The sleds of one volume, seen through this head node's credential.
@@ -336,6 +343,7 @@ impl SledStore {
         if h.stale != *stale {
             h.stale = stale.clone();
             h.resync.retain(|s, _| stale.contains(s));
+            h.missed.retain(|s, _| stale.contains(s));
         }
     }
 
@@ -365,21 +373,26 @@ impl SledStore {
 
     /// The replicas a mutation of `chunk` must reach: the current ones and the resyncing ones
     /// that already have the chunk. Empty when no replica is current.
+    /// A stale sled skipped is noted as missing the chunk (see [`SledStore::resync`]).
     fn targets(&self, chunk: ChunkIndex, replicas: &[SledId]) -> Vec<SledId> {
-        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let h = &mut *h;
         if replicas.iter().all(|s| h.stale.contains(s)) {
             return Vec::new();
         }
-        replicas
-            .iter()
-            .copied()
-            .filter(|s| {
-                !h.stale.contains(s)
-                    || h.resync
-                        .get(s)
-                        .is_some_and(|(_, done)| done.contains(&chunk.0))
-            })
-            .collect()
+        let mut out = Vec::with_capacity(replicas.len());
+        for s in replicas {
+            let reaches = !h.stale.contains(s)
+                || h.resync
+                    .get(s)
+                    .is_some_and(|(_, done)| done.contains(&chunk.0));
+            if reaches {
+                out.push(*s);
+            } else {
+                h.missed.entry(*s).or_default().insert(chunk.0);
+            }
+        }
+        out
     }
 
     async fn ensure_claimed(&self, sled: SledId) -> Result<(), StoreError> {
@@ -757,12 +770,18 @@ impl SledStore {
     }
 
     /// Brings a stale sled back: claims the volume on it under the current epoch (fencing any
-    /// older holder there), then copies every chunk of the volume it is a replica of from a
-    /// current replica (or frees it there when no current replica holds the chunk), one chunk
-    /// at a time with mutations held back. Returns the bytes copied. When it returns `Ok`, the
-    /// sled has every chunk and receives every mutation; the group then records it current.
-    /// The sled stays stale (and unread) throughout.
-    pub async fn resync(&self, sled: SledId) -> Result<u64, StoreError> {
+    /// older holder there), then copies each chunk it missed from a current replica (or frees
+    /// it there when no current replica holds the chunk), one chunk at a time with mutations
+    /// held back. `missed` is what the replicated record says it missed (`None`: unknown, so
+    /// every chunk it is a replica of); see the module's notes for what is added to it. Returns
+    /// the bytes copied. When it returns `Ok`, the sled has every chunk and receives every
+    /// mutation; the group then records it current. The sled stays stale (and unread)
+    /// throughout.
+    pub async fn resync(
+        &self,
+        sled: SledId,
+        missed: Option<BTreeSet<u64>>,
+    ) -> Result<u64, StoreError> {
         self.check_deposed()?;
         let volume = self.spec().id;
         // A fresh claim, not a remembered one: the sled may have lost or missed it.
@@ -771,18 +790,12 @@ impl SledStore {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&sled);
         self.claim_one(sled).await?;
-        let generation = {
-            let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-            if !h.stale.contains(&sled) {
-                return Ok(0);
-            }
-            h.next_gen += 1;
-            let g = h.next_gen;
-            h.resync.insert(sled, (g, BTreeSet::new()));
-            g
+        let Some((generation, copy)) = self.plan_resync(sled, missed).await? else {
+            return Ok(0);
         };
-        tracing::info!(volume_id = %volume, sled_id = %sled, "resynchronising a stale sled");
-        let result = self.resync_chunks(sled, generation).await;
+        tracing::info!(volume_id = %volume, sled_id = %sled, chunks = copy.len(),
+            "resynchronising a stale sled");
+        let result = self.resync_chunks(sled, generation, copy).await;
         if result.is_err() {
             let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
             if h.resync.get(&sled).is_some_and(|(g, _)| *g == generation) {
@@ -792,21 +805,112 @@ impl SledStore {
         result
     }
 
-    async fn resync_chunks(&self, sled: SledId, generation: u64) -> Result<u64, StoreError> {
+    /// Decides, with mutations held back, which chunks `sled` must be sent and which it holds
+    /// already, and starts a resynchronisation generation in which the latter count as copied.
+    /// `None` when the sled is no longer stale.
+    async fn plan_resync(
+        &self,
+        sled: SledId,
+        missed: Option<BTreeSet<u64>>,
+    ) -> Result<Option<(u64, BTreeSet<u64>)>, StoreError> {
+        let replica_err = |msg: String| StoreError::Replica { sled, msg };
+        let target = self
+            .conn(sled)
+            .await?
+            .client()
+            .await
+            .map_err(|e| replica_err(e.to_string()))?;
+        let _gate = self.gate.write().await;
+        self.check_deposed()?;
+        let spec = self.spec();
+        let mine: BTreeSet<u64> = (0..spec.chunks())
+            .filter(|c| spec.placement[*c as usize].contains(&sled))
+            .collect();
+        let copy = match missed {
+            None => mine.clone(),
+            Some(mut copy) => {
+                let skipped = self
+                    .health
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .missed
+                    .get(&sled)
+                    .cloned()
+                    .unwrap_or_default();
+                copy.extend(skipped);
+                // A sled that lost chunks (a replaced or wiped device) misses more than any
+                // record says: what a current replica holds and it does not is copied too.
+                match self.held_elsewhere(&spec, sled, &target).await? {
+                    Some(lost) => copy.extend(lost),
+                    None => copy = mine.clone(),
+                }
+                copy.retain(|c| mine.contains(c));
+                copy
+            }
+        };
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if !h.stale.contains(&sled) {
+            return Ok(None);
+        }
+        h.next_gen += 1;
+        let g = h.next_gen;
+        let done: BTreeSet<u64> = mine.difference(&copy).copied().collect();
+        h.resync.insert(sled, (g, done));
+        Ok(Some((g, copy)))
+    }
+
+    /// The chunks of `sled` that a current replica holds and `target` (the sled) does not;
+    /// `None` when a current replica cannot tell (then everything is copied).
+    async fn held_elsewhere(
+        &self,
+        spec: &VolumeSpec,
+        sled: SledId,
+        target: &common::sled_client::SledClient,
+    ) -> Result<Option<BTreeSet<u64>>, StoreError> {
+        let on_target: BTreeSet<u64> = target
+            .volume_stat(spec.id)
+            .await
+            .map_err(|e| StoreError::Replica {
+                sled,
+                msg: e.to_string(),
+            })?
+            .chunks
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        let stale = self.stale();
+        let mut lost = BTreeSet::new();
+        for source in spec.sleds().into_iter().filter(|s| !stale.contains(s)) {
+            let held = async {
+                let client = self.conn(source).await.ok()?.client().await.ok()?;
+                client.volume_stat(spec.id).await.ok()
+            }
+            .await;
+            let Some(held) = held else {
+                return Ok(None);
+            };
+            lost.extend(
+                held.chunks.iter().map(|c| c.0).filter(|c| {
+                    !on_target.contains(c) && spec.placement[*c as usize].contains(&sled)
+                }),
+            );
+        }
+        Ok(Some(lost))
+    }
+
+    async fn resync_chunks(
+        &self,
+        sled: SledId,
+        generation: u64,
+        copy: BTreeSet<u64>,
+    ) -> Result<u64, StoreError> {
         let replica_err = |msg: String| StoreError::Replica { sled, msg };
         let mut copied = 0u64;
-        let mut chunk = 0u64;
-        // The spec is read again each round: a volume grown meanwhile has more chunks.
-        loop {
+        // A volume grown meanwhile has chunks this pass does not know: they are not counted
+        // copied, so the sled is not complete and the next pass takes them.
+        for chunk in copy {
             let spec = self.spec();
-            if chunk >= spec.chunks() {
-                break;
-            }
             let replicas = spec.placement[chunk as usize].clone();
-            if !replicas.contains(&sled) {
-                chunk += 1;
-                continue;
-            }
             // Connected before the gate is taken: mutations are not held back by a reconnect.
             let target = self
                 .conn(sled)
@@ -839,7 +943,6 @@ impl SledStore {
                 }
                 _ => return Err(replica_err("resynchronisation abandoned".into())),
             }
-            chunk += 1;
         }
         Ok(copied)
     }
