@@ -689,11 +689,13 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 }
             }
             Input::Resynced { term, sled, result } => {
-                if self.resyncing == Some(sled) {
-                    self.resyncing = None;
-                }
+                // A pass of an earlier leadership of this node ending now must not let a second
+                // pass start beside the current one.
                 if self.serving != Some(term) {
                     return;
+                }
+                if self.resyncing == Some(sled) {
+                    self.resyncing = None;
                 }
                 let store = self.store.clone();
                 match result {
@@ -835,9 +837,10 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         self.resyncing = Some(sled);
         // What it missed, by the replicated record (`None`: unknown, so everything).
         let missed = self.core.state.missed_chunks(sled);
+        let epoch = store.epoch();
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            let result = store.resync(sled, missed).await;
+            let result = store.resync(sled, missed, epoch).await;
             let _ = tx.send(Input::Resynced { term, sled, result }).await;
         });
     }

@@ -138,9 +138,11 @@ pub struct VolumeState {
     /// Per stale sled: every write at or below this index is on it. A stale sled missing here
     /// (recorded stale by an older head node) is resynchronised in full.
     pub stale_since: BTreeMap<SledId, u64>,
-    /// Per chunk: the index of the last write or zero entry that touched it (0: none above
-    /// `written_from`).
-    pub chunk_written: Vec<u64>,
+    /// Per chunk: the index of the last write or zero entry that touched it, for the chunks a
+    /// stale sled (or one that may be marked stale later) can have missed: entries at or below
+    /// both the flushed index and every stale sled's `since` are dropped, so with no sled stale
+    /// this holds only the chunks of the unflushed tail.
+    pub chunk_written: BTreeMap<u64, u64>,
     /// `chunk_written` covers every data entry above this index (`u64::MAX` until the first
     /// entry is applied after a version-1 snapshot, which did not track it).
     pub written_from: u64,
@@ -167,7 +169,13 @@ impl VolumeState {
     pub fn apply(&mut self, h: &EntryHeader) {
         match h {
             EntryHeader::Write { .. } | EntryHeader::Zero { .. } => {}
-            EntryHeader::FlushedUpTo { index } => self.flushed = self.flushed.max(*index),
+            EntryHeader::FlushedUpTo { index } => {
+                self.flushed = self.flushed.max(*index);
+                // What every sled has (the entry's own index, not the state's flushed: in a
+                // replay over a later state that one may be ahead of this point of the log).
+                let keep_above = self.stale_since.values().copied().fold(*index, u64::min);
+                self.chunk_written.retain(|_, at| *at > keep_above);
+            }
             EntryHeader::Spec(s) => self.spec = Some(s.clone()),
             EntryHeader::Qos(q) => self.qos = *q,
             EntryHeader::QosState(q) => self.qos_state = Some(*q),
@@ -212,14 +220,9 @@ impl VolumeState {
         // Bounded by the volume's size: the entry was checked against it when proposed.
         let chunks = self.spec.as_ref().map_or(0, |s| s.chunks());
         let last = last.min(chunks.saturating_sub(1));
-        if first > last {
-            return;
-        }
-        if self.chunk_written.len() <= last as usize {
-            self.chunk_written.resize(last as usize + 1, 0);
-        }
-        for c in &mut self.chunk_written[first as usize..=last as usize] {
-            *c = (*c).max(index);
+        for c in first..=last {
+            let at = self.chunk_written.entry(c).or_insert(index);
+            *at = (*at).max(index);
         }
     }
 
@@ -233,9 +236,8 @@ impl VolumeState {
         Some(
             self.chunk_written
                 .iter()
-                .enumerate()
                 .filter(|(_, at)| **at > since)
-                .map(|(c, _)| c as u64)
+                .map(|(c, _)| *c)
                 .collect(),
         )
     }
@@ -267,7 +269,7 @@ impl VolumeState {
                     // Nothing was tracked: stale sleds are copied in full, and tracking starts
                     // with the next entry applied.
                     stale_since: BTreeMap::new(),
-                    chunk_written: Vec::new(),
+                    chunk_written: BTreeMap::new(),
                     written_from: u64::MAX,
                 })
             }
@@ -421,7 +423,42 @@ mod tests {
                 (2, write(64 << 20, 4096)),
             ],
         );
-        assert!(s.chunk_written.len() <= 4);
+        assert_eq!(s.chunk_written.len(), 0);
+    }
+
+    #[test]
+    fn the_record_keeps_only_what_a_stale_sled_can_miss() {
+        let sled = Uuid128(2);
+        let mut s = VolumeState::default();
+        run(
+            &mut s,
+            &[
+                (1, EntryHeader::Spec(four_chunk_spec())),
+                (2, write(0, 4096)),
+                (3, write(1 << 20, 4096)),
+                (4, EntryHeader::FlushedUpTo { index: 2 }),
+            ],
+        );
+        // No sled stale: only the unflushed tail is kept.
+        assert_eq!(s.chunk_written, BTreeMap::from([(1, 3)]));
+        run(
+            &mut s,
+            &[
+                (5, EntryHeader::SledStaleSince { sled, since: 2 }),
+                (6, write(2 << 20, 4096)),
+                (7, EntryHeader::FlushedUpTo { index: 6 }),
+            ],
+        );
+        // Stale since 2: everything after it is kept through later flushes.
+        assert_eq!(s.missed_chunks(sled), Some(BTreeSet::from([1, 2])));
+        run(
+            &mut s,
+            &[
+                (8, EntryHeader::SledStale { sled, stale: false }),
+                (9, EntryHeader::FlushedUpTo { index: 8 }),
+            ],
+        );
+        assert!(s.chunk_written.is_empty());
     }
 
     #[test]

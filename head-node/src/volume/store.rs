@@ -468,7 +468,18 @@ impl SledStore {
                         .map_err(|e| StoreError::Io(e.to_string()))?;
                     let cred = self.credential();
                     let mut res = op(client.clone(), cred).await;
+                    // Not for a sled being resynchronised: it was claimed when its pass began,
+                    // so it lost the claim since (a wiped device) and with it chunks the pass
+                    // counts as held; failing ends the pass and the next one copies them.
+                    let resyncing = || {
+                        self.health
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .stale
+                            .contains(sled)
+                    };
                     if res.as_ref().err().and_then(ClientError::code) == Some(ErrorCode::NotClaimed)
+                        && !resyncing()
                     {
                         // The sled lost its record (a replaced device): claim again, once.
                         self.claimed
@@ -777,12 +788,18 @@ impl SledStore {
     /// the bytes copied. When it returns `Ok`, the sled has every chunk and receives every
     /// mutation; the group then records it current. The sled stays stale (and unread)
     /// throughout.
+    ///
+    /// `epoch` is the one the resynchronisation was started under: once the store writes under
+    /// another (this node lost the leadership and won it again), a late pass of the earlier one
+    /// fails instead of replacing the newer pass's progress.
     pub async fn resync(
         &self,
         sled: SledId,
         missed: Option<BTreeSet<u64>>,
+        epoch: Epoch,
     ) -> Result<u64, StoreError> {
         self.check_deposed()?;
+        self.check_epoch(sled, epoch)?;
         let volume = self.spec().id;
         // A fresh claim, not a remembered one: the sled may have lost or missed it.
         self.claimed
@@ -790,12 +807,12 @@ impl SledStore {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&sled);
         self.claim_one(sled).await?;
-        let Some((generation, copy)) = self.plan_resync(sled, missed).await? else {
+        let Some((generation, copy)) = self.plan_resync(sled, missed, epoch).await? else {
             return Ok(0);
         };
         tracing::info!(volume_id = %volume, sled_id = %sled, chunks = copy.len(),
             "resynchronising a stale sled");
-        let result = self.resync_chunks(sled, generation, copy).await;
+        let result = self.resync_chunks(sled, generation, copy, epoch).await;
         if result.is_err() {
             let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
             if h.resync.get(&sled).is_some_and(|(g, _)| *g == generation) {
@@ -805,6 +822,18 @@ impl SledStore {
         result
     }
 
+    /// Fails once the store writes under another epoch than `epoch`.
+    fn check_epoch(&self, sled: SledId, epoch: Epoch) -> Result<(), StoreError> {
+        if self.epoch() == epoch {
+            Ok(())
+        } else {
+            Err(StoreError::Replica {
+                sled,
+                msg: format!("resynchronisation of epoch {} superseded", epoch.0),
+            })
+        }
+    }
+
     /// Decides, with mutations held back, which chunks `sled` must be sent and which it holds
     /// already, and starts a resynchronisation generation in which the latter count as copied.
     /// `None` when the sled is no longer stale.
@@ -812,23 +841,26 @@ impl SledStore {
         &self,
         sled: SledId,
         missed: Option<BTreeSet<u64>>,
+        epoch: Epoch,
     ) -> Result<Option<(u64, BTreeSet<u64>)>, StoreError> {
-        let replica_err = |msg: String| StoreError::Replica { sled, msg };
-        let target = self
-            .conn(sled)
-            .await?
-            .client()
-            .await
-            .map_err(|e| replica_err(e.to_string()))?;
+        // A sled that lost chunks (a replaced or wiped device) misses more than any record
+        // says: what a current replica holds and it does not is copied too. Asked before the
+        // gate is taken (mutations are not held back by sled round trips): a mutation between
+        // these answers and the gate either skipped the sled (and is noted in `missed`, read
+        // under the gate) or reached it, which no mutation does before a pass has begun.
+        let lost = match &missed {
+            Some(_) => self.held_elsewhere(sled).await?,
+            None => None,
+        };
         let _gate = self.gate.write().await;
         self.check_deposed()?;
+        self.check_epoch(sled, epoch)?;
         let spec = self.spec();
         let mine: BTreeSet<u64> = (0..spec.chunks())
             .filter(|c| spec.placement[*c as usize].contains(&sled))
             .collect();
-        let copy = match missed {
-            None => mine.clone(),
-            Some(mut copy) => {
+        let copy = match (missed, lost) {
+            (Some(mut copy), Some(lost)) => {
                 let skipped = self
                     .health
                     .lock()
@@ -838,15 +870,12 @@ impl SledStore {
                     .cloned()
                     .unwrap_or_default();
                 copy.extend(skipped);
-                // A sled that lost chunks (a replaced or wiped device) misses more than any
-                // record says: what a current replica holds and it does not is copied too.
-                match self.held_elsewhere(&spec, sled, &target).await? {
-                    Some(lost) => copy.extend(lost),
-                    None => copy = mine.clone(),
-                }
+                copy.extend(lost);
                 copy.retain(|c| mine.contains(c));
                 copy
             }
+            // Not known what it missed, or not known what it lost: everything.
+            _ => mine.clone(),
         };
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         if !h.stale.contains(&sled) {
@@ -859,41 +888,49 @@ impl SledStore {
         Ok(Some((g, copy)))
     }
 
-    /// The chunks of `sled` that a current replica holds and `target` (the sled) does not;
-    /// `None` when a current replica cannot tell (then everything is copied).
-    async fn held_elsewhere(
-        &self,
-        spec: &VolumeSpec,
-        sled: SledId,
-        target: &common::sled_client::SledClient,
-    ) -> Result<Option<BTreeSet<u64>>, StoreError> {
-        let on_target: BTreeSet<u64> = target
-            .volume_stat(spec.id)
-            .await
-            .map_err(|e| StoreError::Replica {
-                sled,
-                msg: e.to_string(),
-            })?
-            .chunks
-            .iter()
-            .map(|c| c.0)
-            .collect();
+    /// The chunks of `sled` that a current replica sharing them holds and the sled does not
+    /// (asked of all of them at once); `None` when a current replica cannot tell (then
+    /// everything is copied).
+    async fn held_elsewhere(&self, sled: SledId) -> Result<Option<BTreeSet<u64>>, StoreError> {
+        let spec = self.spec();
+        let mine = |c: u64| {
+            spec.placement
+                .get(c as usize)
+                .is_some_and(|r| r.contains(&sled))
+        };
         let stale = self.stale();
+        let sources: BTreeSet<SledId> = spec
+            .placement
+            .iter()
+            .filter(|r| r.contains(&sled))
+            .flatten()
+            .copied()
+            .filter(|s| *s != sled && !stale.contains(s))
+            .collect();
+        let volume = spec.id;
+        let stat = |s: SledId| async move {
+            let client = self
+                .conn(s)
+                .await
+                .map_err(|e| e.to_string())?
+                .client()
+                .await
+                .map_err(|e| e.to_string())?;
+            client
+                .volume_stat(volume)
+                .await
+                .map(|v| v.chunks.iter().map(|c| c.0).collect::<BTreeSet<u64>>())
+                .map_err(|e| e.to_string())
+        };
+        let (on_target, held) =
+            futures_util::join!(stat(sled), join_all(sources.iter().map(|s| stat(*s))));
+        let on_target = on_target.map_err(|msg| StoreError::Replica { sled, msg })?;
         let mut lost = BTreeSet::new();
-        for source in spec.sleds().into_iter().filter(|s| !stale.contains(s)) {
-            let held = async {
-                let client = self.conn(source).await.ok()?.client().await.ok()?;
-                client.volume_stat(spec.id).await.ok()
-            }
-            .await;
-            let Some(held) = held else {
+        for h in held {
+            let Ok(h) = h else {
                 return Ok(None);
             };
-            lost.extend(
-                held.chunks.iter().map(|c| c.0).filter(|c| {
-                    !on_target.contains(c) && spec.placement[*c as usize].contains(&sled)
-                }),
-            );
+            lost.extend(h.into_iter().filter(|c| mine(*c) && !on_target.contains(c)));
         }
         Ok(Some(lost))
     }
@@ -903,6 +940,7 @@ impl SledStore {
         sled: SledId,
         generation: u64,
         copy: BTreeSet<u64>,
+        epoch: Epoch,
     ) -> Result<u64, StoreError> {
         let replica_err = |msg: String| StoreError::Replica { sled, msg };
         let mut copied = 0u64;
@@ -910,7 +948,9 @@ impl SledStore {
         // copied, so the sled is not complete and the next pass takes them.
         for chunk in copy {
             let spec = self.spec();
-            let replicas = spec.placement[chunk as usize].clone();
+            let Some(replicas) = spec.placement.get(chunk as usize).cloned() else {
+                continue;
+            };
             // Connected before the gate is taken: mutations are not held back by a reconnect.
             let target = self
                 .conn(sled)
@@ -920,6 +960,7 @@ impl SledStore {
                 .map_err(|e| replica_err(e.to_string()))?;
             let _gate = self.gate.write().await;
             self.check_deposed()?;
+            self.check_epoch(sled, epoch)?;
             {
                 let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
                 if h.resync.get(&sled).is_none_or(|(g, _)| *g != generation) {
