@@ -506,11 +506,132 @@ mod tests {
         assert_eq!(VolumeState::decode(&s.encode()).unwrap(), s);
     }
 
+    /// One step of a random history of a sled going stale and coming back.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A write to a chunk (0..4).
+        Write(u64),
+        /// The write-back caught up with part of the unflushed tail (a fraction in 0..=4 of it).
+        Flush(u64),
+        /// The leader records the sled stale (with the flushed index it knows).
+        Stale,
+        /// A resynchronisation finished: the sled is recorded current.
+        Current,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (0u64..4).prop_map(Step::Write),
+            2 => (0u64..=4).prop_map(Step::Flush),
+            1 => Just(Step::Stale),
+            1 => Just(Step::Current),
+        ]
+    }
+
+    /// The log of a history, and for each point in it the chunks the sled may really miss:
+    /// it holds every write up to `has` (the flushed index while it was current, or everything
+    /// before the entry recording it current), and may miss any later one.
+    /// A log, and per entry what the stale sled may miss then (`None`: it is current).
+    type History = (Vec<(u64, EntryHeader)>, Vec<Option<BTreeSet<u64>>>);
+
+    fn history(steps: &[Step]) -> History {
+        let sled = Uuid128(2);
+        let mut log = vec![(1, EntryHeader::Spec(four_chunk_spec()))];
+        let mut truth = vec![None];
+        let (mut flushed, mut has, mut stale) = (0u64, 0u64, false);
+        let mut writes: Vec<(u64, u64)> = Vec::new();
+        for st in steps {
+            let index = log.len() as u64 + 1;
+            let h = match st {
+                Step::Write(c) => {
+                    writes.push((index, *c));
+                    write(c << 20, 4096)
+                }
+                Step::Flush(part) => {
+                    let tail: Vec<u64> = writes
+                        .iter()
+                        .map(|(i, _)| *i)
+                        .filter(|i| *i > flushed)
+                        .collect();
+                    let upto = tail.len() * *part as usize / 4;
+                    let Some(f) = upto.checked_sub(1).map(|k| tail[k]) else {
+                        continue;
+                    };
+                    flushed = f;
+                    if !stale {
+                        has = has.max(f);
+                    }
+                    EntryHeader::FlushedUpTo { index: f }
+                }
+                Step::Stale => {
+                    stale = true;
+                    EntryHeader::SledStaleSince {
+                        sled,
+                        since: flushed,
+                    }
+                }
+                Step::Current if stale => {
+                    stale = false;
+                    has = index - 1;
+                    EntryHeader::SledStale { sled, stale: false }
+                }
+                Step::Current => continue,
+            };
+            log.push((index, h));
+            truth.push(stale.then(|| {
+                writes
+                    .iter()
+                    .filter(|(i, _)| *i > has)
+                    .map(|(_, c)| *c)
+                    .collect()
+            }));
+        }
+        (log, truth)
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = EntryHeader::decode(&b);
             let _ = VolumeState::decode(&b);
+        }
+
+        /// Whatever the history, the record names every chunk the stale sled may miss — also
+        /// after a node restores a snapshot of a later state labelled at the flushed index and
+        /// replays the log from there.
+        #[test]
+        fn the_record_covers_every_chunk_a_stale_sled_may_miss(
+            steps in proptest::collection::vec(step(), 1..60),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let sled = Uuid128(2);
+            let (log, truth) = history(&steps);
+            let mut s = VolumeState::default();
+            for (k, (i, h)) in log.iter().enumerate() {
+                s.note_applied(*i, h);
+                s.apply(h);
+                if let Some(must) = &truth[k] {
+                    let named = s.missed_chunks(sled).expect("a stale sled with a since");
+                    prop_assert!(named.is_superset(must), "at {i}: named {named:?}, missed {must:?}");
+                }
+            }
+            // A snapshot of the state at `at`, labelled at its flushed index, then replayed.
+            let at = cut.index(log.len());
+            let mut snap = VolumeState::default();
+            for (i, h) in &log[..=at] {
+                snap.note_applied(*i, h);
+                snap.apply(h);
+            }
+            let mut r = VolumeState::decode(&snap.encode()).unwrap();
+            let from = r.flushed;
+            for (k, (i, h)) in log.iter().enumerate().filter(|(_, (i, _))| *i > from) {
+                r.note_applied(*i, h);
+                r.apply(h);
+                if k > at && let Some(must) = &truth[k] {
+                    let named = r.missed_chunks(sled).expect("a stale sled with a since");
+                    prop_assert!(named.is_superset(must), "replayed, at {i}: named {named:?}, missed {must:?}");
+                }
+            }
         }
     }
 }
