@@ -1410,7 +1410,7 @@ async fn flusher(
     let locks = RangeLock::new();
     // A sled outage fails every entry in flight: one warning per interval, the rest at debug.
     let warn = Arc::new(common::logging::RateLimit::new(Duration::from_secs(10)));
-    let epoch = tokio::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let window = Arc::new(Semaphore::new(window.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     while let Some((index, header, data)) = jobs.recv().await {
@@ -1464,7 +1464,7 @@ async fn flusher(
                             }
                         }
                         attempts += 1;
-                        let now_ns = epoch.elapsed().as_nanos() as u64;
+                        let now_ns = started.elapsed().as_nanos() as u64;
                         if attempts == 1
                             && let Some(suppressed) = warn.check(now_ns)
                         {
