@@ -46,6 +46,16 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// A blank device beside formatted ones, without `format = "force"`.
+    #[error(
+        "device {path} is blank but the sled's other devices are formatted (sled {sled}): if it replaces a failed device, the chunks that device held are gone, and this sled would read them as zeros for volumes that still count it current. Retire the whole sled instead (docs/deploy.md, \"One device of a sled with several dies\"); to add the device as new capacity, set format = \"force\" for it in the configuration"
+    )]
+    JoinsFormattedSled {
+        /// The blank device.
+        path: String,
+        /// The sled its other devices belong to.
+        sled: SledId,
+    },
     /// Devices disagree.
     #[error("{0}")]
     Mismatch(String),
@@ -229,6 +239,7 @@ pub async fn start(cfg: SledConfig, registry: prometheus::Registry) -> Result<Ru
         }
         engines.push((path, d.format, engine, formatted.is_some()));
     }
+    let joins = sled_id;
     let sled_id = sled_id.unwrap_or_else(Uuid128::random);
     let chunk_size = chunk_size.unwrap_or(cfg.chunk_size.0);
 
@@ -242,6 +253,11 @@ pub async fn start(cfg: SledConfig, registry: prometheus::Registry) -> Result<Ru
     let mut threads = Vec::new();
     for (path, policy, mut engine, formatted) in engines {
         if !formatted {
+            // A blank device joining a sled that has data is formatted only when asked for by
+            // name: it cannot be told from a replacement for a lost device.
+            if let (Some(sled), FormatPolicy::IfEmpty) = (joins, policy) {
+                return Err(StartError::JoinsFormattedSled { path, sled });
+            }
             let erase = match policy {
                 FormatPolicy::Force => true,
                 FormatPolicy::Never => false,

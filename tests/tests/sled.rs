@@ -816,6 +816,103 @@ fn device_files_that_are_truncated_or_corrupt_get_clear_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
 }
 
+/// A blank device beside formatted ones may be the replacement of a lost one: the sled refuses
+/// to format it (it would read that device's lost chunks as zeros) unless its configuration
+/// names it with `format = "force"`.
+#[test]
+fn a_blank_device_joins_a_formatted_sled_only_when_forced() {
+    let dir = scratch("sled-join");
+    let (key_path, _) = key_file(dir.path());
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    let devices = [
+        format!("{}:128M", a.display()),
+        format!("{}:128M", b.display()),
+    ];
+    let mut s = SledProc::start(
+        "two",
+        dir.path(),
+        &key_path,
+        &devices,
+        None,
+        &["--chunk-size", "8MiB"],
+    );
+    assert!(s.proc.stop(Duration::from_secs(30)));
+    // Device b "fails" and a blank one takes its place.
+    std::fs::remove_file(&b).unwrap();
+    let run = |args: &[String]| {
+        std::process::Command::new(tests::bin("sled-controller"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let mut cli: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--cluster-key-file",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    cli.push(key_path.display().to_string());
+    let mut plain = cli.clone();
+    for d in &devices {
+        plain.extend(["--device".to_string(), d.clone()]);
+    }
+    let out = run(&plain);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is blank but the sled's other devices are formatted"),
+        "{err}"
+    );
+    // Nothing was written to it.
+    if b.exists() {
+        let head = std::fs::read(&b).unwrap();
+        assert!(
+            head.iter().take(1 << 20).all(|x| *x == 0),
+            "the refused device was written"
+        );
+    }
+    // Named with format = "force" in the configuration, it is formatted into the sled.
+    let conf = dir.path().join("sled.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"127.0.0.1:0\"\nmetrics-listen = \"127.0.0.1:0\"\ncluster-key-file = \"{}\"\n\n[[device]]\npath = \"{}\"\n\n[[device]]\npath = \"{}\"\nsize = \"128MiB\"\nformat = \"force\"\n",
+            key_path.display(),
+            a.display(),
+            b.display()
+        ),
+    )
+    .unwrap();
+    let ready = dir.path().join("forced.ready.json");
+    let forced = [
+        "--config".to_string(),
+        conf.display().to_string(),
+        "--ready-file".to_string(),
+        ready.display().to_string(),
+    ];
+    let mut child = std::process::Command::new(tests::bin("sled-controller"))
+        .args(&forced)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tests::eventually(Duration::from_secs(30), "the sled ready", || {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("sled-controller exited: {st}");
+        }
+        ready.exists().then_some(())
+    });
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert!(child.wait().unwrap().success());
+}
+
 #[test]
 fn serves_a_block_device_through_a_loop_device() {
     let dir = scratch("sled-loop");
