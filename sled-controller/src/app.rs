@@ -239,7 +239,19 @@ pub async fn start(cfg: SledConfig, registry: prometheus::Registry) -> Result<Ru
         }
         engines.push((path, d.format, engine, formatted.is_some()));
     }
-    let joins = sled_id;
+    // A blank device joining a sled that has data is formatted only when asked for by name
+    // (it cannot be told from a replacement for a lost device); checked before any device is
+    // opened, so a refusal leaves every device as it was.
+    if let Some(sled) = sled_id
+        && let Some((path, ..)) = engines
+            .iter()
+            .find(|(_, policy, _, formatted)| !formatted && *policy == FormatPolicy::IfEmpty)
+    {
+        return Err(StartError::JoinsFormattedSled {
+            path: path.clone(),
+            sled,
+        });
+    }
     let sled_id = sled_id.unwrap_or_else(Uuid128::random);
     let chunk_size = chunk_size.unwrap_or(cfg.chunk_size.0);
 
@@ -253,11 +265,6 @@ pub async fn start(cfg: SledConfig, registry: prometheus::Registry) -> Result<Ru
     let mut threads = Vec::new();
     for (path, policy, mut engine, formatted) in engines {
         if !formatted {
-            // A blank device joining a sled that has data is formatted only when asked for by
-            // name: it cannot be told from a replacement for a lost device.
-            if let (Some(sled), FormatPolicy::IfEmpty) = (joins, policy) {
-                return Err(StartError::JoinsFormattedSled { path, sled });
-            }
             let erase = match policy {
                 FormatPolicy::Force => true,
                 FormatPolicy::Never => false,
