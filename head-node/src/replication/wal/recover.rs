@@ -43,7 +43,7 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError>
         let name = name.to_string_lossy();
         match parse_segment_name(&name) {
             Some(seq) => out.push((seq, ent.path())),
-            None if name == super::LOCK_FILE => {}
+            None if name == super::LOCK_FILE || name.ends_with(super::spare::SPARE_SUFFIX) => {}
             None => {
                 tracing::warn!(file = %ent.path().display(), "raft log: ignoring a file that is not a segment")
             }
@@ -84,6 +84,8 @@ pub(crate) struct Recovery {
 struct Scanned {
     records: Vec<(usize, RecordHeader, Range<usize>)>,
     cut: Option<usize>,
+    /// Where its records end (before a torn tail or the zeros of a zero-filled segment).
+    end: usize,
     next_batch: u64,
 }
 
@@ -92,7 +94,9 @@ struct Scanned {
 /// began. So damage can only be a torn write in the last batch of the last segment: a bad
 /// record there is cut, with the rest of its batch, unless a valid record of a *later* position
 /// follows it (then the bad record had been durable: corruption). Anything wrong elsewhere is
-/// corruption.
+/// corruption. Zeros from a batch boundary to the end of the file are the unused part of a
+/// zero-filled segment: a clean end, in any segment (a sealed segment that lost batches is
+/// still caught, by the next segment's first batch number).
 fn scan(
     file: &Path,
     buf: &[u8],
@@ -140,6 +144,14 @@ fn scan(
                     index = 0;
                 }
             }
+            Err(_) if index == 0 && buf[off..].iter().all(|&b| b == 0) => {
+                return Ok(Scanned {
+                    records,
+                    cut: None,
+                    end: off,
+                    next_batch: batch,
+                });
+            }
             Err(bad) => {
                 if !is_last {
                     return Err(corrupt(off, Corruption::Record(bad)));
@@ -168,6 +180,7 @@ fn scan(
                 return Ok(Scanned {
                     records,
                     cut: Some(cut),
+                    end: cut,
                     next_batch: batch,
                 });
             }
@@ -188,12 +201,14 @@ fn scan(
         return Ok(Scanned {
             records,
             cut: Some(batch_start),
+            end: batch_start,
             next_batch: batch,
         });
     }
     Ok(Scanned {
         records,
         cut: None,
+        end: buf.len(),
         next_batch: batch,
     })
 }
@@ -394,7 +409,7 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovery, WalError> {
             });
         }
         let scanned = scan(&path, &buf, header.salt, header.first_batch, is_last)?;
-        let mut size = buf.len();
+        let mut size = scanned.end;
         if let Some(cut) = scanned.cut {
             tracing::warn!(
                 file = %path.display(),

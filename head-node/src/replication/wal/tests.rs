@@ -469,14 +469,141 @@ fn bit_flips_in_the_last_record_are_a_torn_tail() {
         assert_eq!(logs(&rec.groups), states[2], "flip at {i}");
         assert_eq!(rec.torn_tail.map(|t| t.offset), Some(start as u64));
     }
-    // Zeros after the last record (a file extended but never written): cut too.
+    // Zeros after the last record (the unused part of a zero-filled segment): a clean end.
     let copy = copy_dir(dir.path());
     let mut b = original.clone();
     b.extend_from_slice(&[0; 300]);
     fs::write(seg_path(copy.path(), 1), &b).unwrap();
     let rec = reopen(copy.path()).unwrap();
     assert_eq!(logs(&rec.groups), states[3]);
-    assert_eq!(rec.torn_tail.map(|t| t.offset), Some(original.len() as u64));
+    assert_eq!(rec.torn_tail, None);
+    assert_eq!(
+        fs::read(seg_path(copy.path(), 1)).unwrap(),
+        b,
+        "a clean end was rewritten"
+    );
+}
+
+/// The records of a segment up to its zero tail, and that tail's length.
+fn records_and_zero_tail(path: &Path) -> (Vec<(usize, usize, RecordHeader)>, usize) {
+    let b = fs::read(path).unwrap();
+    let salt = SegmentHeader::decode(&b).unwrap().salt;
+    let mut out = Vec::new();
+    let mut off = SEGMENT_HEADER_LEN;
+    while let Ok((h, _, len)) = parse_record(&b[off..], salt) {
+        out.push((off, len, h));
+        off += len;
+    }
+    assert!(
+        b[off..].iter().all(|&x| x == 0),
+        "{} has bytes after its records that are not zeros",
+        path.display()
+    );
+    (out, b.len() - off)
+}
+
+#[test]
+fn zero_filled_segments_are_written_in_place_and_replay_exactly() {
+    let dir = scratch_dir();
+    let cfg = WalConfig {
+        segment_size: ByteSize(64 << 10),
+        max_segments: 1 << 20,
+        gc_live_percent: 0,
+        ..WalConfig::default()
+    };
+    let (wal, _, reg) = open(dir.path(), &cfg);
+    let g = GroupId(9);
+    let mut model = Model::default();
+    let mut i = 0u64;
+    // The first segment grows as written; the spare for the next one is filled once it is half
+    // full, in the background. Write until two segments started from a spare.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while counter(&reg, "stockade_raft_log_preallocated_segments_total") < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no spare segment was used"
+        );
+        i += 1;
+        model.write(&wal, vec![append(g, vec![entry(g, i, 1, 900)])]);
+        if i.is_multiple_of(16) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    // A few more into the current (zero-filled) segment, then look at the files.
+    for _ in 0..5 {
+        i += 1;
+        model.write(&wal, vec![append(g, vec![entry(g, i, 1, 900)])]);
+    }
+    drop(wal);
+    let segs = segments(dir.path());
+    let last = *segs.last().unwrap();
+    let (recs, tail) = records_and_zero_tail(&seg_path(dir.path(), last));
+    assert!(
+        !recs.is_empty() && tail > 0,
+        "the last segment was not zero-filled ahead"
+    );
+    assert_eq!(
+        fs::metadata(seg_path(dir.path(), last)).unwrap().len(),
+        cfg.segment_size.bytes(),
+        "a zero-filled segment keeps its length"
+    );
+    // Replay stops at the zeros without cutting anything, and writing goes on where it stopped.
+    let (wal, rec, reg) = open(dir.path(), &cfg);
+    assert_eq!(rec.torn_tail, None);
+    assert_eq!(logs(&rec.groups), model.logs());
+    assert_eq!(counter(&reg, "stockade_raft_log_torn_tails_total"), 0.0);
+    for _ in 0..3 {
+        i += 1;
+        model.write(&wal, vec![append(g, vec![entry(g, i, 1, 900)])]);
+    }
+    drop(wal);
+    let (recs2, tail2) = records_and_zero_tail(&seg_path(dir.path(), last));
+    assert_eq!(
+        recs2.len(),
+        recs.len() + 3,
+        "writing did not continue in place"
+    );
+    assert!(tail2 < tail);
+    let rec = reopen(dir.path()).unwrap();
+    assert_eq!(rec.torn_tail, None);
+    assert_eq!(logs(&rec.groups), model.logs());
+}
+
+#[test]
+fn a_torn_batch_inside_a_zero_filled_segment_is_cut() {
+    let dir = scratch_dir();
+    let g = GroupId(7);
+    let states = single_record_batches(dir.path(), g, 4);
+    let seg = seg_path(dir.path(), 1);
+    let recs = records_of(&seg);
+    let (start, len, _) = *recs.last().unwrap();
+    let original = fs::read(&seg).unwrap();
+    // The last record written only in part over zeros, as a crash mid-write would leave it.
+    for keep in [1, super::format::RECORD_HEADER_LEN, len - 1] {
+        let copy = copy_dir(dir.path());
+        let mut b = original[..start + keep].to_vec();
+        b.resize(original.len() + 4096, 0);
+        fs::write(seg_path(copy.path(), 1), &b).unwrap();
+        let rec = reopen(copy.path()).unwrap_or_else(|e| panic!("keep {keep}: {e}"));
+        assert_eq!(logs(&rec.groups), states[3], "keep {keep}");
+        let torn = rec.torn_tail.expect("a torn tail");
+        assert_eq!(torn.offset, start as u64, "keep {keep}");
+    }
+}
+
+#[test]
+fn leftover_spares_are_removed_and_never_replayed() {
+    let dir = scratch_dir();
+    let g = GroupId(3);
+    let states = single_record_batches(dir.path(), g, 2);
+    // A spare holding what looks like a segment (a copy of segment 1), as if a run stopped
+    // while one was being filled.
+    let spare = dir.path().join(format!("{:020}.spare", 7));
+    fs::copy(seg_path(dir.path(), 1), &spare).unwrap();
+    let rec = reopen(dir.path()).unwrap();
+    assert_eq!(logs(&rec.groups), states[2]);
+    assert!(!spare.exists(), "the leftover spare was not removed");
+    assert_eq!(segments(dir.path()), vec![1]);
 }
 
 #[test]

@@ -6,6 +6,7 @@ use super::format::{
     encode_apply_snapshot, encode_compact, encode_entries, encode_pb, parse_record,
 };
 use super::recover::segment_name;
+use super::spare::{self, Spare};
 use super::track::{Applied, GroupTrack, Item, Loc, SegInfo, Segments};
 use super::{Corruption, WalConfig, WalError, WalMetrics, sync_dir};
 use crate::replication::GroupId;
@@ -236,6 +237,8 @@ pub(crate) struct Writer {
     pub failed: Option<(&'static str, io::ErrorKind)>,
     /// Set when clean-up met an error; it is not tried again until restart.
     pub gc_stopped: bool,
+    /// The next segment, zero-filled ahead of need (see `spare`).
+    pub spare: Spare,
     /// Held for the writer's lifetime: the directory's lock.
     pub _lock: File,
 }
@@ -270,6 +273,7 @@ impl Writer {
             }
             self.commit(reqs);
             self.maybe_gc();
+            self.maybe_prepare_spare();
         }
         tracing::debug!(dir = %self.dir.display(), "raft log: writer stopped");
     }
@@ -289,7 +293,13 @@ impl Writer {
             return Ok(());
         }
         let seq = self.active.seq + 1;
-        let active = create_segment(&self.dir, seq, self.next_batch)?;
+        let active = match self.spare.take() {
+            Some(spare) => {
+                self.metrics.preallocated_segments.inc();
+                spare::install(&self.dir, spare, seq, self.next_batch)?
+            }
+            None => create_segment(&self.dir, seq, self.next_batch)?,
+        };
         self.segs.map.insert(
             seq,
             SegInfo {
@@ -302,6 +312,18 @@ impl Writer {
         self.active = active;
         self.metrics.segments.set(self.segs.map.len() as i64);
         Ok(())
+    }
+
+    /// Starts zero-filling the next segment once the active one is half full.
+    pub(crate) fn maybe_prepare_spare(&mut self) {
+        let len = self.cfg.segment_size.bytes();
+        if self.cfg.preallocate
+            && self.failed.is_none()
+            && !self.spare.pending()
+            && self.active.size >= len / 2
+        {
+            self.spare.prepare(&self.dir, len);
+        }
     }
 
     /// Writes `self.buf` at the end of the active segment and makes it durable.
