@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# A/B of the write path through NBD between two builds, interleaved on the same disk:
+#
+#     bench/ab-writes.sh OLD_BIN_DIR NEW_BIN_DIR
+#
+# Each directory holds the three binaries (stockade, head-node, sled-controller) of one build,
+# e.g. copies of target/release taken at two commits. For each run, in the order of VERS (default
+# "old new old new old new"): a fresh `stockade up --heads 1 --sleds 3 --replicas R` (R: 1) under
+# target/bench-scratch/ab, a 1 GiB sequential fill, then fio --ioengine=nbd 4 KiB random writes
+# at each queue depth of QDS (default "32 1") for DURATION seconds (10), with the IOPS, p50/p99
+# latency and the head node's mean log fdatasync over the run (from its metrics). Interleaving
+# matters: this VM's disk drifts by tens of percent within minutes. A benchmark, not a test.
+set -euo pipefail
+if [[ $# -ne 2 || ! -x $1/stockade || ! -x $2/stockade ]]; then
+    echo "usage: bench/ab-writes.sh OLD_BIN_DIR NEW_BIN_DIR (each with stockade, head-node, sled-controller)" >&2
+    exit 2
+fi
+old=$(realpath "$1")
+new=$(realpath "$2")
+d=${SCRATCH:-target/bench-scratch/ab}
+stop() { [[ -f $d/cluster.json ]] && jq -r '.processes[].pid' "$d/cluster.json" | xargs -r kill 2>/dev/null; sleep 2; }
+trap stop EXIT
+for v in ${VERS:-old new old new old new}; do
+    bin=$([[ $v == old ]] && echo "$old" || echo "$new")
+    stop
+    rm -rf "$d"
+    "$bin/stockade" --data-dir "$d" up --heads 1 --sleds 3 --replicas "${R:-1}" --sled-size 4GiB --detach >"$d.up.log" 2>&1 ||
+        { tail "$d.up.log"; exit 1; }
+    leader=
+    for _ in $(seq 100); do
+        leader=$("$bin/stockade" --data-dir "$d" volume show vol0 --json 2>/dev/null | jq -r .leader) || true
+        [[ -n $leader && $leader != null ]] && break
+        sleep 0.3
+    done
+    uri=$(jq -r --arg id "head-$leader" '.processes[] | select(.id == $id) | "nbd://\(.listen)/vol0"' "$d/cluster.json")
+    metrics=$(jq -r --arg id "head-$leader" '.processes[] | select(.id == $id) | .metrics' "$d/cluster.json")
+    fio --name=fill --ioengine=nbd --uri="$uri" --rw=write --bs=1m --iodepth=8 --size=1GiB >/dev/null
+    fsync() { curl -s "http://$metrics/metrics" | awk '/^stockade_raft_log_fsync_duration_seconds_(sum|count)/{printf "%s ", $2}'; }
+    for qd in ${QDS:-32 1}; do
+        read -r s0 c0 <<<"$(fsync)"
+        r=$(fio --name=ab --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth="$qd" --size=1GiB \
+            --time_based --runtime="${DURATION:-10}" --output-format=json | sed -n '/^{/,$p')
+        read -r s1 c1 <<<"$(fsync)"
+        echo "$v qd$qd iops=$(jq '.jobs[0].write.iops|floor' <<<"$r")" \
+            "p50_us=$(jq '.jobs[0].write.clat_ns.percentile["50.000000"]/1000|floor' <<<"$r")" \
+            "p99_us=$(jq '.jobs[0].write.clat_ns.percentile["99.000000"]/1000|floor' <<<"$r")" \
+            "log_fsyncs=$((c1 - c0)) log_fsync_mean_us=$(echo "($s1 - $s0) * 1000000 / ($c1 - $c0)" | bc)"
+    done
+done
