@@ -72,23 +72,16 @@ fn seg_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(recover::segment_name(seq))
 }
 
-/// Offsets, lengths and headers of the records of a segment.
+/// Offsets, lengths and headers of the records of a segment that ends at a record boundary.
 fn records_of(path: &Path) -> Vec<(usize, usize, RecordHeader)> {
-    let b = fs::read(path).unwrap();
-    let salt = SegmentHeader::decode(&b).unwrap().salt;
-    let mut out = Vec::new();
-    let mut off = SEGMENT_HEADER_LEN;
-    while let Ok((h, _, len)) = parse_record(&b[off..], salt) {
-        out.push((off, len, h));
-        off += len;
-    }
+    let (recs, tail) = records_and_zero_tail(path);
     assert_eq!(
-        off,
-        b.len(),
+        tail,
+        0,
         "{} does not end at a record boundary",
         path.display()
     );
-    out
+    recs
 }
 
 fn copy_dir(from: &Path) -> tempfile::TempDir {
