@@ -311,6 +311,93 @@ fn a_returning_sled_is_sent_only_the_chunks_it_missed() {
     assert!(ok(&r), "{}", text(&r));
 }
 
+/// A sled whose device is replaced (a blank one forced into it) comes back before anything
+/// records it stale: it still counts as current, but it lost the chunks of that device. The
+/// head node must notice on reconnecting, read those chunks from the other replicas (never as
+/// the zeros the sled would return), record the sled stale and copy them back.
+#[test]
+fn a_sled_that_lost_a_device_is_never_read_for_its_chunks_and_gets_them_back() {
+    use tests::head::HeadProc;
+    use tests::sled::SledProc;
+    let dir = tests::scratch("head-lost-device");
+    let (key_path, _) = tests::key_file(dir.path());
+    let conf = |i: usize, force: bool| {
+        let path = dir.path().join(format!("sled{i}.toml"));
+        let dev = |d: &str| {
+            dir.path()
+                .join(format!("sled{i}{d}.img"))
+                .display()
+                .to_string()
+        };
+        let force = if force { "format = \"force\"\n" } else { "" };
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"127.0.0.1:0\"\nmetrics-listen = \"127.0.0.1:0\"\ncluster-key-file = \"{}\"\n\n[[device]]\npath = \"{}\"\nsize = \"128MiB\"\n\n[[device]]\npath = \"{}\"\nsize = \"128MiB\"\n{force}",
+                key_path.display(),
+                dev("a"),
+                dev("b")
+            ),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let mut sleds: Vec<SledProc> = (1..=3)
+        .map(|i| {
+            SledProc::start(
+                &format!("sled{i}"),
+                dir.path(),
+                &key_path,
+                &[],
+                None,
+                &["--config", &conf(i, false), "--chunk-size", "8MiB"],
+            )
+        })
+        .collect();
+    let addrs: Vec<_> = sleds.iter().map(|s| s.ready.listen).collect();
+    let head = HeadProc::start(
+        "head1",
+        dir.path(),
+        &key_path,
+        1,
+        &addrs,
+        &["vol0:64MiB"],
+        &["--stale-after", "60s"],
+    );
+    head.wait_export("vol0", tests::sled::START_TIMEOUT);
+    let admin = head.ready.admin;
+    let uri = head.uri("vol0");
+    let w = qemu_io(&uri, &["write -P 0x5c 0 64M"]);
+    assert!(ok(&w), "{}", text(&w));
+    tests::eventually(Duration::from_secs(30), "write-back", || {
+        (metric(admin, "stockade_volume_unflushed_bytes") == 0.0).then_some(())
+    });
+    // Sled 1's device b dies; a blank one is forced in; the sled is back within a second.
+    assert!(sleds[0].proc.stop(Duration::from_secs(30)));
+    std::fs::remove_file(dir.path().join("sled1b.img")).unwrap();
+    conf(1, true);
+    sleds[0].restart();
+    // Reads rotate over the replicas: six passes read every chunk from sled 1 at least once.
+    for pass in 0..6 {
+        let r = qemu_io(&uri, &["read -P 0x5c 0 64M"]);
+        assert!(ok(&r), "pass {pass}: {}", text(&r));
+    }
+    assert!(
+        head.proc.log_text().contains("a sled lacks chunks"),
+        "the lost chunks were not noticed"
+    );
+    tests::eventually(Duration::from_secs(60), "the sled resynchronised", || {
+        (metric(admin, "stockade_volume_resync_bytes_total") > 0.0
+            && metric(admin, "stockade_volume_stale_replicas") == 0.0)
+            .then_some(())
+    });
+    // Sled 1 alone serves every byte.
+    sleds[1].proc.kill9();
+    sleds[2].proc.kill9();
+    let r = qemu_io(&uri, &["read -P 0x5c 0 64M"]);
+    assert!(ok(&r), "{}", text(&r));
+}
+
 /// A sled that restarts quickly (before it would be recorded stale) may have lost the cached
 /// write-back it had acknowledged, had the restart been a power loss: the leader notices that
 /// its flush came on a new connection and writes the unflushed tail back again before it records

@@ -852,6 +852,16 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
 
     /// Work that calls into the core, done only between readies.
     fn after_inputs(&mut self) {
+        // Sleds the store found lacking chunks (a replaced device): record them stale, so their
+        // resynchronisation copies what they lost.
+        if self.serving.is_some()
+            && let Some(store) = self.store.clone()
+        {
+            for (sled, chunks) in store.take_lacking() {
+                tracing::debug!(group = %self.group, sled_id = %sled, chunks, "sled lacks chunks");
+                self.mark_stale(sled, "it lacks chunks its fellow replicas hold");
+            }
+        }
         // Proposals, within the unflushed-data bound.
         while self.serving.is_some()
             && self.core.overlay.bytes() < self.cfg.max_unflushed_bytes

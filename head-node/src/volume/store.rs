@@ -19,6 +19,17 @@
 //! copied from the start, under the gate, so their mutations reach it at once. A mutation that
 //! fails on a sled being resynchronised fails (and is retried by the write-back), so the
 //! sled cannot be recorded current while missing a write.
+//!
+//! **Lost chunks on a current sled.** A sled whose device was replaced (or wiped) while it was
+//! away for less than it takes to be recorded stale comes back current but without some chunks;
+//! it would read them as zeros and let a write allocate a fresh, partial chunk. So every time
+//! this store reaches a sled on a new connection (and when it opens), it first asks what the
+//! sled holds of the volume: a chunk placed on the sled, known to be held by a replica, and not
+//! held by the sled is *lacking* there. Lacking chunks are treated as if the sled were stale for
+//! them — no read goes there and their mutations skip the sled (noted as missed) — and the group
+//! is told ([`SledStore::take_lacking`]) so it records the sled stale; its resynchronisation
+//! then copies them. A false alarm (a chunk allocated ahead while the sled was unreachable)
+//! costs a copy, never data.
 
 use super::{BLOCK, Segment, VolumeSpec};
 use crate::metrics::VolumeMetrics;
@@ -87,8 +98,14 @@ struct Health {
     resync: HashMap<SledId, (u64, BTreeSet<u64>)>,
     next_gen: u64,
     /// Per stale sled: the chunks whose mutations skipped it here (this store, so this
-    /// leadership). With the replicated record, what its resynchronisation must copy.
+    /// leadership). With the replicated record, what its resynchronisation must copy. Also
+    /// kept for a sled with lacking chunks, until it is recorded stale.
     missed: HashMap<SledId, BTreeSet<u64>>,
+    /// Per current sled: chunks it was found not to hold although a replica does (see the
+    /// module's notes). Dropped when the sled is recorded stale.
+    lacking: HashMap<SledId, BTreeSet<u64>>,
+    /// Sleds found lacking chunks that the group has not been told about yet.
+    lacking_new: BTreeSet<SledId>,
 }
 
 /// The sleds of one volume, seen through this head node's credential.
@@ -109,6 +126,11 @@ pub struct SledStore {
     /// Cached writes acknowledged and not yet covered by a flush: connection id → (sled, how
     /// many). See [`SledStore::flush`].
     unflushed: Mutex<HashMap<u64, (SledId, u64)>>,
+    /// Per sled: the connection whose holdings were checked against the volume's (see the
+    /// module's notes on lost chunks).
+    verified: Mutex<HashMap<SledId, u64>>,
+    /// Serialises those checks.
+    verify_lock: tokio::sync::Mutex<()>,
     metrics: VolumeMetrics,
 }
 
@@ -164,6 +186,8 @@ impl SledStore {
             deposed,
             reads: AtomicU64::new(0),
             unflushed: Mutex::default(),
+            verified: Mutex::default(),
+            verify_lock: tokio::sync::Mutex::new(()),
             metrics,
         }
     }
@@ -300,6 +324,7 @@ impl SledStore {
         // A chunk is empty when every current replica answered and none holds it.
         let mut reachable = HashSet::new();
         let mut held = BTreeSet::new();
+        let mut by_sled: Vec<(SledId, u64, BTreeSet<u64>)> = Vec::new();
         for s in sleds.iter().filter(|s| !stale.contains(s)) {
             let Ok(conn) = self.conn(*s).await else {
                 continue;
@@ -309,8 +334,14 @@ impl SledStore {
             };
             if let Ok(st) = client.volume_stat(spec.id).await {
                 reachable.insert(*s);
-                held.extend(st.chunks.iter().map(|c| c.0));
+                let mine: BTreeSet<u64> = st.chunks.iter().map(|c| c.0).collect();
+                held.extend(mine.iter().copied());
+                by_sled.push((*s, client.id(), mine));
             }
+        }
+        for (sled, conn_id, mine) in by_sled {
+            let lacking = lacking_of(&spec, sled, &mine, |c| held.contains(&c));
+            self.note_lacking(sled, conn_id, lacking);
         }
         let mut alloc = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
         alloc.empty = (0..spec.chunks())
@@ -343,8 +374,92 @@ impl SledStore {
         if h.stale != *stale {
             h.stale = stale.clone();
             h.resync.retain(|s, _| stale.contains(s));
-            h.missed.retain(|s, _| stale.contains(s));
+            h.lacking.retain(|s, _| !stale.contains(s));
+            h.lacking_new.retain(|s| !stale.contains(s));
+            let Health {
+                missed, lacking, ..
+            } = &mut *h;
+            missed.retain(|s, _| stale.contains(s) || lacking.contains_key(s));
         }
+    }
+
+    /// Sleds found lacking chunks since the last call (the group records them stale), with
+    /// how many chunks each lacks.
+    pub fn take_lacking(&self) -> Vec<(SledId, usize)> {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let new = std::mem::take(&mut h.lacking_new);
+        new.into_iter()
+            .map(|s| (s, h.lacking.get(&s).map_or(0, BTreeSet::len)))
+            .collect()
+    }
+
+    /// Records what a check of `sled`'s holdings on connection `conn_id` found lacking.
+    fn note_lacking(&self, sled: SledId, conn_id: u64, lacking: BTreeSet<u64>) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sled, conn_id);
+        if lacking.is_empty() {
+            return;
+        }
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if h.stale.contains(&sled) {
+            return;
+        }
+        tracing::warn!(volume_id = %self.spec().id, sled_id = %sled, chunks = lacking.len(),
+            first = lacking.first().copied().unwrap_or_default(),
+            "a sled lacks chunks its fellow replicas hold (a replaced or wiped device?); it is \
+             not read for them and will be resynchronised");
+        h.lacking.entry(sled).or_default().extend(lacking);
+        h.lacking_new.insert(sled);
+    }
+
+    fn is_lacking(&self, sled: SledId, chunk: ChunkIndex) -> bool {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lacking
+            .get(&sled)
+            .is_some_and(|l| l.contains(&chunk.0))
+    }
+
+    /// A connection to `sled` whose holdings have been checked (see the module's notes on lost
+    /// chunks): the first use of every new connection asks the sled what it holds.
+    async fn checked_client(
+        &self,
+        sled: SledId,
+    ) -> Result<Arc<common::sled_client::SledClient>, StoreError> {
+        let conn = self.conn(sled).await.map_err(|e| match e {
+            StoreError::Replica { msg, .. } => StoreError::Io(msg),
+            other => other,
+        })?;
+        let client = conn
+            .client()
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        let checked = |id| {
+            self.verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&sled)
+                == Some(&id)
+        };
+        if checked(client.id()) || self.stale().contains(&sled) {
+            return Ok(client);
+        }
+        let _one = self.verify_lock.lock().await;
+        if checked(client.id()) {
+            return Ok(client);
+        }
+        let spec = self.spec();
+        let st = client
+            .volume_stat(spec.id)
+            .await
+            .map_err(|e| StoreError::Io(format!("asking what it holds: {e}")))?;
+        let mine: BTreeSet<u64> = st.chunks.iter().map(|c| c.0).collect();
+        let lacking = lacking_of(&spec, sled, &mine, |c| !self.is_empty(ChunkIndex(c)));
+        self.note_lacking(sled, client.id(), lacking);
+        Ok(client)
     }
 
     /// Forgets the progress of a resynchronisation (its sled failed a mutation): mutations skip
@@ -382,10 +497,12 @@ impl SledStore {
         }
         let mut out = Vec::with_capacity(replicas.len());
         for s in replicas {
-            let reaches = !h.stale.contains(s)
-                || h.resync
-                    .get(s)
-                    .is_some_and(|(_, done)| done.contains(&chunk.0));
+            let lacks = h.lacking.get(s).is_some_and(|l| l.contains(&chunk.0));
+            let reaches = !lacks
+                && (!h.stale.contains(s)
+                    || h.resync
+                        .get(s)
+                        .is_some_and(|(_, done)| done.contains(&chunk.0)));
             if reaches {
                 out.push(*s);
             } else {
@@ -461,11 +578,18 @@ impl SledStore {
             async move {
                 let r = async {
                     self.ensure_claimed(*sled).await?;
-                    let conn = self.conn(*sled).await?;
-                    let client = conn
-                        .client()
-                        .await
-                        .map_err(|e| StoreError::Io(e.to_string()))?;
+                    let client = self.checked_client(*sled).await?;
+                    if self.is_lacking(*sled, seg.chunk) {
+                        // Found lacking just now: skipped like a stale sled, and noted.
+                        self.health
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .missed
+                            .entry(*sled)
+                            .or_default()
+                            .insert(seg.chunk.0);
+                        return Ok(());
+                    }
                     let cred = self.credential();
                     let mut res = op(client.clone(), cred).await;
                     // Not for a sled being resynchronised: it was claimed when its pass began,
@@ -660,7 +784,7 @@ impl SledStore {
         let mut replicas: Vec<SledId> = spec.placement[seg.chunk.0 as usize]
             .iter()
             .copied()
-            .filter(|s| !stale.contains(s))
+            .filter(|s| !stale.contains(s) && !self.is_lacking(*s, seg.chunk))
             .collect();
         // Spread reads over the replicas; fall back to the others in turn.
         let start = self.reads.fetch_add(1, Ordering::Relaxed) as usize;
@@ -678,14 +802,12 @@ impl SledStore {
         let mut errors = Vec::new();
         for sled in replicas {
             let attempt = async {
-                let conn = self.conn(sled).await.map_err(|e| match e {
-                    StoreError::Replica { msg, .. } => StoreError::Io(msg),
-                    other => other,
-                })?;
-                let client = conn
-                    .client()
-                    .await
-                    .map_err(|e| StoreError::Io(e.to_string()))?;
+                let client = self.checked_client(sled).await?;
+                if self.is_lacking(sled, seg.chunk) {
+                    return Err(StoreError::Io(
+                        "the sled lacks this chunk (found on reconnecting)".into(),
+                    ));
+                }
                 client
                     .read(spec.id, seg.chunk, seg.offset, seg.len as u32)
                     .await
@@ -1090,4 +1212,17 @@ impl SledStore {
     pub fn key(&self) -> &ClusterKey {
         &self.key
     }
+}
+
+/// The chunks placed on `sled` that a replica holds (`held`) and `sled` does not (`mine`).
+fn lacking_of(
+    spec: &VolumeSpec,
+    sled: SledId,
+    mine: &BTreeSet<u64>,
+    held: impl Fn(u64) -> bool,
+) -> BTreeSet<u64> {
+    (0..spec.chunks())
+        .filter(|c| spec.placement[*c as usize].contains(&sled))
+        .filter(|c| !mine.contains(c) && held(*c))
+        .collect()
 }
