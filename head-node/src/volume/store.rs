@@ -823,6 +823,9 @@ impl SledStore {
                 }
             }
         }
+        if errors.is_empty() {
+            errors.push("every replica is stale or lacks it".into());
+        }
         Err(StoreError::Io(format!(
             "no replica of chunk {} could be read: {}",
             seg.chunk.0,
