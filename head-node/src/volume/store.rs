@@ -1097,7 +1097,9 @@ impl SledStore {
             let sources: Vec<SledId> = replicas
                 .iter()
                 .copied()
-                .filter(|s| *s != sled && !stale.contains(s))
+                .filter(|s| {
+                    *s != sled && !stale.contains(s) && !self.is_lacking(*s, ChunkIndex(chunk))
+                })
                 .collect();
             copied += self
                 .copy_chunk(&spec, ChunkIndex(chunk), &sources, sled, &target, &cred)
@@ -1113,7 +1115,10 @@ impl SledStore {
         Ok(copied)
     }
 
-    /// Makes `chunk` on `target` what it is on a current replica. Called with the gate held.
+    /// Makes `chunk` on `target` what it is on a current replica: a copy from the first source
+    /// that holds it, or, when every source answers that it holds nothing, a free (a source that
+    /// cannot answer leaves the question open: an error, never a free). Called with the gate
+    /// held.
     async fn copy_chunk(
         &self,
         spec: &VolumeSpec,
@@ -1132,6 +1137,7 @@ impl SledStore {
             .chunks
             .contains(&chunk);
         let mut errors = Vec::new();
+        let mut not_held = 0;
         for source in sources {
             let attempt = async {
                 let client = self
@@ -1148,13 +1154,7 @@ impl SledStore {
                     .chunks
                     .contains(&chunk);
                 if !holds {
-                    if target_holds {
-                        target
-                            .free(cred, chunk)
-                            .await
-                            .map_err(|e| self.mutation_error(sled, e))?;
-                    }
-                    return Ok(0);
+                    return Ok(None);
                 }
                 let mut at = 0;
                 while at < spec.chunk_size {
@@ -1170,16 +1170,26 @@ impl SledStore {
                     self.metrics.resync_bytes.inc_by(len);
                     at += len;
                 }
-                Ok(spec.chunk_size)
+                Ok(Some(spec.chunk_size))
             };
             match attempt.await {
-                Ok(n) => return Ok(n),
+                Ok(Some(n)) => return Ok(n),
+                Ok(None) => not_held += 1,
                 // The target's failure ends this resynchronisation; a source's tries the next.
                 Err(e @ (StoreError::Deposed { .. } | StoreError::Replica { .. })) => {
                     return Err(e);
                 }
                 Err(e) => errors.push(format!("sled {source}: {e}")),
             }
+        }
+        if !sources.is_empty() && errors.is_empty() && not_held == sources.len() {
+            if target_holds {
+                target
+                    .free(cred, chunk)
+                    .await
+                    .map_err(|e| self.mutation_error(sled, e))?;
+            }
+            return Ok(0);
         }
         Err(replica_err(format!(
             "no current replica of chunk {} could be read: {}",
