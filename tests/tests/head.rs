@@ -270,6 +270,9 @@ fn a_returning_sled_is_sent_only_the_chunks_it_missed() {
     tests::eventually(Duration::from_secs(30), "write-back", || {
         (metric(admin, "stockade_volume_unflushed_bytes") == 0.0).then_some(())
     });
+    let used =
+        |s: &tests::sled::SledProc| metric(s.ready.metrics, "stockade_sled_device_chunks_used");
+    let used_before = used(&c.sleds[0]);
     c.sleds[0].proc.kill9();
     // Chunks 0 and 2: their write-back fails on the dead sled until it is recorded stale.
     let w = qemu_io(&uri, &["write -P 0x22 0 1M", "write -P 0x22 20M 1M"]);
@@ -277,8 +280,8 @@ fn a_returning_sled_is_sent_only_the_chunks_it_missed() {
     tests::eventually(Duration::from_secs(60), "the sled recorded stale", || {
         (metric(admin, "stockade_volume_stale_replicas") == 1.0).then_some(())
     });
-    // Chunk 5, while it is stale.
-    let w = qemu_io(&uri, &["write -P 0x33 40M 1M"]);
+    // Chunk 5 written and chunk 7 trimmed whole (freed on the other sleds), while it is stale.
+    let w = qemu_io(&uri, &["write -P 0x33 40M 1M", "discard 56M 8M"]);
     assert!(ok(&w), "{}", text(&w));
     tests::eventually(Duration::from_secs(30), "write-back", || {
         (metric(admin, "stockade_volume_unflushed_bytes") == 0.0).then_some(())
@@ -288,11 +291,17 @@ fn a_returning_sled_is_sent_only_the_chunks_it_missed() {
     tests::eventually(Duration::from_secs(60), "the sled resynchronised", || {
         (metric(admin, "stockade_volume_stale_replicas") == 0.0).then_some(())
     });
-    // Three 8 MiB chunks (a retried pass may count some twice), never the whole 64 MiB.
+    // Three 8 MiB chunks (a retried pass may count some twice), never the whole 64 MiB; chunk 7
+    // freed there too, as every current replica agrees it holds nothing.
     let copied = metric(admin, "stockade_volume_resync_bytes_total") / MIB;
     assert!(
         (24.0..64.0).contains(&copied),
         "{copied} MiB copied; the sled missed 3 chunks of 8 MiB"
+    );
+    assert_eq!(
+        used(&c.sleds[0]),
+        used_before - 1.0,
+        "the trimmed chunk was not freed on the returning sled"
     );
     // The resynchronised sled alone serves every byte.
     c.sleds[1].proc.kill9();
@@ -305,7 +314,8 @@ fn a_returning_sled_is_sent_only_the_chunks_it_missed() {
             "read -P 0x22 20M 1M",
             "read -P 0x11 21M 19M",
             "read -P 0x33 40M 1M",
-            "read -P 0x11 41M 23M",
+            "read -P 0x11 41M 15M",
+            "read -P 0 56M 8M",
         ],
     );
     assert!(ok(&r), "{}", text(&r));
