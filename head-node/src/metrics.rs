@@ -28,6 +28,7 @@ pub struct HeadMetrics {
     stale: IntGaugeVec,
     resync: IntCounterVec,
     rewrites: IntCounterVec,
+    lacking: IntCounterVec,
 }
 
 fn int_gauge_vec(r: &Registry, name: &str, help: &str) -> Result<IntGaugeVec, MetricsError> {
@@ -142,6 +143,12 @@ impl HeadMetrics {
                 "Bytes this head node copied from current replicas to stale sleds of the volume to resynchronise them.",
                 &["volume"],
             )?,
+            lacking: counter_vec(
+                r,
+                "stockade_volume_lacking_chunks_total",
+                "Chunks found missing on a sled that should hold them while a fellow replica does (a replaced or wiped device); each is then read elsewhere and copied back.",
+                &["volume"],
+            )?,
             rewrites: counter_vec(
                 r,
                 "stockade_volume_writeback_rewrites_total",
@@ -173,6 +180,7 @@ impl HeadMetrics {
             stale_replicas: self.stale.with_label_values(&[name]),
             resync_bytes: self.resync.with_label_values(&[name]),
             rewrites: self.rewrites.with_label_values(&[name]),
+            lacking_chunks: self.lacking.with_label_values(&[name]),
         }
     }
 }
@@ -252,6 +260,8 @@ pub struct VolumeMetrics {
     pub resync_bytes: IntCounter,
     /// Unflushed tails written back again (a sled may have lost cached writes).
     pub rewrites: IntCounter,
+    /// Chunks found missing on a sled that should hold them.
+    pub lacking_chunks: IntCounter,
 }
 
 impl VolumeMetrics {

@@ -396,6 +396,7 @@ fn a_sled_that_lost_a_device_is_never_read_for_its_chunks_and_gets_them_back() {
         head.proc.log_text().contains("a sled lacks chunks"),
         "the lost chunks were not noticed"
     );
+    assert!(metric(admin, "stockade_volume_lacking_chunks_total") >= 1.0);
     tests::eventually(Duration::from_secs(60), "the sled resynchronised", || {
         (metric(admin, "stockade_volume_resync_bytes_total") > 0.0
             && metric(admin, "stockade_volume_stale_replicas") == 0.0)

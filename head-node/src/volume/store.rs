@@ -410,7 +410,12 @@ impl SledStore {
             first = lacking.first().copied().unwrap_or_default(),
             "a sled lacks chunks its fellow replicas hold (a replaced or wiped device?); it is \
              not read for them and will be resynchronised");
-        h.lacking.entry(sled).or_default().extend(lacking);
+        let known = h.lacking.entry(sled).or_default();
+        let before = known.len();
+        known.extend(lacking);
+        self.metrics
+            .lacking_chunks
+            .inc_by((known.len() - before) as u64);
         h.lacking_new.insert(sled);
     }
 
