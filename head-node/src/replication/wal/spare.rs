@@ -4,14 +4,13 @@
 //! the inode, so on a disk without FUA it costs about twice a sync after overwriting blocks
 //! already written (measured in bench/README.md: 227 µs against 113 µs). So while the active
 //! segment fills, a helper thread writes the next segment's whole length with zeros and makes
-//! that durable; when the writer rotates, the spare gets its header and its name, and every
+//! that durable; when the writer rotates, the spare gets its header and its name
+//! (`writer::start_segment`), and every
 //! batch written into it is an overwrite. A zero tail after the last batch is a clean end on
 //! replay (see `recover::scan`). When no spare is ready in time the writer creates an empty
 //! segment and appends, as it would without spares: a spare never holds up a commit.
 
-use super::format::SegmentHeader;
-use super::writer::Active;
-use super::{WalError, sync_dir};
+use super::WalError;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -22,10 +21,10 @@ use std::sync::mpsc;
 /// removes it).
 pub(crate) const SPARE_SUFFIX: &str = ".spare";
 
-/// Zeros written per call while filling a spare; a sync follows every [`SYNC_EVERY`] bytes so
-/// the fill reaches the disk as a steady trickle, not as one burst in front of a log sync.
+/// Zeros written per call while filling a spare, each followed by a sync, so the fill reaches
+/// the disk as a steady trickle (at most this much queued in front of a commit's sync), not as
+/// one burst.
 const FILL_CHUNK: usize = 1 << 20;
-const SYNC_EVERY: u64 = 1 << 20;
 
 /// Removes spares an earlier run left (filled or not: they are only ever a head start).
 pub(crate) fn remove_leftovers(dir: &Path) -> Result<(), WalError> {
@@ -122,57 +121,12 @@ fn fill(path: &Path, len: u64) -> io::Result<File> {
         .open(path)?;
     let zeros = vec![0u8; FILL_CHUNK];
     let mut off = 0u64;
-    let mut unsynced = 0u64;
     while off < len {
         let n = (len - off).min(FILL_CHUNK as u64) as usize;
         file.write_all_at(&zeros[..n], off)?;
+        file.sync_data()?;
         off += n as u64;
-        unsynced += n as u64;
-        if unsynced >= SYNC_EVERY {
-            file.sync_data()?;
-            unsynced = 0;
-        }
     }
     file.sync_all()?;
     Ok(file)
-}
-
-/// Turns a filled spare into segment `seq`: header written and durable, then renamed into place
-/// and the directory synced (a crash in between leaves either a spare, removed on open, or a
-/// segment with a header and zeros, which replays as an empty segment).
-pub(crate) fn install(
-    dir: &Path,
-    (file, from): (File, PathBuf),
-    seq: u64,
-    first_batch: u64,
-) -> Result<Active, WalError> {
-    let to = dir.join(super::recover::segment_name(seq));
-    let io = |what, source| WalError::Io {
-        path: to.clone(),
-        what,
-        source,
-    };
-    let salt = common::ids::Uuid128::random().0 as u64;
-    let header = SegmentHeader {
-        seq,
-        salt,
-        first_batch,
-    };
-    file.write_all_at(&header.encode(), 0)
-        .map_err(|e| io("writing a segment header", e))?;
-    file.sync_data()
-        .map_err(|e| io("syncing a segment header", e))?;
-    fs::rename(&from, &to).map_err(|e| io("renaming a spare segment", e))?;
-    sync_dir(dir)?;
-    tracing::debug!(
-        segment = seq,
-        first_batch,
-        "raft log: new segment (zero-filled)"
-    );
-    Ok(Active {
-        seq,
-        file,
-        size: super::format::SEGMENT_HEADER_LEN as u64,
-        salt,
-    })
 }

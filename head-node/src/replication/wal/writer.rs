@@ -6,7 +6,7 @@ use super::format::{
     encode_apply_snapshot, encode_compact, encode_entries, encode_pb, parse_record,
 };
 use super::recover::segment_name;
-use super::spare::{self, Spare};
+use super::spare::Spare;
 use super::track::{Applied, GroupTrack, Item, Loc, SegInfo, Segments};
 use super::{Corruption, WalConfig, WalError, WalMetrics, sync_dir};
 use crate::replication::GroupId;
@@ -175,27 +175,56 @@ pub(crate) struct Active {
 /// Creates segment `seq` and makes its header (and its directory entry) durable.
 pub(crate) fn create_segment(dir: &Path, seq: u64, first_batch: u64) -> Result<Active, WalError> {
     let path = dir.join(segment_name(seq));
-    let io = |source| WalError::Io {
-        path: path.clone(),
-        what: "creating a segment",
-        source,
-    };
-    let salt = common::ids::Uuid128::random().0 as u64;
     let file = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(&path)
-        .map_err(io)?;
+        .map_err(|source| WalError::Io {
+            path: path.clone(),
+            what: "creating a segment",
+            source,
+        })?;
+    start_segment(dir, file, None, seq, first_batch)
+}
+
+/// Makes `file` segment `seq`: its header written and durable (with the file's size), then,
+/// for a file prepared under another name (`from`), renamed into place; then the directory
+/// synced. A crash before the rename leaves the prepared file (removed on open); after it, a
+/// segment with a header and nothing written after it, which replays as empty.
+pub(crate) fn start_segment(
+    dir: &Path,
+    file: File,
+    from: Option<&Path>,
+    seq: u64,
+    first_batch: u64,
+) -> Result<Active, WalError> {
+    let path = dir.join(segment_name(seq));
+    let io = |what, source| WalError::Io {
+        path: path.clone(),
+        what,
+        source,
+    };
+    let salt = common::ids::Uuid128::random().0 as u64;
     let header = SegmentHeader {
         seq,
         salt,
         first_batch,
     };
-    file.write_all_at(&header.encode(), 0).map_err(io)?;
-    file.sync_all().map_err(io)?;
+    file.write_all_at(&header.encode(), 0)
+        .map_err(|e| io("writing a segment header", e))?;
+    file.sync_all()
+        .map_err(|e| io("syncing a segment header", e))?;
+    if let Some(from) = from {
+        fs::rename(from, &path).map_err(|e| io("renaming a spare segment", e))?;
+    }
     sync_dir(dir)?;
-    tracing::debug!(segment = seq, first_batch, "raft log: new segment");
+    tracing::debug!(
+        segment = seq,
+        first_batch,
+        zero_filled = from.is_some(),
+        "raft log: new segment"
+    );
     Ok(Active {
         seq,
         file,
@@ -294,9 +323,9 @@ impl Writer {
         }
         let seq = self.active.seq + 1;
         let active = match self.spare.take() {
-            Some(spare) => {
+            Some((file, from)) => {
                 self.metrics.preallocated_segments.inc();
-                spare::install(&self.dir, spare, seq, self.next_batch)?
+                start_segment(&self.dir, file, Some(&from), seq, self.next_batch)?
             }
             None => create_segment(&self.dir, seq, self.next_batch)?,
         };
