@@ -201,7 +201,9 @@ pub struct GroupCore<L: RaftLog> {
     pending_compact: Option<u64>,
     /// State entries applied since the last exact snapshot.
     since_snapshot: u64,
-    /// A commit index was learned after the last persisted hard state.
+    /// The commit index moved since the last persisted hard state. Only the commit: that is
+    /// not worth a sync of its own (see [`GroupCore::ready`]); the latest hard state rides the
+    /// next write that must be durable anyway.
     commit_dirty: bool,
     events: Vec<Event>,
     /// Every applied entry `(index, term, context, data)`, for the simulation's invariants.
@@ -493,7 +495,7 @@ impl<L: RaftLog> GroupCore<L> {
 
     /// True when the core has something for the driver.
     pub fn has_ready(&self) -> bool {
-        self.raw.has_ready() || self.pending_compact.is_some() || self.commit_dirty
+        self.raw.has_ready() || self.pending_compact.is_some()
     }
 
     fn observe_role(&mut self) {
@@ -686,12 +688,9 @@ impl<L: RaftLog> GroupCore<L> {
         };
         if !self.raw.has_ready() {
             self.observe_role();
-            if compact.is_none() && !self.commit_dirty {
-                return None;
-            }
-            // A commit index learned from a light ready, or a compaction: the persisted hard
-            // state must cover them (raft-rs refuses to restart with a commit index below the
-            // snapshot).
+            // Only a compaction: the persisted hard state must cover it (raft-rs refuses to
+            // restart with a commit index below the snapshot).
+            compact.as_ref()?;
             self.commit_dirty = false;
             return Some(ReadyWork {
                 messages: Vec::new(),
@@ -743,12 +742,20 @@ impl<L: RaftLog> GroupCore<L> {
             }
         }
         write.entries = rd.take_entries();
-        write.hard_state = rd.hs().cloned();
-        if write.hard_state.is_none() && (write.compact.is_some() || self.commit_dirty) {
+        // What must be durable before raft may go on: entries, a snapshot, a new term or vote
+        // (raft-rs's `must_sync`), and what this core adds — a membership or a compaction. A
+        // hard state in which only the commit index moved is not: a restarted node recovers
+        // the commit index from Raft itself (a leader commits an entry of its new term, a
+        // follower learns it from the leader), so a sync of its own — one more `fdatasync` per
+        // commit on the leader, per heartbeat on a follower — buys nothing. It is written with
+        // the next durable write instead, which keeps it close behind.
+        let must_sync = rd.must_sync() || write.conf_state.is_some() || write.compact.is_some();
+        if must_sync {
             write.hard_state = Some(self.raw.raft.hard_state());
-        }
-        if write.hard_state.is_some() {
             self.commit_dirty = false;
+        } else if let Some(hs) = rd.hs() {
+            self.log.set_commit(hs.commit);
+            self.commit_dirty = true;
         }
         self.observe_role();
         Some(ReadyWork {

@@ -29,6 +29,9 @@ pub trait RaftLog: raft::Storage + Clone + Send + Sync + 'static {
 #[derive(Debug, Default)]
 struct Inner {
     hs: HardState,
+    /// The commit index of the last hard state written (what a restart reads back; `hs.commit`
+    /// may be ahead of it, as [`RaftLog::set_commit`] is not durable).
+    durable_commit: u64,
     cs: ConfState,
     snap: Snapshot,
     entries: Vec<Entry>,
@@ -66,6 +69,18 @@ impl MemLog {
 
     fn r(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
         self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What a process restarting from this log would read: everything written, but the commit
+    /// index only as of the last hard state written (the simulation's crash).
+    pub fn crash(&self) {
+        let mut g = self.w();
+        g.hs.commit = g.durable_commit;
+    }
+
+    /// The commit index as of the last hard state written.
+    pub fn durable_commit(&self) -> u64 {
+        self.r().durable_commit
     }
 
     /// Entries held (for tests).
@@ -163,7 +178,9 @@ impl RaftLog for MemLog {
     }
 
     fn set_hard_state(&self, hs: HardState) {
-        self.w().hs = hs;
+        let mut g = self.w();
+        g.durable_commit = hs.commit;
+        g.hs = hs;
     }
 
     fn set_commit(&self, commit: u64) {
@@ -181,6 +198,7 @@ impl RaftLog for MemLog {
             return Err(raft::Error::Store(StorageError::SnapshotOutOfDate));
         }
         g.hs.commit = g.hs.commit.max(m.index);
+        g.durable_commit = g.durable_commit.max(m.index);
         g.hs.term = g.hs.term.max(m.term);
         g.cs = m.get_conf_state().clone();
         g.entries.clear();

@@ -595,6 +595,7 @@ impl Sim {
                 let node = &mut self.nodes[i];
                 if node.core.is_some() {
                     strace!("step {} crash node {}", self.step, node.id);
+                    node.log.crash();
                     node.core = None;
                     node.outstanding = None;
                     node.serving = None;
@@ -890,4 +891,72 @@ fn five_nodes_keep_the_invariants() {
         sim.run(3000);
         sim.settle_and_check();
     }
+}
+
+/// A hard state in which only the commit index moved is not worth an `fdatasync` of its own:
+/// it rides the next durable write. Losing it in a crash loses nothing — the restarted leader
+/// commits an entry of its new term, which commits (and applies) everything before it.
+#[test]
+fn a_commit_alone_is_not_synced_and_a_crash_that_loses_it_loses_no_write() {
+    let log = MemLog::new(&[1]);
+    let mut writes: Vec<super::group::LogWrite> = Vec::new();
+    let drive = |core: &mut GroupCore<MemLog>, writes: &mut Vec<super::group::LogWrite>| {
+        while core.has_ready() {
+            let Some(work) = core.ready() else { break };
+            if !work.write.is_empty() {
+                writes.push(work.write.clone());
+            }
+            core.persisted(work).expect("persisted");
+        }
+    };
+    let mut core = Sim::core(1, log.clone(), 5);
+    core.campaign().expect("campaign");
+    drive(&mut core, &mut writes);
+    assert!(core.is_leader(), "a one-node group elects itself");
+    for i in 0..5u8 {
+        let h = EntryHeader::Write {
+            offset: u64::from(i) * BLOCK,
+            len: BLOCK as u32,
+        };
+        core.propose(u64::from(i), &h, Bytes::from(vec![i + 1; BLOCK as usize]))
+            .expect("propose");
+        drive(&mut core, &mut writes);
+    }
+    let applied = core.applied();
+    let blocks = |core: &GroupCore<MemLog>| -> Vec<u8> {
+        core.overlay
+            .lookup(0, 5 * BLOCK)
+            .into_iter()
+            .flat_map(|(l, p)| {
+                let v = match p {
+                    Piece::Data(d) => d[0],
+                    _ => 0,
+                };
+                vec![v; (l / BLOCK) as usize]
+            })
+            .collect()
+    };
+    assert_eq!(blocks(&core), [1, 2, 3, 4, 5], "every write applied");
+    for w in &writes {
+        assert!(
+            !w.entries.is_empty()
+                || w.snapshot.is_some()
+                || w.conf_state.is_some()
+                || w.compact.is_some(),
+            "a log write of a hard state alone: {w:?}"
+        );
+    }
+    assert!(
+        log.durable_commit() < applied,
+        "the last commit index was synced on its own (durable {}, applied {applied})",
+        log.durable_commit()
+    );
+
+    log.crash();
+    let mut core = Sim::core(1, log.clone(), 6);
+    core.campaign().expect("campaign");
+    drive(&mut core, &mut writes);
+    assert!(core.is_leader());
+    assert!(core.applied() > applied, "the new term's entry is applied");
+    assert_eq!(blocks(&core), [1, 2, 3, 4, 5], "every write applied again");
 }
