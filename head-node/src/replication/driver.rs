@@ -1089,7 +1089,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         }
         match &self.store {
             Some(s) => {
-                if s.spec() != spec {
+                if *s.spec() != spec {
                     s.set_spec(spec);
                 }
             }

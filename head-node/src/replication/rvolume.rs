@@ -286,7 +286,7 @@ impl<T: Transport> ReplicatedVolume<T> {
 
     /// The volume's description, once created.
     pub fn spec(&self) -> Option<VolumeSpec> {
-        self.group.status().spec
+        self.group.peek(|s| s.spec.clone())
     }
 
     /// Detaches: connections finish what they have in flight and disconnect.

@@ -111,7 +111,8 @@ struct Health {
 /// The sleds of one volume, seen through this head node's credential.
 #[derive(Debug)]
 pub struct SledStore {
-    spec: RwLock<VolumeSpec>,
+    /// Shared, not copied per request: a placement holds one `Vec` per chunk.
+    spec: RwLock<Arc<VolumeSpec>>,
     pool: Arc<SledPool>,
     key: ClusterKey,
     node: NodeId,
@@ -174,7 +175,7 @@ impl SledStore {
         let cred = key.mint(spec.id, epoch, node);
         let (deposed, _) = tokio::sync::watch::channel(None);
         Self {
-            spec: RwLock::new(spec),
+            spec: RwLock::new(Arc::new(spec)),
             pool,
             key,
             node,
@@ -193,13 +194,13 @@ impl SledStore {
     }
 
     /// The volume's description.
-    pub fn spec(&self) -> VolumeSpec {
+    pub fn spec(&self) -> Arc<VolumeSpec> {
         self.spec.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Replaces the description (growing the volume).
     pub fn set_spec(&self, spec: VolumeSpec) {
-        *self.spec.write().unwrap_or_else(|p| p.into_inner()) = spec;
+        *self.spec.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(spec);
     }
 
     fn credential(&self) -> Credential {
@@ -529,7 +530,7 @@ impl SledStore {
         self.claim_one(sled).await
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<VolumeSpec, StoreError> {
+    fn check_range(&self, offset: u64, len: u64) -> Result<Arc<VolumeSpec>, StoreError> {
         let spec = self.spec();
         if offset.checked_add(len).is_none_or(|end| end > spec.size) {
             return Err(StoreError::OutOfRange { offset, len });

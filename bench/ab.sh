@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# A/B of the write path through NBD between two builds, interleaved on the same disk:
+# A/B of the NBD data path between two builds, interleaved on the same disk:
 #
-#     bench/ab-writes.sh OLD_BIN_DIR NEW_BIN_DIR
+#     bench/ab.sh OLD_BIN_DIR NEW_BIN_DIR
 #
 # Each directory holds the three binaries (stockade, head-node, sled-controller) of one build,
 # e.g. copies of target/release taken at two commits. For each run, in the order of VERS (default
-# "old new old new old new"): a fresh `stockade up --heads H --sleds 3 --replicas R` (H: HEADS, 1; R: 1) under
-# target/bench-scratch/ab, a 1 GiB sequential fill, then fio --ioengine=nbd 4 KiB random writes
-# at each queue depth of QDS (default "32 1") for DURATION seconds (10), with the IOPS, p50/p99
-# latency, the leader's log fdatasyncs over the run (from its metrics) and the CPU time of the
-# whole cluster per write. Interleaving matters: this VM's disk drifts by tens of percent within
+# "old new old new old new"): a fresh `stockade up --heads H --sleds 3 --replicas R` (H: HEADS,
+# default 1; R: 1) under target/bench-scratch/ab, a 1 GiB sequential fill, then fio
+# --ioengine=nbd 4 KiB random I/O of kind RW (randwrite; randread reads the filled GiB) at each
+# queue depth of QDS (default "32 1") for DURATION seconds (10), with the IOPS, p50/p99 latency,
+# the leader's log fdatasyncs over the run (from its metrics) and the CPU time of the whole
+# cluster per request. Interleaving matters: this VM's disk drifts by tens of percent within
 # minutes. A benchmark, not a test.
 set -euo pipefail
 if [[ $# -ne 2 || ! -x $1/stockade || ! -x $2/stockade ]]; then
-    echo "usage: bench/ab-writes.sh OLD_BIN_DIR NEW_BIN_DIR (each with stockade, head-node, sled-controller)" >&2
+    echo "usage: bench/ab.sh OLD_BIN_DIR NEW_BIN_DIR (each with stockade, head-node, sled-controller)" >&2
     exit 2
 fi
 old=$(realpath "$1")
@@ -21,6 +22,8 @@ new=$(realpath "$2")
 d=${SCRATCH:-target/bench-scratch/ab}
 stop() { if [[ -f $d/cluster.json ]]; then jq -r '.processes[].pid' "$d/cluster.json" | xargs -r kill 2>/dev/null || true; fi; sleep 2; }
 trap stop EXIT
+rw=${RW:-randwrite}
+dir=$([[ $rw == *read* ]] && echo read || echo write)
 for v in ${VERS:-old new old new old new}; do
     bin=$([[ $v == old ]] && echo "$old" || echo "$new")
     stop
@@ -43,15 +46,15 @@ for v in ${VERS:-old new old new old new}; do
     for qd in ${QDS:-32 1}; do
         read -r s0 c0 <<<"$(fsync)"
         t0=$(cpu)
-        r=$(fio --name=ab --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth="$qd" --size=1GiB \
+        r=$(fio --name=ab --ioengine=nbd --uri="$uri" --rw="$rw" --bs=4k --iodepth="$qd" --size=1GiB \
             --time_based --runtime="${DURATION:-10}" --output-format=json | sed -n '/^{/,$p')
         read -r s1 c1 <<<"$(fsync)"
         t1=$(cpu)
-        iops=$(jq '.jobs[0].write.iops|floor' <<<"$r")
+        iops=$(jq ".jobs[0].$dir.iops|floor" <<<"$r")
         echo "$v qd$qd iops=$iops" \
-            "p50_us=$(jq '.jobs[0].write.clat_ns.percentile["50.000000"]/1000|floor' <<<"$r")" \
-            "p99_us=$(jq '.jobs[0].write.clat_ns.percentile["99.000000"]/1000|floor' <<<"$r")" \
-            "log_fsyncs=$((c1 - c0)) log_fsync_mean_us=$(echo "($s1 - $s0) * 1000000 / ($c1 - $c0)" | bc)" \
+            "p50_us=$(jq ".jobs[0].$dir.clat_ns.percentile[\"50.000000\"]/1000|floor" <<<"$r")" \
+            "p99_us=$(jq ".jobs[0].$dir.clat_ns.percentile[\"99.000000\"]/1000|floor" <<<"$r")" \
+            "log_fsyncs=$((c1 - c0)) log_fsync_mean_us=$( ((c1 > c0)) && echo "($s1 - $s0) * 1000000 / ($c1 - $c0)" | bc || echo -)" \
             "cluster_cpu_us_per_op=$(( (t1 - t0) * 1000000 / hz / (iops * ${DURATION:-10} + 1) ))"
     done
 done
