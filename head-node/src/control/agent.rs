@@ -131,7 +131,7 @@ impl ControlPlane {
                 if spec.size >= size {
                     return GroupReply::Ok;
                 }
-                let mut grown = spec.clone();
+                let mut grown = crate::volume::VolumeSpec::clone(&spec);
                 grown.placement.extend(extra);
                 grown.size = size;
                 if grown.chunks() != size.div_ceil(spec.chunk_size) {
@@ -339,7 +339,7 @@ impl ControlPlane {
                 v.detach();
             }
             if let Some(h) = self.repl.remove_group(gid) {
-                let label = h.status().spec.map(|s| s.name);
+                let label = h.peek(|s| s.spec.as_ref().map(|s| s.name.clone()));
                 if let Some(name) = label {
                     self.sleds.metrics.forget(&name);
                 }

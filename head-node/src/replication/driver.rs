@@ -178,8 +178,8 @@ pub struct GroupStatus {
     pub flushed: u64,
     /// Committed data bytes not known to be on the sleds.
     pub unflushed_bytes: u64,
-    /// The volume, once created.
-    pub spec: Option<VolumeSpec>,
+    /// The volume, once created (shared: the status is rebuilt after every batch of inputs).
+    pub spec: Option<Arc<VolumeSpec>>,
     /// The sleds of the volume, as this node writes them.
     pub store: Option<Arc<SledStore>>,
     /// Set when the group failed.
@@ -431,6 +431,8 @@ struct Driver<L: RaftLog, T: Transport> {
     rx: mpsc::Receiver<Input>,
     tx: mpsc::Sender<Input>,
     status: watch::Sender<GroupStatus>,
+    /// The applied description as last published (see [`Driver::shared_spec`]).
+    spec_shared: Option<Arc<VolumeSpec>>,
     transport: Arc<T>,
     persist: Arc<dyn Persist>,
     sleds: SledAccess,
@@ -513,6 +515,7 @@ pub fn spawn<L: RaftLog, T: Transport>(
         rx,
         tx: tx.clone(),
         status,
+        spec_shared: None,
         transport,
         persist,
         sleds,
@@ -1203,6 +1206,14 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         m.stale_replicas.set(self.core.state.stale.len() as i64);
     }
 
+    /// The applied description, shared: copied into a new `Arc` only when it changed.
+    fn shared_spec(&mut self) -> Option<Arc<VolumeSpec>> {
+        if self.spec_shared.as_deref() != self.core.state.spec.as_ref() {
+            self.spec_shared = self.core.state.spec.clone().map(Arc::new);
+        }
+        self.spec_shared.clone()
+    }
+
     fn publish(&mut self) {
         let role = match self.core.role() {
             raft::StateRole::Leader => "leader",
@@ -1220,6 +1231,8 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             raft::StateRole::Leader => 4,
         });
         self.publish_progress();
+        let spec = self.shared_spec();
+        let m = &self.vm;
         let st = GroupStatus {
             role,
             term: self.core.term(),
@@ -1229,7 +1242,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             committed: self.core.committed(),
             flushed: self.core.state.flushed,
             unflushed_bytes: self.core.overlay.bytes(),
-            spec: self.core.state.spec.clone(),
+            spec,
             store: self.store.clone(),
             failed: self.failed.clone(),
             voters: self.core.voters(),
@@ -1256,7 +1269,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 || old.serving != st.serving
                 || old.applied != st.applied
                 || old.flushed != st.flushed
-                || old.spec != st.spec
+                || !opt_arc_eq(&old.spec, &st.spec)
                 || old.failed != st.failed
                 || old.store.is_some() != st.store.is_some()
                 || old.voters != st.voters

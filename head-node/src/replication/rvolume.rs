@@ -285,7 +285,7 @@ impl<T: Transport> ReplicatedVolume<T> {
     }
 
     /// The volume's description, once created.
-    pub fn spec(&self) -> Option<VolumeSpec> {
+    pub fn spec(&self) -> Option<Arc<VolumeSpec>> {
         self.group.peek(|s| s.spec.clone())
     }
 
@@ -306,7 +306,8 @@ impl<T: Transport> ReplicatedVolume<T> {
 
     /// The volume's name (its description's, once bound).
     pub fn name(&self) -> String {
-        self.spec().map_or_else(|| self.name.clone(), |s| s.name)
+        self.spec()
+            .map_or_else(|| self.name.clone(), |s| s.name.clone())
     }
 
     /// Runs `op` on the leader — here when this node serves, forwarded otherwise — retrying
