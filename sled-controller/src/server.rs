@@ -32,9 +32,9 @@ use common::cred::{Credential, HandshakeRole, VerifiedCredentials, nonce};
 use common::ids::NodeId;
 use common::ids::{ChunkIndex, VolumeId};
 use common::sled_proto::{
-    ErrorCode, Frame, FrameHeader, HEADER_LEN, KIND_REQUEST, KIND_RESPONSE, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, ProtoError, Request, Response, WireError, read_body_with, read_frame,
-    read_header, write_frame,
+    ErrorCode, Frame, FrameHeader, HEADER_LEN, KIND_REQUEST, KIND_RESPONSE, MAX_DATA_LEN,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtoError, Request, Response, WireError,
+    read_body_with, read_frame, read_header, write_frame,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -546,8 +546,22 @@ impl Reader {
                 if let Some(bad) = check_len(&frame, false) {
                     return self.reply(t, bad);
                 }
-                // A read reply carries its payload: account for it too.
-                let extra = self.permits.kib_for(len);
+                // Its reply must fit in a frame: refuse now, not after reading the device.
+                if len > MAX_DATA_LEN {
+                    return self.reply(
+                        t,
+                        proto_error(
+                            ErrorCode::TooLarge,
+                            format!("read of {len} bytes; at most {MAX_DATA_LEN} per request"),
+                        ),
+                    );
+                }
+                // A read reply carries its payload: account for it too (never more than the
+                // pool holds beside what this request has, or it would wait for itself).
+                let extra = self
+                    .permits
+                    .kib_for(len)
+                    .min(self.permits.max_kib.saturating_sub(t.kib));
                 self.acquire(Pool::Kib, extra).await;
                 t.kib += extra;
                 t.volume = volume;

@@ -4,7 +4,9 @@ use common::AlignedBuf;
 use common::cred::ClusterKey;
 use common::ids::{ChunkIndex, Epoch, NodeId, VolumeId};
 use common::sled_client::{ClientError, SledClient};
-use common::sled_proto::{ErrorCode, FrameHeader, KIND_REQUEST, Request, Response, frame_crc};
+use common::sled_proto::{
+    ErrorCode, FrameHeader, KIND_REQUEST, MAX_DATA_LEN, Request, Response, frame_crc,
+};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -514,6 +516,39 @@ fn out_of_range_and_unaligned_requests_are_refused() {
         }
         // Nothing was allocated by the refused writes.
         assert!(c.volume_stat(V).await.unwrap().chunks.is_empty());
+    });
+}
+
+/// A read whose reply could not fit in a frame (more than `MAX_DATA_LEN`, inside a large chunk)
+/// is refused up front; the connection goes on serving.
+#[test]
+fn a_read_larger_than_a_frame_is_refused_and_the_connection_carries_on() {
+    let dir = scratch("sled-bigread");
+    let path = dir.path().to_path_buf();
+    let (key_path, key) = key_file(&path);
+    let dev = format!("{}:512M", path.join("dev0.img").display());
+    let sled = SledProc::start(
+        "sled-bigread",
+        &path,
+        &key_path,
+        &[dev],
+        None,
+        &["--chunk-size", "128MiB"],
+    );
+    rt().block_on(async {
+        let c = client(sled.ready.listen, &key, 1).await;
+        let cred = key.mint(V, Epoch(1), NodeId(1));
+        c.claim(&cred).await.unwrap();
+        c.write(&cred, ChunkIndex(0), 0, filled(4096, 7))
+            .await
+            .unwrap();
+        let too_big = MAX_DATA_LEN + 4096;
+        let err = c.read(V, ChunkIndex(0), 0, too_big).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::TooLarge), "{err}");
+        // The largest read that fits still works, on the same connection.
+        let b = c.read(V, ChunkIndex(0), 0, MAX_DATA_LEN).await.unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 7));
+        assert!(b[4096..].iter().all(|&x| x == 0));
     });
 }
 
