@@ -191,12 +191,12 @@ impl Sled {
     }
 
     /// A write that pinned a new chunk to `dev` ([`Sled::route_write`]) failed with `e`: when the
-    /// device did not allocate the chunk, forget the pin (another device may have room).
+    /// device did not allocate the chunk, forget the pin (another device may have room, and a
+    /// client sending refused writes must not grow the catalog or skew placement). Only an I/O
+    /// error or a shutdown leaves it unknown whether the chunk was allocated: the pin stays, so
+    /// later writes go where the chunk may be.
     pub fn write_failed(&self, volume: VolumeId, chunk: ChunkIndex, dev: usize, e: &DevError) {
-        if !matches!(
-            e,
-            DevError::NoSpace | DevError::Fenced { .. } | DevError::NotClaimed { .. }
-        ) {
+        if matches!(e, DevError::Io(_) | DevError::ShuttingDown) {
             return;
         }
         let mut cat = self.catalog();
@@ -462,5 +462,81 @@ impl Sled {
         }
         chunks.sort();
         VolumeStat { fence, chunks }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::core::{CoreConfig, DeviceCore};
+    use crate::device::open::format;
+    use crate::device::thread::spawn_device;
+    use crate::engine::mem::{MemEngine, MemImage};
+    use crate::metrics::DeviceMetrics;
+    use common::clock::{ManualClock, SharedClock};
+    use common::ids::{Epoch, NodeId, Uuid128};
+    use std::sync::Arc;
+
+    const CHUNK: u64 = 8 << 20;
+    const V: VolumeId = VolumeId(0xa);
+
+    async fn two_device_sled() -> Sled {
+        let mut devices = Vec::new();
+        for i in 0..2u64 {
+            let image = MemImage::new(64 << 20);
+            let mut e = MemEngine::new(image.clone());
+            format(&mut e, "mem", Uuid128(1), CHUNK).expect("format");
+            let clock: SharedClock = Arc::new(ManualClock::new());
+            let (core, _) = DeviceCore::open(
+                MemEngine::new(image),
+                "mem",
+                Some(Uuid128(1)),
+                clock,
+                CoreConfig::default(),
+                DeviceMetrics::unregistered(&format!("mem{i}")),
+            )
+            .expect("open");
+            let chunks_total = core.superblock().geometry.chunk_count;
+            let (handle, _join) = spawn_device(format!("mem{i}"), core, 64).expect("spawn");
+            devices.push(Device {
+                handle,
+                path: format!("mem{i}"),
+                chunks_total,
+            });
+        }
+        let metrics = SledMetrics::new(&prometheus::Registry::new()).expect("metrics");
+        let key = ClusterKey::from_bytes([7; 32]);
+        Sled::new(Uuid128(1), key, CHUNK, devices, metrics, None).await
+    }
+
+    /// A first write to a chunk pins it to a device before the device answers; a refusal that
+    /// allocated nothing must drop the pin, or a client sending refused writes (with a valid
+    /// credential) grows the catalog and skews placement without bound.
+    #[tokio::test]
+    async fn a_refused_first_write_leaves_no_pin_behind() {
+        let sled = two_device_sled().await;
+        let cred = sled.key().mint(V, Epoch(1), NodeId(1));
+        sled.claim(&cred).await.expect("claim");
+        for chunk in 0..5 {
+            let r = sled
+                .write(&cred, ChunkIndex(chunk), 512, AlignedBuf::zeroed(4096))
+                .await;
+            assert!(r.is_err(), "an unaligned write is refused");
+            let r = sled
+                .write(&cred, ChunkIndex(chunk), CHUNK, AlignedBuf::zeroed(4096))
+                .await;
+            assert!(r.is_err(), "a write past the chunk is refused");
+        }
+        {
+            let cat = sled.catalog();
+            assert!(cat.where_.is_empty(), "pins left: {:?}", cat.where_);
+            assert_eq!(cat.used, [0, 0]);
+        }
+        sled.write(&cred, ChunkIndex(0), 0, AlignedBuf::zeroed(4096))
+            .await
+            .expect("a good write");
+        let cat = sled.catalog();
+        assert_eq!(cat.where_.len(), 1);
+        assert_eq!(cat.used.iter().sum::<u64>(), 1);
     }
 }
