@@ -76,6 +76,9 @@ pub enum GroupError {
     /// A log entry this build cannot read.
     #[error(transparent)]
     Entry(#[from] EntryError),
+    /// A data entry that does not fit the volume (see [`EntryHeader::check_data`]).
+    #[error("invalid entry: {0}")]
+    Invalid(String),
 }
 
 impl From<raft::Error> for GroupError {
@@ -403,6 +406,9 @@ impl<L: RaftLog> GroupCore<L> {
                 leader: self.leader(),
             });
         }
+        header
+            .check_data(data.len(), self.state.spec.as_ref().map(|s| s.size))
+            .map_err(GroupError::Invalid)?;
         let before = self.raw.raft.raft_log.last_index();
         self.raw.propose(header.encode(), data.to_vec())?;
         let index = self.raw.raft.raft_log.last_index();
@@ -619,6 +625,14 @@ impl<L: RaftLog> GroupCore<L> {
         self.state.note_applied(index, &h);
         match &h {
             EntryHeader::Write { .. } | EntryHeader::Zero { .. } => {
+                let size = self.state.spec.as_ref().map(|s| s.size);
+                if let Err(why) = h.check_data(data.len(), size) {
+                    // Never proposed by a correct leader (it checks first). Every node skips
+                    // it alike, so the replicas stay the same and none panics on it.
+                    tracing::error!(group = %self.group, index, error = %why,
+                        "skipping a malformed data entry");
+                    return;
+                }
                 self.overlay.insert(index, h, data);
                 self.events.push(Event::Committed { index });
             }
