@@ -14,7 +14,9 @@ use common::sled_client::{ClientError, SledClient};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock, so a test that pauses time drives the retry window too.
+use tokio::time::Instant;
 
 /// Time allowed to connect and authenticate.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

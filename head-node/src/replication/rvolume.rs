@@ -323,7 +323,7 @@ impl<T: Transport> ReplicatedVolume<T> {
         F: FnMut(NodeId) -> FF,
         FF: std::future::Future<Output = Result<R, Attempt>>,
     {
-        let deadline = Instant::now() + self.failover_timeout;
+        let deadline = tokio::time::Instant::now() + self.failover_timeout;
         loop {
             if *self.detached.borrow() {
                 return Err(VolumeError::ShuttingDown);
@@ -347,7 +347,7 @@ impl<T: Transport> ReplicatedVolume<T> {
                 Some(Err(Attempt::Fatal(e))) => return Err(e),
                 Some(Err(Attempt::Retry)) | None => {}
             }
-            let now = Instant::now();
+            let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Err(VolumeError::io(std::io::Error::other(format!(
                     "volume {}: no leader could serve the request within {:?}",
@@ -505,6 +505,39 @@ impl<T: Transport> ReplicatedVolume<T> {
         Ok(runs)
     }
 
+    /// Checks a forwarded call's range as the NBD layer checks a client's request: inside the
+    /// volume, without overflow, and reads and writes no larger than the maximum payload. The
+    /// forwarding node checked it already against the size it exported; this guards the leader
+    /// against a peer that did not (another version, a bug).
+    fn check_rpc(&self, rpc: &VolumeRpc, data_len: usize) -> Result<(), String> {
+        let (offset, len, payload) = match rpc {
+            VolumeRpc::Read { offset, len, .. } => (*offset, *len, true),
+            VolumeRpc::Write { offset, .. } => (*offset, data_len as u64, true),
+            VolumeRpc::WriteZeroes { offset, len, .. } | VolumeRpc::Trim { offset, len, .. } => {
+                (*offset, *len, false)
+            }
+            VolumeRpc::BlockStatus { .. } | VolumeRpc::Group { .. } | VolumeRpc::Admin => {
+                return Ok(());
+            }
+        };
+        if payload && len > u64::from(crate::volume::MAX_PAYLOAD) {
+            return Err(format!(
+                "{len} bytes exceed the maximum payload of {}",
+                crate::volume::MAX_PAYLOAD
+            ));
+        }
+        let size = self
+            .group
+            .peek(|s| s.spec.as_ref().map(|s| s.size))
+            .ok_or("the volume is not created yet")?;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(format!(
+                "range {offset}+{len} is outside the volume's {size} bytes"
+            )),
+        }
+    }
+
     /// Serves a forwarded call (this node is, or was, the leader).
     pub async fn serve_rpc(
         &self,
@@ -516,6 +549,10 @@ impl<T: Transport> ReplicatedVolume<T> {
                 VolumeRpcReply::NotLeader(self.group.peek(|s| s.leader)),
                 None,
             );
+        }
+        if let Err(why) = self.check_rpc(&rpc, data.len()) {
+            tracing::warn!(volume = %self.name, error = %why, "refusing a forwarded call");
+            return (VolumeRpcReply::Failed(why), None);
         }
         let req = match &rpc {
             VolumeRpc::Read { len, .. } => Some(Request::io(*len)),

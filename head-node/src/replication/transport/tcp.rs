@@ -1037,7 +1037,7 @@ async fn dial_loop(inner: Arc<Inner>, peer: NodeId, addr: SocketAddr) {
         match dial(&inner, peer, addr).await {
             Ok(stream) => {
                 tracing::info!(node_id = inner.node.0, peer = peer.0, %addr, "peer connected (dialed)");
-                let began = Instant::now();
+                let began = tokio::time::Instant::now();
                 let end = run_connection(inner.clone(), stream, peer).await;
                 tracing::info!(node_id = inner.node.0, peer = peer.0, reason = %end, "peer connection ended");
                 if began.elapsed() >= STABLE_CONNECTION {
