@@ -268,6 +268,12 @@ pub struct GroupHandle {
     group: GroupId,
     tx: mpsc::Sender<Input>,
     status: watch::Receiver<GroupStatus>,
+    /// KiB of proposal data queued at the driver or proposed and not yet applied. The driver
+    /// takes proposals off its channel even while it holds them back (above the unflushed
+    /// bound it must still read flush completions from the same channel), so this is what
+    /// bounds the queue it holds them in: a proposer waits here for room.
+    proposing: Arc<Semaphore>,
+    proposing_kib: u32,
 }
 
 impl std::fmt::Debug for Input {
@@ -335,6 +341,14 @@ impl GroupHandle {
 
     /// Proposes an entry and waits until it is committed and applied here.
     pub async fn propose(&self, header: EntryHeader, data: Bytes) -> Result<u64, ReplError> {
+        let kib = u32::try_from(data.len() / 1024 + 1)
+            .unwrap_or(u32::MAX)
+            .min(self.proposing_kib);
+        let _room = self
+            .proposing
+            .acquire_many(kib)
+            .await
+            .map_err(|_| ReplError::Stopped)?;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Input::Propose {
@@ -443,7 +457,11 @@ struct Driver<L: RaftLog, T: Transport> {
     serving: Option<u64>,
     claiming: Option<u64>,
     proposals: HashMap<u64, ProposeReply>,
+    /// Proposals held back above the unflushed bound; bounded by [`GroupHandle`]'s
+    /// `proposing` budget.
     deferred: VecDeque<(EntryHeader, Bytes, ProposeReply)>,
+    /// Reads waiting for the next ReadIndex round: they wait at most one round (write-back
+    /// never holds them back), so this holds what arrives during one round trip.
     read_next: Vec<PendingRead>,
     read_inflight: Option<(u64, Option<u64>, Vec<PendingRead>)>,
     flusher: Option<Flusher>,
@@ -548,12 +566,18 @@ pub fn spawn<L: RaftLog, T: Transport>(
     d.sync_cluster();
     d.sync_store();
     d.publish();
+    // Twice the unflushed bound: enough to keep the pipeline full while write-back drains.
+    let proposing_kib = u32::try_from((2 * d.cfg.max_unflushed_bytes / 1024).max(1))
+        .unwrap_or(u32::MAX >> 4)
+        .min(u32::MAX >> 4);
     let task = tokio::spawn(async move { d.run().await });
     Ok((
         GroupHandle {
             group,
             tx,
             status: status_rx,
+            proposing: Arc::new(Semaphore::new(proposing_kib as usize)),
+            proposing_kib,
         },
         task,
     ))
@@ -1152,6 +1176,9 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         self.sleds_flushing = None;
         self.flush_failing.clear();
         self.flush_data_max = 0;
+        // Unbounded in type only: every job is an entry of the overlay, sharing its bytes, and
+        // the overlay is bounded by the unflushed-bytes limit (proposals wait above it). A
+        // rewrite after a sled restart queues the overlay's entries once more, no more.
         let (jobs, rx) = mpsc::unbounded_channel();
         // Re-flush the whole unflushed tail: the previous leader may not have finished it.
         for (index, e) in self.core.overlay.entries_after(self.core.state.flushed) {
