@@ -212,10 +212,14 @@ fn global_options_go_before_or_after_the_subcommand() {
 
     let (o, _) = volume(&["--json", "show", "db"]);
     assert!(o.json);
-    assert!(o.endpoints.is_empty() || std::env::var_os("STOCKADE_ENDPOINT").is_some());
-    if std::env::var_os("STOCKADE_DATA_DIR").is_none() {
-        assert_eq!(o.data_dir, PathBuf::from("./stockade-data"));
-    }
+    // Without the flags: the environment's values, else the defaults.
+    let from_env: Vec<String> = std::env::var("STOCKADE_ENDPOINT")
+        .map(|v| v.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    assert_eq!(o.endpoints, from_env);
+    let data_dir = std::env::var_os("STOCKADE_DATA_DIR")
+        .map_or_else(|| PathBuf::from("./stockade-data"), PathBuf::from);
+    assert_eq!(o.data_dir, data_dir);
 
     for args in [
         &["sled", "list", "--json"][..],
