@@ -55,6 +55,10 @@ pub enum StartError {
     Setup(String),
 }
 
+/// How long a starting node waits to catch up with the cluster state before it serves NBD
+/// anyway (see [`ControlPlane::caught_up`]).
+const NBD_CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The volumes this node serves, by name.
 #[derive(Debug, Default)]
 pub struct VolumeSet {
@@ -419,7 +423,19 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
         }));
     }
     let mut nrx = rx.clone();
+    let nbd_cp = control.clone();
     tasks.push(tokio::spawn(async move {
+        // NBD is served once this node has caught up with the cluster state and opened its
+        // exports: a client connecting right after a restart waits in the listen backlog
+        // instead of being refused an export the node is about to open. Bounded, so a node
+        // that cannot reach a metadata quorum still serves (and refuses what it cannot know).
+        tokio::select! {
+            _ = nrx.wait_for(|s| *s) => return,
+            caught_up = nbd_cp.caught_up(NBD_CATCH_UP_LIMIT) => if !caught_up {
+                tracing::warn!(limit = ?NBD_CATCH_UP_LIMIT,
+                    "serving NBD before catching up with the cluster state (no metadata leader yet)");
+            },
+        }
         let stop = async move {
             let _ = nrx.wait_for(|s| *s).await;
         };

@@ -448,6 +448,7 @@ pub(super) async fn reconcile_loop(cp: Arc<ControlPlane>, mut stop: watch::Recei
     loop {
         meta.borrow_and_update();
         cp.reconcile().await;
+        cp.note_reconciled();
         let meta_stopped = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             r = meta.changed() => r.is_err(),

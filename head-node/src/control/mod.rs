@@ -299,6 +299,9 @@ pub struct ControlPlane {
     absent: Mutex<HashMap<GroupId, Duration>>,
     in_create: Mutex<std::collections::HashSet<String>>,
     metrics: ControlMetrics,
+    /// Set once a reconcile pass ran on a metadata state that had caught up with the leader
+    /// (see [`ControlPlane::caught_up`]).
+    caught_up: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -367,7 +370,33 @@ impl ControlPlane {
             absent: Mutex::new(HashMap::new()),
             in_create: Mutex::new(Default::default()),
             metrics,
+            caught_up: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Waits until this node has caught up with the cluster state — a metadata leader is
+    /// known, everything it committed is applied here, and a reconcile pass opened the exports
+    /// it asks for — or until `limit` passes; returns whether it caught up. A restarted node
+    /// waits here before it serves NBD, so a client connecting right after it reports ready
+    /// finds its exports rather than an "unknown export" refusal.
+    pub async fn caught_up(&self, limit: Duration) -> bool {
+        let mut rx = self.caught_up.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Marks the node caught up when the metadata group is (called after a reconcile pass).
+    fn note_reconciled(&self) {
+        if *self.caught_up.borrow() {
+            return;
+        }
+        let caught_up = self
+            .meta
+            .peek(|s| s.leader.is_some() && s.cluster.is_some() && s.applied >= s.committed);
+        if caught_up {
+            self.caught_up.send_replace(true);
+        }
     }
 
     /// Starts the background work: reconciling this node with the cluster state, heartbeats,
