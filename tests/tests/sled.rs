@@ -34,17 +34,22 @@ struct Fixture {
 }
 
 fn fixture(name: &str) -> Fixture {
+    fixture_sized(name, "256M", "8MiB")
+}
+
+/// A sled on one device file of `size` with chunks of `chunk`.
+fn fixture_sized(name: &str, size: &str, chunk: &str) -> Fixture {
     let dir = scratch(name);
     let path = dir.path().to_path_buf();
     let (key_path, key) = key_file(&path);
-    let dev = format!("{}:256M", path.join("dev0.img").display());
+    let dev = format!("{}:{size}", path.join("dev0.img").display());
     let sled = SledProc::start(
         name,
         &path,
         &key_path,
         &[dev],
         None,
-        &["--chunk-size", "8MiB"],
+        &["--chunk-size", chunk],
     );
     Fixture {
         dir: path,
@@ -523,20 +528,10 @@ fn out_of_range_and_unaligned_requests_are_refused() {
 /// is refused up front; the connection goes on serving.
 #[test]
 fn a_read_larger_than_a_frame_is_refused_and_the_connection_carries_on() {
-    let dir = scratch("sled-bigread");
-    let path = dir.path().to_path_buf();
-    let (key_path, key) = key_file(&path);
-    let dev = format!("{}:512M", path.join("dev0.img").display());
-    let sled = SledProc::start(
-        "sled-bigread",
-        &path,
-        &key_path,
-        &[dev],
-        None,
-        &["--chunk-size", "128MiB"],
-    );
+    let f = fixture_sized("sled-bigread", "512M", "128MiB");
+    let key = &f.key;
     rt().block_on(async {
-        let c = client(sled.ready.listen, &key, 1).await;
+        let c = client(f.sled.ready.listen, key, 1).await;
         let cred = key.mint(V, Epoch(1), NodeId(1));
         c.claim(&cred).await.unwrap();
         c.write(&cred, ChunkIndex(0), 0, filled(4096, 7))
