@@ -610,6 +610,7 @@ impl Sim {
                 let seed = self.rng.r#gen();
                 let node = &mut self.nodes[i];
                 if node.core.is_none() {
+                    strace!("step {} restart node {}", self.step, node.id);
                     node.core = Some(Self::core(node.id, node.log.clone(), seed));
                 }
             }
@@ -617,11 +618,17 @@ impl Sim {
                 let a = self.rng.gen_range(1..=n as u64);
                 let b = self.rng.gen_range(1..=n as u64);
                 if a != b {
+                    strace!("step {} cut {a} <-> {b}", self.step);
                     self.cut.insert((a, b));
                     self.cut.insert((b, a));
                 }
             }
-            16..=22 => self.cut.clear(),
+            16..=22 => {
+                if !self.cut.is_empty() {
+                    strace!("step {} heal", self.step);
+                }
+                self.cut.clear();
+            }
             23..=25 => {
                 // SIGSTOP a node (preferably the leader) for a while; on SIGCONT it first sends
                 // the flushes it had in hand, before it hears of any newer term.
