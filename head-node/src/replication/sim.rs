@@ -109,6 +109,9 @@ struct Sim {
     acked: BTreeMap<u64, Proposal>,
     reads_ok: u64,
     writes_acked: u64,
+    /// Steps in which a majority of the nodes was up and not frozen (the chaos can leave a
+    /// run without a quorum for most of its length; liveness is asked only of runs with one).
+    quorum_steps: u64,
 }
 
 fn trace_on() -> bool {
@@ -164,6 +167,7 @@ impl Sim {
             acked: BTreeMap::new(),
             reads_ok: 0,
             writes_acked: 0,
+            quorum_steps: 0,
         }
     }
 
@@ -653,6 +657,14 @@ impl Sim {
         for _ in 0..steps {
             self.step += 1;
             self.chaos();
+            let up = self
+                .nodes
+                .iter()
+                .filter(|n| n.core.is_some() && n.frozen_until <= self.step)
+                .count();
+            if 2 * up > self.nodes.len() {
+                self.quorum_steps += 1;
+            }
             // Deliver due messages, in a shuffled order.
             let due: Vec<usize> = (0..self.net.len())
                 .filter(|&k| self.net[k].0 <= self.step)
@@ -862,6 +874,16 @@ fn simulated_cluster_keeps_the_invariants() {
         let mut sim = Sim::new(seed, 3);
         sim.run(4000);
         sim.settle_and_check();
+        strace!(
+            "seed {seed}: {} of 4000 steps with a quorum",
+            sim.quorum_steps
+        );
+        if sim.quorum_steps < 1000 {
+            // Without a quorum for three quarters of the run (of seeds 0..300 only seed 79:
+            // 291 steps with one): nothing to ask of liveness beyond what settle_and_check
+            // checked (a leader and every acknowledged write after healing).
+            continue;
+        }
         assert!(
             sim.writes_acked > 20,
             "seed {seed}: too few writes acknowledged ({})",
