@@ -567,9 +567,8 @@ pub fn spawn<L: RaftLog, T: Transport>(
     d.sync_store();
     d.publish();
     // Twice the unflushed bound: enough to keep the pipeline full while write-back drains.
-    let proposing_kib = u32::try_from((2 * d.cfg.max_unflushed_bytes / 1024).max(1))
-        .unwrap_or(u32::MAX >> 4)
-        .min(u32::MAX >> 4);
+    let proposing_kib =
+        (2 * d.cfg.max_unflushed_bytes / 1024).clamp(1, u64::from(u32::MAX >> 4)) as u32;
     let task = tokio::spawn(async move { d.run().await });
     Ok((
         GroupHandle {

@@ -204,10 +204,6 @@ pub struct GroupCore<L: RaftLog> {
     pending_compact: Option<u64>,
     /// State entries applied since the last exact snapshot.
     since_snapshot: u64,
-    /// The commit index moved since the last persisted hard state. Only the commit: that is
-    /// not worth a sync of its own (see [`GroupCore::ready`]); the latest hard state rides the
-    /// next write that must be durable anyway.
-    commit_dirty: bool,
     events: Vec<Event>,
     /// Every applied entry `(index, term, context, data)`, for the simulation's invariants.
     #[cfg(test)]
@@ -287,7 +283,6 @@ impl<L: RaftLog> GroupCore<L> {
             leader_ready_sent: false,
             pending_compact: None,
             since_snapshot: 0,
-            commit_dirty: false,
             events: Vec::new(),
             #[cfg(test)]
             trace: Vec::new(),
@@ -705,7 +700,6 @@ impl<L: RaftLog> GroupCore<L> {
             // Only a compaction: the persisted hard state must cover it (raft-rs refuses to
             // restart with a commit index below the snapshot).
             compact.as_ref()?;
-            self.commit_dirty = false;
             return Some(ReadyWork {
                 messages: Vec::new(),
                 write: LogWrite {
@@ -762,14 +756,14 @@ impl<L: RaftLog> GroupCore<L> {
         // the commit index from Raft itself (a leader commits an entry of its new term, a
         // follower learns it from the leader), so a sync of its own — one more `fdatasync` per
         // commit on the leader, per heartbeat on a follower — buys nothing. It is written with
-        // the next durable write instead, which keeps it close behind.
+        // the next durable write instead (every durable write carries the current hard
+        // state), which keeps it close behind.
         let must_sync = rd.must_sync() || write.conf_state.is_some() || write.compact.is_some();
         if must_sync {
             write.hard_state = Some(self.raw.raft.hard_state());
-            self.commit_dirty = false;
         } else if let Some(hs) = rd.hs() {
+            // In memory only, like a commit index from a light ready.
             self.log.set_commit(hs.commit);
-            self.commit_dirty = true;
         }
         self.observe_role();
         Some(ReadyWork {
@@ -805,7 +799,6 @@ impl<L: RaftLog> GroupCore<L> {
             let mut light = self.raw.advance(ready);
             if let Some(c) = light.commit_index() {
                 self.log.set_commit(c);
-                self.commit_dirty = true;
             }
             msgs.extend(light.take_messages());
             let committed = light.take_committed_entries();
