@@ -36,9 +36,13 @@ impl ControlHandler for Handler {
                 return (VolumeRpcReply::Failed("node stopping".into()), None);
             };
             match rpc {
-                VolumeRpc::Group { group, op } => {
-                    (VolumeRpcReply::Group(cp.group_op(group, op).await), None)
-                }
+                VolumeRpc::Group { group } => match postcard::from_bytes::<GroupOp>(&data) {
+                    Ok(op) => (VolumeRpcReply::Group(cp.group_op(group, op).await), None),
+                    Err(e) => (
+                        VolumeRpcReply::Failed(format!("malformed group operation: {e}")),
+                        None,
+                    ),
+                },
                 VolumeRpc::Admin => {
                     let st = cp.meta.status();
                     if !st.serving {

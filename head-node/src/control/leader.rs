@@ -3,7 +3,7 @@
 //! and finish creates a previous leader left half done.
 
 use super::rpc::{GroupOp, GroupReply};
-use super::state::{ClusterState, GroupRecord, MetaCmd, Phase};
+use super::state::{ClusterState, GroupRecord, MetaCmd, Phase, VolumeRecord};
 use super::{AdminError, ControlPlane, placement, unix_now};
 use crate::replication::GroupId;
 use std::sync::Arc;
@@ -47,10 +47,13 @@ impl ControlPlane {
                 .await?;
         }
         self.export_gauges(&st);
-        self.finish_interrupted(&st).await?;
-        self.grow(&st).await?;
-        self.keep_pool(&st).await?;
-        Ok(())
+        // Each duty runs whatever the others did: a create that cannot finish must not stop
+        // groups from growing or the pool from refilling.
+        self.finish_interrupted(&st).await;
+        if let Err(e) = self.grow(&st).await {
+            tracing::warn!(error = %e, "metadata leader: growing groups");
+        }
+        self.keep_pool(&st).await
     }
 
     fn export_gauges(&self, st: &ClusterState) {
@@ -74,9 +77,10 @@ impl ControlPlane {
             .set(self.up_sleds(st).len() as i64);
     }
 
-    /// A create whose requester is gone (leader change, timeout): bind its group and mark it
-    /// serving.
-    async fn finish_interrupted(&self, st: &ClusterState) -> Result<(), AdminError> {
+    /// Creates whose requester is gone (leader change, timeout): bind each one's group and mark
+    /// it serving. One that fails is logged and tried again at the next tick; it does not hold
+    /// up the others.
+    async fn finish_interrupted(&self, st: &ClusterState) {
         let todo: Vec<_> = {
             let busy = self.in_create.lock().unwrap_or_else(|p| p.into_inner());
             st.volumes
@@ -86,30 +90,40 @@ impl ControlPlane {
                 .collect()
         };
         for v in todo {
-            let Some(g) = st.groups.get(&v.group).cloned() else {
-                continue;
-            };
-            let Some((_, probe)) = self.find_leader(&g).await else {
-                continue;
-            };
-            if probe.volume.is_none() {
-                // Never bound: place it again (the sleds hold nothing of it yet).
-                let (spec, _) = self.place_volume(st, v.id, &v.name, v.size)?;
-                let mut rec = v.clone();
-                rec.sled_chunks = placement::per_sled(&spec.placement);
-                {
-                    let _lock = self.ops.lock().await;
-                    if self.state().volumes.get(&v.name) != Some(&v) {
-                        continue;
-                    }
-                    self.propose(MetaCmd::PutVolume(rec)).await?;
+            if let Err(e) = self.finish_one(st, &v).await {
+                tracing::warn!(volume = %v.name, error = %e, "cannot finish an interrupted create yet");
+            }
+        }
+    }
+
+    async fn finish_one(&self, st: &ClusterState, v: &VolumeRecord) -> Result<(), AdminError> {
+        let Some(g) = st.groups.get(&v.group).cloned() else {
+            return Ok(());
+        };
+        let Some((_, probe)) = self.find_leader(&g).await else {
+            return Ok(());
+        };
+        if probe.volume.is_none() {
+            // Never bound: place it again (the sleds hold nothing of it yet), against the
+            // cluster without its own earlier placement, which would count twice.
+            let mut others = st.clone();
+            others.volumes.remove(&v.name);
+            let (spec, _) = self.place_volume(&others, v.id, &v.name, v.size)?;
+            let mut rec = v.clone();
+            rec.sled_chunks = placement::per_sled(&spec.placement);
+            {
+                let _lock = self.ops.lock().await;
+                if self.state().volumes.get(&v.name) != Some(v) {
+                    return Ok(());
                 }
-                tracing::info!(volume = %v.name, "finishing an interrupted create");
-                self.bind(&g, &spec, v.qos, Duration::from_secs(10)).await?;
+                self.propose(MetaCmd::PutVolume(rec)).await?;
             }
-            if probe.volume.as_deref().is_none_or(|n| n == v.name) {
-                self.finish_create(&v.name, v.id).await?;
-            }
+            tracing::info!(volume = %v.name, "finishing an interrupted create");
+            self.bind(&g, &spec, v.qos, Duration::from_secs(10)).await?;
+            self.finish_create(&v.name, v.id, Some(v.qos)).await?;
+        } else if probe.volume.as_deref() == Some(v.name.as_str()) {
+            // Bound by the interrupted create, with the QoS of that moment.
+            self.finish_create(&v.name, v.id, None).await?;
         }
         Ok(())
     }

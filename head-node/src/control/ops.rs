@@ -12,12 +12,14 @@ use super::view::{self, Observed};
 use super::{AdminError, AdminReply, AdminRequest, ControlPlane, Heartbeat, unix_now};
 use crate::replication::GroupId;
 use crate::volume::{BLOCK, VolumeSpec};
+use common::AlignedBuf;
 use common::admin::{
     Attached, CapacityInfo, ClusterStatus, CreateVolume, Created, PoolInfo, SetQos, VolumeInfo,
     validate_name,
 };
 use common::ids::{NodeId, VolumeId};
 use common::throttle::QosConfig;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Largest volume: 64 TiB.
@@ -348,7 +350,7 @@ impl ControlPlane {
                 c.name, c.name
             ))
         })?;
-        self.finish_create(&c.name, rec.id).await?;
+        self.finish_create(&c.name, rec.id, Some(qos)).await?;
         let latency = started.elapsed();
         self.metrics
             .create_seconds
@@ -373,7 +375,16 @@ impl ControlPlane {
     }
 
     /// Records a created volume as serving.
-    pub(super) async fn finish_create(&self, name: &str, id: VolumeId) -> Result<(), AdminError> {
+    ///
+    /// `bound` is the QoS the group was bound with, if known. A QoS change accepted while the
+    /// volume was being created went only into its record (`set_qos` calls the group only
+    /// once it serves): it is given to the group here, before the volume is marked serving.
+    pub(super) async fn finish_create(
+        &self,
+        name: &str,
+        id: VolumeId,
+        bound: Option<QosConfig>,
+    ) -> Result<(), AdminError> {
         let _lock = self.ops.lock().await;
         let st = self.state();
         let Some(v) = st.volumes.get(name).filter(|v| v.id == id) else {
@@ -382,6 +393,14 @@ impl ControlPlane {
             )));
         };
         if v.phase == Phase::Creating {
+            if bound != Some(v.qos) {
+                let g = st
+                    .groups
+                    .get(&v.group)
+                    .ok_or_else(|| AdminError::Internal(format!("volume {name:?} has no group")))?;
+                self.leader_call(g, &GroupOp::SetQos(v.qos), Duration::from_secs(30))
+                    .await?;
+            }
             let mut v = v.clone();
             v.phase = Phase::Serving;
             self.propose(MetaCmd::PutVolume(v)).await?;
@@ -431,13 +450,12 @@ impl ControlPlane {
         if node == self.node.0 {
             return Ok(self.group_op(group, op.clone()).await);
         }
-        let rpc = crate::replication::rvolume::VolumeRpc::Group {
-            group,
-            op: op.clone(),
-        };
+        let rpc = crate::replication::rvolume::VolumeRpc::Group { group };
         let ctl = postcard::to_stdvec(&rpc).map_err(|e| AdminError::Internal(e.to_string()))?;
+        let data = postcard::to_stdvec(op).map_err(|e| AdminError::Internal(e.to_string()))?;
+        let data = Some(Arc::new(AlignedBuf::from_slice(&data)));
         use crate::replication::transport::Transport;
-        match self.transport.call(NodeId(node), ctl, None, timeout).await {
+        match self.transport.call(NodeId(node), ctl, data, timeout).await {
             Ok((ctl, _)) => match postcard::from_bytes(&ctl) {
                 Ok(crate::replication::rvolume::VolumeRpcReply::Group(r)) => Ok(r),
                 Ok(other) => Err(AdminError::Internal(format!(

@@ -87,12 +87,13 @@ pub enum VolumeRpc {
         /// Length.
         len: u64,
     },
-    /// A control-plane operation on a group (see `control::rpc`).
+    /// A control-plane operation on a group (see `control::rpc`); the call's data is the
+    /// postcard-encoded `GroupOp`. Not the control part: a volume's description carries the
+    /// placement of every chunk (~58 bytes each with three replicas), which passes the control
+    /// part's 64 KiB bound from about 1,100 chunks on.
     Group {
         /// Group.
         group: GroupId,
-        /// The operation.
-        op: crate::control::rpc::GroupOp,
     },
     /// An admin API request forwarded to the metadata leader; the call's data is the JSON
     /// request.
