@@ -88,6 +88,10 @@ fn a_volume_lives_through_the_cli() {
             &["read -P 0x42 0 4M", "read -P 0x43 200M 64k"],
         );
         assert!(io_ok(&r), "{}", String::from_utf8_lossy(&r.stdout));
+        // The largest read a client may send, unaligned: a follower forwards it rounded out
+        // to whole blocks, a little more than the largest payload.
+        let r = qemu_io(&h.uri("v1"), &["read -P 0x42 512 4193792", "read 512 32M"]);
+        assert!(io_ok(&r), "{}", String::from_utf8_lossy(&r.stdout));
     }
 
     // Grow: nbdinfo sees the new size; the new space reads as zeros and takes writes.

@@ -527,6 +527,41 @@ fn block_status_reports_unwritten_chunks_as_holes() {
     let m = map(&uri);
     assert_eq!(m.len(), 1, "the whole volume is one extent again: {m:?}");
     assert_eq!(m[0]["type"], 3, "a hole again: {m:?}");
+    // Write-zeroes without may-unmap (NBD_CMD_FLAG_NO_HOLE) provisions what it zeroes: chunk 2
+    // (16-24 MiB) is allocated, not a hole, and reads zeros.
+    let z = qemu_io(&uri, &["write -z 16M 8M", "read -P 0 16M 8M"]);
+    assert!(ok(&z), "{}", text(&z));
+    let m = map(&uri);
+    let at = |off: u64| {
+        m.iter()
+            .find(|e| {
+                let (o, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+                o <= off && off < o + l
+            })
+            .unwrap_or_else(|| panic!("no extent at {off}: {m:?}"))
+    };
+    assert_eq!(
+        at(16 << 20)["type"].as_u64().unwrap() & 1,
+        0,
+        "zeroed with NO_HOLE, yet a hole: {m:?}"
+    );
+    assert_eq!(at(8 << 20)["type"], 3, "{m:?}");
+    // FAST_ZERO: whole blocks are zeroed; a partial block (a read-modify-write) is refused
+    // with ENOTSUP, as the spec asks of a zero that is no faster than a write.
+    // nbdsh must run on Debian's python3 (python3-libnbd), whatever else is on PATH.
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("nbdsh")
+        .env("PATH", path)
+        .args(["-u", &uri, "-c"])
+        .arg(
+            "import errno\n\
+             h.zero(4096, 4096, nbd.CMD_FLAG_FAST_ZERO)\n\
+             try:\n    h.zero(512, 512, nbd.CMD_FLAG_FAST_ZERO)\n    print('accepted')\n\
+             except nbd.Error as e:\n    print('errno', e.errno in ('ENOTSUP', 'EOPNOTSUPP', errno.ENOTSUP))\n",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(text(&out).trim(), "errno True", "{}", text(&out));
 }
 
 #[test]

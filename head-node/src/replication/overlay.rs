@@ -40,8 +40,13 @@ struct Interval {
 pub enum Piece {
     /// From a committed, unflushed write.
     Data(Bytes),
-    /// Zeros (a committed, unflushed write-zeroes or trim).
-    Zero,
+    /// Zeros (a committed, unflushed write-zeroes or trim); `provisioned` when it keeps the
+    /// space (a write-zeroes with NBD_CMD_FLAG_NO_HOLE, whose chunks were allocated before it
+    /// was proposed).
+    Zero {
+        /// The space stays allocated.
+        provisioned: bool,
+    },
     /// From the sleds.
     Sled,
 }
@@ -132,7 +137,10 @@ impl Overlay {
                 return;
             }
             match (out.last_mut(), &p) {
-                (Some((ll, Piece::Sled)), Piece::Sled) | (Some((ll, Piece::Zero)), Piece::Zero) => {
+                (Some((ll, Piece::Sled)), Piece::Sled) => *ll += l,
+                (Some((ll, Piece::Zero { provisioned: a })), Piece::Zero { provisioned: b })
+                    if *a == *b =>
+                {
                     *ll += l
                 }
                 _ => out.push((l, p)),
@@ -161,7 +169,8 @@ impl Overlay {
                         Piece::Data(entry.data.slice(at..at + (e - s) as usize)),
                     );
                 }
-                _ => push(e - s, Piece::Zero),
+                EntryHeader::Zero { free, .. } => push(e - s, Piece::Zero { provisioned: !free }),
+                _ => push(e - s, Piece::Zero { provisioned: false }),
             }
             pos = e;
         }
@@ -222,7 +231,7 @@ mod tests {
                     assert_eq!(b.len() as u64, l);
                     out.extend_from_slice(&b);
                 }
-                Piece::Zero => out.extend(std::iter::repeat_n(0, l as usize)),
+                Piece::Zero { .. } => out.extend(std::iter::repeat_n(0, l as usize)),
                 Piece::Sled => out.extend(std::iter::repeat_n(sled_byte, l as usize)),
             }
         }

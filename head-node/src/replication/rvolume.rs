@@ -411,7 +411,7 @@ impl<T: Transport> ReplicatedVolume<T> {
             let at = pos as usize;
             match p {
                 Piece::Data(d) => out[at..at + l as usize].copy_from_slice(&d),
-                Piece::Zero => {}
+                Piece::Zero { .. } => {}
                 Piece::Sled => {
                     let b = store.read(offset + pos, l).await.map_err(store_error)?;
                     out[at..at + l as usize].copy_from_slice(&b);
@@ -473,7 +473,7 @@ impl<T: Transport> ReplicatedVolume<T> {
         for (l, p) in pieces {
             match p {
                 Piece::Data(_) => push(l, true),
-                Piece::Zero => push(l, false),
+                Piece::Zero { provisioned } => push(l, provisioned),
                 Piece::Sled => {
                     for (n, a) in store.allocation(pos, l) {
                         push(n, a);
@@ -521,11 +521,16 @@ impl<T: Transport> ReplicatedVolume<T> {
                 return Ok(());
             }
         };
-        if payload && len > u64::from(crate::volume::MAX_PAYLOAD) {
-            return Err(format!(
-                "{len} bytes exceed the maximum payload of {}",
-                crate::volume::MAX_PAYLOAD
-            ));
+        // A forwarded read is the client's read rounded out to whole blocks (see `read`):
+        // up to a block less one more at either end than the largest payload a client may ask.
+        let max = u64::from(crate::volume::MAX_PAYLOAD)
+            + if matches!(rpc, VolumeRpc::Read { .. }) {
+                2 * crate::volume::BLOCK
+            } else {
+                0
+            };
+        if payload && len > max {
+            return Err(format!("{len} bytes exceed the maximum payload of {max}"));
         }
         let size = self
             .group
@@ -666,6 +671,16 @@ impl<T: Transport> ReplicatedVolume<T> {
         if stop < end {
             self.leader_rmw(stop, &vec![0u8; (end - stop) as usize])
                 .await?;
+        }
+        if no_hole {
+            // NO_HOLE: the range must stay provisioned, so that a later write there cannot
+            // fail for want of space. Chunks never written are allocated first (a sled out of
+            // space refuses now, with ENOSPC).
+            let store = self.store().ok_or(Attempt::Retry)?;
+            store
+                .ensure_allocated(start, stop - start)
+                .await
+                .map_err(store_error)?;
         }
         self.local_zero(start, stop - start, !no_hole).await
     }
@@ -810,9 +825,16 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
         offset: u64,
         len: u64,
         no_hole: bool,
-        _fast_only: bool,
+        fast_only: bool,
         _fua: bool,
     ) -> Result<(), VolumeError> {
+        // Whole blocks are zeroed on the sleds without moving data; a partial block at either
+        // end is a read-modify-write, as slow as a WRITE. FAST_ZERO asks to be refused then.
+        if fast_only && !(offset.is_multiple_of(BLOCK) && (offset + len).is_multiple_of(BLOCK)) {
+            return Err(VolumeError::NotSupported {
+                reason: "a partial block is zeroed by read-modify-write, no faster than a write",
+            });
+        }
         let _t = self.track();
         let gid = self.group.group();
         let charged = &AtomicBool::new(false);

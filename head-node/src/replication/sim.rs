@@ -555,7 +555,7 @@ impl Sim {
                 for b in pos / BLOCK..(pos + l) / BLOCK {
                     got[b as usize] = match &p {
                         Piece::Data(d) => d[((b * BLOCK - pos) as usize).min(d.len() - 1)],
-                        Piece::Zero => 0,
+                        Piece::Zero { .. } => 0,
                         Piece::Sled => self.sled.blocks.get(&b).copied().unwrap_or(0),
                     };
                 }
