@@ -589,6 +589,55 @@ async fn in_flight_bytes_are_bounded_across_connections() {
     }
 }
 
+/// A client that stops reading its replies holds the server-wide in-flight bytes its reads
+/// took; one that stops sending a write's payload holds its share too. Each is closed after
+/// the stall timeout, and everyone else goes on.
+#[tokio::test]
+async fn a_stalled_client_is_closed_and_frees_the_room_it_held() {
+    let cfg = ServerConfig {
+        max_inflight_bytes: common::ByteSize(64 * MIB),
+        max_server_inflight_bytes: common::ByteSize(64 * MIB),
+        stall_timeout: std::time::Duration::from_secs(1),
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start_with(cfg, vec![vol("a")]).await;
+    let stalled = "stockade_nbd_connections_closed_total{reason=\"stalled\"}";
+    // Two 32 MiB reads, never read: their replies fill the socket and hold all 64 MiB.
+    let mut greedy = open(srv.addr, "a", Mode::Structured).await;
+    for cookie in 1..=2 {
+        greedy
+            .send(Cmd::Read.wire(), 0, cookie, 0, 32 * MIB, &[])
+            .await;
+    }
+    // Another client's read waits for room, then is served once the greedy one is closed.
+    let mut other = open(srv.addr, "a", Mode::Structured).await;
+    other.send(Cmd::Read.wire(), 0, 100, 0, 4096, &[]).await;
+    eventually("the other client to wait for room", || {
+        srv.metric("stockade_nbd_backpressure_waits_total{volume=\"a\"}") >= 1.0
+    })
+    .await;
+    let r = other.recv().await;
+    assert_eq!((r.cookie, r.error), (100, 0));
+    assert!(closed_by_server(&mut greedy.s).await);
+    assert_eq!(srv.metric(stalled), 1.0);
+    // Half a write payload, then nothing: closed too; the server still serves.
+    let mut half = open(srv.addr, "a", Mode::Structured).await;
+    let w = proto::Request {
+        flags: 0,
+        kind: Cmd::Write.wire(),
+        cookie: 9,
+        offset: 0,
+        length: MIB,
+    };
+    let mut frame = w.encode(half.header_style()).unwrap();
+    frame.extend_from_slice(&[5u8; 1000]);
+    half.s.write_all(&frame).await.unwrap();
+    assert!(closed_by_server(&mut half.s).await);
+    assert_eq!(srv.metric(stalled), 2.0);
+    assert_eq!(other.write(0, &[6u8; 4096], 0).await, 0);
+    assert_eq!(other.read(0, 4096).await.unwrap(), vec![6u8; 4096]);
+}
+
 async fn futures_recv(c: &mut Nbd, n: usize) -> HashSet<u64> {
     let mut out = HashSet::new();
     for _ in 0..n {

@@ -31,6 +31,7 @@ pub mod mem;
 pub mod metrics;
 pub mod proto;
 pub mod server;
+mod stall;
 mod transmission;
 
 pub use backend::{ExportInfo, Exports, Extent, Volume, VolumeError};

@@ -61,6 +61,12 @@ pub struct ServerConfig {
     /// Time allowed for the whole handshake.
     #[serde(with = "common::units::duration")]
     pub handshake_timeout: Duration,
+    /// While the server waits on a client (replies it has not read, a write payload it has not
+    /// finished sending), the client must make some progress within this time or its
+    /// connection is closed, giving back the in-flight bytes it holds, which all connections
+    /// share (see `nbd::stall`). A connection idle between requests is never timed out.
+    #[serde(with = "common::units::duration")]
+    pub stall_timeout: Duration,
     /// Time connections get to answer in-flight requests after shutdown before being aborted.
     #[serde(with = "common::units::duration")]
     pub shutdown_grace: Duration,
@@ -78,6 +84,7 @@ impl Default for ServerConfig {
             max_option_bytes: 64 << 10,
             max_options: 1024,
             handshake_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             max_connections: 1024,
         }
@@ -126,6 +133,11 @@ impl ServerConfig {
         }
         if self.max_option_bytes < 4096 + 64 || self.max_option_bytes > 16 << 20 {
             return err("max-option-bytes", "must be between 4160 and 16 MiB");
+        }
+        if self.stall_timeout < Duration::from_millis(100)
+            || self.stall_timeout > Duration::from_secs(86_400)
+        {
+            return err("stall-timeout", "must be between 100ms and 1 day");
         }
         if self.max_options == 0 || self.max_connections == 0 {
             return err("max-options/max-connections", "must be positive");
@@ -395,6 +407,12 @@ async fn handle_connection<E: Exports>(
         }
         CloseReason::WriteFailed(e) => {
             info!(%peer, volume, error = %e, "NBD connection closed: writing replies failed");
+        }
+        CloseReason::Stalled(e) => {
+            if let Some(suppressed) = shared.may_warn() {
+                warn!(%peer, volume, error = %e, suppressed,
+                    "NBD client stalled with requests in flight; disconnected");
+            }
         }
         _ => info!(%peer, volume, reason = reason.label(), "NBD connection closed"),
     }

@@ -32,6 +32,7 @@ use super::backend::{Extent, Volume, VolumeError};
 use super::metrics::{GaugeGuard, VolumeMetrics, op_index};
 use super::proto::{self, Cmd, HeaderStyle, ProtoError, ReplyStyle, Request};
 use super::server::{Session, Shared, WarnLimit};
+use super::stall::{self, StallGuard};
 
 /// Most descriptors in one block status reply (the specification suggests at most 2^20; the
 /// client asks again for the rest).
@@ -52,6 +53,8 @@ pub(crate) enum CloseReason {
     Shutdown,
     /// Writing replies failed.
     WriteFailed(std::io::Error),
+    /// The client made no progress for the stall timeout while the server waited on it.
+    Stalled(std::io::Error),
     /// The client broke the protocol.
     Violation(String),
 }
@@ -65,6 +68,7 @@ impl CloseReason {
             CloseReason::ExportClosed => "export_closed",
             CloseReason::Shutdown => "shutdown",
             CloseReason::WriteFailed(_) => "io_error",
+            CloseReason::Stalled(_) => "stalled",
             CloseReason::Violation(_) => "protocol_error",
         }
     }
@@ -404,7 +408,7 @@ pub(crate) async fn run<E, V: Volume>(
     let (tx, rx) = mpsc::channel::<Reply>(cfg.max_inflight_requests as usize + 1);
     let mut writer = tokio::spawn(write_replies(
         rx,
-        BufWriter::with_capacity(256 << 10, wr),
+        BufWriter::with_capacity(256 << 10, StallGuard::new(wr, cfg.stall_timeout)),
         WriterCtx {
             style,
             metrics: metrics.clone(),
@@ -485,7 +489,15 @@ pub(crate) async fn run<E, V: Volume>(
                     let Some(connection) = acquire(&bytes, n, &metrics).await else {
                         break CloseReason::Shutdown;
                     };
-                    let Some(server) = acquire(&shared.server_bytes, n, &metrics).await else {
+                    // The server's room is shared: waiting for it must not keep this
+                    // connection from seeing a detach or a shutdown.
+                    let server = tokio::select! {
+                        biased;
+                        _ = &mut closed => break CloseReason::ExportClosed,
+                        _ = stop.wait_for(|s| *s) => break CloseReason::Shutdown,
+                        p = acquire(&shared.server_bytes, n, &metrics) => p,
+                    };
+                    let Some(server) = server else {
                         break CloseReason::Shutdown;
                     };
                     (
@@ -499,10 +511,14 @@ pub(crate) async fn run<E, V: Volume>(
             }
             Err(refusal) => {
                 if payload > 0
-                    && let Err(e) = drain(&mut rd, payload).await
+                    && let Err(e) = stall::drain(&mut rd, payload, cfg.stall_timeout).await
                 {
                     debug!(%peer, error = %e, "draining a refused payload failed");
-                    break CloseReason::ClientGone;
+                    break if stall::is_stall(&e) {
+                        CloseReason::Stalled(e)
+                    } else {
+                        CloseReason::ClientGone
+                    };
                 }
                 debug!(%peer, cookie = req.cookie, op = ?cmd, errno = refusal.errno,
                     message = %refusal.message, "NBD request refused");
@@ -530,9 +546,11 @@ pub(crate) async fn run<E, V: Volume>(
         };
         let data = if let Op::Write { len, .. } = op {
             let mut buf = AlignedBuf::zeroed(len as usize);
-            if let Err(e) = rd.read_exact(&mut buf).await {
+            if let Err(e) = stall::read_exact(&mut rd, &mut buf, cfg.stall_timeout).await {
                 break if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     CloseReason::Violation("connection closed inside a write payload".into())
+                } else if stall::is_stall(&e) {
+                    CloseReason::Stalled(e)
                 } else {
                     CloseReason::ClientGone
                 };
@@ -577,6 +595,7 @@ pub(crate) async fn run<E, V: Volume>(
         Ok(Ok(())) => reason,
         // A client that left cannot be written to; that is not a separate failure.
         _ if matches!(reason, CloseReason::ClientGone) => reason,
+        Ok(Err(e)) if stall::is_stall(&e) => CloseReason::Stalled(e),
         Ok(Err(e)) => CloseReason::WriteFailed(e),
         Err(e) => CloseReason::WriteFailed(std::io::Error::other(e)),
     }
@@ -611,15 +630,6 @@ async fn read_header<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut [u8]) -> std::i
         n += k;
     }
     Ok(true)
-}
-
-/// Reads and discards `n` bytes.
-async fn drain<R: AsyncRead + Unpin>(rd: &mut R, n: u64) -> std::io::Result<()> {
-    let copied = tokio::io::copy(&mut rd.take(n), &mut tokio::io::sink()).await?;
-    if copied < n {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
 }
 
 fn volume_error(cmd: Cmd, e: VolumeError) -> Body {
@@ -720,7 +730,7 @@ async fn execute<V: Volume>(
 /// The single writer of a connection: frames replies, flushes in batches, records latency.
 async fn write_replies(
     mut rx: mpsc::Receiver<Reply>,
-    mut w: BufWriter<OwnedWriteHalf>,
+    mut w: BufWriter<StallGuard<OwnedWriteHalf>>,
     ctx: WriterCtx,
 ) -> std::io::Result<()> {
     let mut header = Vec::with_capacity(64);
@@ -775,7 +785,7 @@ fn proto_io(e: ProtoError) -> std::io::Error {
 
 /// Frames one reply in the negotiated style.
 async fn write_reply(
-    w: &mut BufWriter<OwnedWriteHalf>,
+    w: &mut BufWriter<StallGuard<OwnedWriteHalf>>,
     h: &mut Vec<u8>,
     style: ReplyStyle,
     r: &Reply,
