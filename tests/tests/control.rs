@@ -71,6 +71,7 @@ fn a_volume_lives_through_the_cli() {
         "{e}"
     );
 
+    let first: VolumeInfo = a.json(&["volume", "show", "v1"]);
     // Detach: every head node closes the export; clients are refused.
     a.ok(&["volume", "detach", "v1"]);
     for h in &c.heads {
@@ -82,6 +83,13 @@ fn a_volume_lives_through_the_cli() {
 
     // Attach again: the data is intact, through any head node.
     let uri = a.ok(&["volume", "attach", "v1"]).trim().to_string();
+    // A new attachment never gets the number of an earlier one (whose owner may still detach
+    // by that number when it finishes).
+    let again: VolumeInfo = a.json(&["volume", "show", "v1"]);
+    assert_ne!(
+        again.attachments[0].id, first.attachments[0].id,
+        "{again:?}"
+    );
     for h in &c.heads {
         let r = qemu_io(
             &h.uri("v1"),

@@ -549,8 +549,20 @@ impl ControlPlane {
                         .unwrap_or_default()
                 )));
             }
+            // Ids are never reused, or a client cleaning up its own attachment (attach --local,
+            // import, export detach by id) could remove a newer one that got its number. Each
+            // attach is a metadata entry of its own, proposed under the ops lock, so the
+            // applied index has passed every earlier attach's entry.
+            let id = v
+                .attachments
+                .iter()
+                .map(|a| a.id)
+                .max()
+                .unwrap_or(0)
+                .max(self.meta.status().applied)
+                + 1;
             let att = AttachmentRecord {
-                id: v.attachments.iter().map(|a| a.id).max().unwrap_or(0) + 1,
+                id,
                 shared,
                 client,
                 since: unix_now(),
