@@ -151,7 +151,8 @@ fn ports(dir: &Path, names: &[String]) -> anyhow::Result<BTreeMap<String, Ports>
         changed = true;
     }
     if changed {
-        std::fs::write(&path, serde_json::to_string_pretty(&map)?)?;
+        // Atomically: a crash halfway must not leave a file every later run fails to parse.
+        head_node::state::write_json_atomic(&path, &map)?;
     }
     Ok(map)
 }
@@ -643,12 +644,15 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let stop = common::signals::wait_for_shutdown();
         tokio::pin!(stop);
+        // try_wait keeps returning the exit status of a child that has exited: say it once.
+        let mut reported = vec![false; members.len()];
         loop {
             tokio::select! {
                 _ = &mut stop => break,
                 _ = tick.tick() => {
-                    for m in &mut members {
-                        if let Ok(Some(status)) = m.child.try_wait() {
+                    for (m, said) in members.iter_mut().zip(&mut reported) {
+                        if !*said && let Ok(Some(status)) = m.child.try_wait() {
+                            *said = true;
                             eprintln!("{} exited unexpectedly ({status}); see {}", m.name, m.log.display());
                         }
                     }
