@@ -638,4 +638,79 @@ fn import_and_export_copy_raw_images_and_verify_them() {
         .filter(|e| e.file_name().to_string_lossy().contains("stockade-partial"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Interrupted copies (Ctrl-C) clean up after themselves: the attachment made for the copy
+    // is removed (or the next import would be refused) and no partial file is left. 1 GiB
+    // takes seconds to copy, long enough to interrupt it halfway.
+    a.ok(&["volume", "resize", "img", "--size", "1GiB"]);
+    let huge = dir.join("huge.img");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let interrupted = |args: &[&str]| -> String {
+        let child = Command::new(tests::bin("stockade"))
+            .args(a.global_args())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        eventually(
+            Duration::from_secs(30),
+            "the copy to attach the volume",
+            || {
+                let info: VolumeInfo = a.json(&["volume", "show", "img"]);
+                (!info.attachments.is_empty()).then_some(())
+            },
+        );
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "{args:?} was not interrupted");
+        let info: VolumeInfo = a.json(&["volume", "show", "img"]);
+        assert!(
+            info.attachments.is_empty(),
+            "{args:?} left {:?}",
+            info.attachments
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = interrupted(&["volume", "import", "img", huge.to_str().unwrap()]);
+    assert!(e.contains("interrupted"), "{e}");
+    let dst2 = dir.join("dst2.img");
+    let e = interrupted(&["volume", "export", "img", dst2.to_str().unwrap()]);
+    assert!(e.contains("interrupted") && !dst2.exists(), "{e}");
+    // A file that appears at the destination while an export runs is not replaced (without
+    // --force).
+    let dst3 = dir.join("dst3.img");
+    let child = Command::new(tests::bin("stockade"))
+        .args(a.global_args())
+        .args(["volume", "export", "img", dst3.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the export to attach the volume",
+        || {
+            let info: VolumeInfo = a.json(&["volume", "show", "img"]);
+            (!info.attachments.is_empty()).then_some(())
+        },
+    );
+    std::fs::write(&dst3, b"precious").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("appeared"), "{e}");
+    assert_eq!(std::fs::read(&dst3).unwrap(), b"precious");
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("stockade-partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

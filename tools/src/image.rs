@@ -71,6 +71,10 @@ pub enum ImageError {
         /// The cause.
         source: VolumeError,
     },
+    /// Ctrl-C or SIGTERM stopped the copy; what this command attached was detached and a
+    /// partial output file removed.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     /// The checksum at the end did not match.
     #[error(
         "checksum mismatch: {what} has sha256 {got}, the copy expected {want}; the copy is not trustworthy"
@@ -322,8 +326,18 @@ pub async fn import(client: &AdminClient, name: &str, path: &Path) -> Result<Cop
             info.size
         )));
     }
+    // Ctrl-C or SIGTERM, from before the attach on, ends the copy but not the clean-up: the
+    // attachment made for it is removed, or the volume would stay attached and refuse the
+    // next import.
+    let mut stop = common::signals::Shutdown::catch();
     let mut s = Session::open(client, &info, "stockade volume import").await?;
-    let res = import_data(&s.remote, name, &mut file, path, len).await;
+    let res = tokio::select! {
+        r = import_data(&s.remote, name, &mut file, path, len) => r,
+        _ = stop.wait() => Err(ImageError::Interrupted(format!(
+            "volume {name} holds part of {} now; import it again",
+            path.display()
+        ))),
+    };
     s.close().await;
     let sha = res?;
     Ok(Copied {
@@ -404,8 +418,15 @@ pub async fn export(
         file_name.to_string_lossy(),
         std::process::id()
     ));
+    let mut stop = common::signals::Shutdown::catch();
     let mut s = Session::open(client, &info, "stockade volume export").await?;
-    let res = export_data(&s.remote, name, &tmp, info.size).await;
+    let res = tokio::select! {
+        r = export_data(&s.remote, name, &tmp, info.size) => r,
+        _ = stop.wait() => Err(ImageError::Interrupted(format!(
+            "{} was not written",
+            path.display()
+        ))),
+    };
     s.close().await;
     let sha = match res {
         Ok(sha) => sha,
@@ -414,9 +435,23 @@ pub async fn export(
             return Err(e);
         }
     };
-    std::fs::rename(&tmp, path).map_err(|e| {
+    // Without --force, never replace a file, even one created while the copy ran: a hard
+    // link fails if the name exists (a rename would silently replace it).
+    let placed = if force {
+        std::fs::rename(&tmp, path)
+    } else {
+        std::fs::hard_link(&tmp, path).and_then(|()| std::fs::remove_file(&tmp))
+    };
+    placed.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        file_err(path)(e)
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            ImageError::Refused(format!(
+                "{} appeared while the volume was being exported; nothing was replaced (pass --force to replace it)",
+                path.display()
+            ))
+        } else {
+            file_err(path)(e)
+        }
     })?;
     Ok(Copied {
         volume: name.to_string(),
