@@ -527,9 +527,13 @@ fn block_status_reports_unwritten_chunks_as_holes() {
     let m = map(&uri);
     assert_eq!(m.len(), 1, "the whole volume is one extent again: {m:?}");
     assert_eq!(m[0]["type"], 3, "a hole again: {m:?}");
-    // Write-zeroes without may-unmap (NBD_CMD_FLAG_NO_HOLE) provisions what it zeroes: chunk 2
-    // (16-24 MiB) is allocated, not a hole, and reads zeros.
-    let z = qemu_io(&uri, &["write -z 16M 8M", "read -P 0 16M 8M"]);
+    // Write-zeroes without may-unmap (NBD_CMD_FLAG_NO_HOLE) keeps the space: chunk 2 (16-24
+    // MiB), written and then zeroed, stays allocated (not a hole) and reads zeros, at once
+    // (the committed zero) and after write-back.
+    let z = qemu_io(
+        &uri,
+        &["write -P 7 20M 4k", "write -z 16M 8M", "read -P 0 16M 8M"],
+    );
     assert!(ok(&z), "{}", text(&z));
     let m = map(&uri);
     let at = |off: u64| {

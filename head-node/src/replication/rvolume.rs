@@ -672,16 +672,9 @@ impl<T: Transport> ReplicatedVolume<T> {
             self.leader_rmw(stop, &vec![0u8; (end - stop) as usize])
                 .await?;
         }
-        if no_hole {
-            // NO_HOLE: the range must stay provisioned, so that a later write there cannot
-            // fail for want of space. Chunks never written are allocated first (a sled out of
-            // space refuses now, with ENOSPC).
-            let store = self.store().ok_or(Attempt::Retry)?;
-            store
-                .ensure_allocated(start, stop - start)
-                .await
-                .map_err(store_error)?;
-        }
+        // NO_HOLE keeps what is allocated (the zero does not free chunks) but does not
+        // allocate thin chunks: QEMU sets NO_HOLE on every write-zeroes without unmap, so
+        // provisioning them would turn thin volumes thick (see docs/ARCHITECTURE.md).
         self.local_zero(start, stop - start, !no_hole).await
     }
 
