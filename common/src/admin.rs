@@ -222,6 +222,14 @@ pub struct VolumeInfo {
     pub created: u64,
 }
 
+/// `202 Accepted` to a delete: the volume is marked deleting and the cluster finishes the
+/// delete by itself (a sled holding some of its chunks is away).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletePending {
+    /// What is left to do, for a person.
+    pub pending: String,
+}
+
 /// The answer to a create.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Created {

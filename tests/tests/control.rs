@@ -163,6 +163,61 @@ fn volumes_with_thousands_of_chunks_are_created_and_grown_wherever_their_group_l
     assert!(io_ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
 }
 
+/// Deleting a volume while one of its sleds is away: its chunks are freed everywhere else at
+/// once; the volume stays listed as deleting until the sled is back and resynchronised (which
+/// frees its chunks there), then the metadata leader finishes the delete by itself. Before,
+/// the delete dropped the volume and the away sled's chunks stayed allocated for good.
+#[test]
+fn a_delete_with_a_sled_away_finishes_when_the_sled_returns_and_leaks_nothing() {
+    let mut c = Cluster3::start(
+        "ctl-delete-away",
+        3,
+        "2GiB",
+        "8MiB",
+        &[],
+        &["--sled-timeout", "2s"],
+    );
+    let a = Admin::of(&c);
+    a.wait_healthy(3, 3, 1);
+    a.ok(&["volume", "create", "gone", "--size", "64MiB"]);
+    let uri = a.ok(&["volume", "attach", "gone"]).trim().to_string();
+    let w = qemu_io(&uri, &["write -P 0x21 0 24M"]);
+    assert!(io_ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+    a.ok(&["volume", "detach", "gone"]);
+    let allocated = |st: &common::admin::ClusterStatus| -> u64 {
+        st.sleds
+            .iter()
+            .flat_map(|s| s.devices.iter())
+            .map(|d| d.allocated_chunks)
+            .sum()
+    };
+    eventually(Duration::from_secs(30), "chunks on all three sleds", || {
+        (allocated(&a.wait_healthy(3, 3, 0)) == 9).then_some(())
+    });
+
+    c.sleds[2].proc.kill9();
+    let out = a.ok(&["volume", "delete", "gone"]);
+    assert!(
+        out.contains("being deleted") && out.contains("stale"),
+        "{out}"
+    );
+    let list: Vec<VolumeInfo> = a.json(&["volume", "list"]);
+    let v = list
+        .iter()
+        .find(|v| v.name == "gone")
+        .expect("still listed");
+    assert_eq!(v.state, "deleting", "{v:?}");
+
+    c.sleds[2].restart();
+    eventually(Duration::from_secs(120), "the delete to finish", || {
+        let list: Vec<VolumeInfo> = a.json(&["volume", "list"]);
+        list.iter().all(|v| v.name != "gone").then_some(())
+    });
+    eventually(Duration::from_secs(60), "every chunk freed", || {
+        (allocated(&a.wait_healthy(3, 3, 0)) == 0).then_some(())
+    });
+}
+
 #[test]
 fn concurrent_creates_never_share_a_group_and_one_name_wins() {
     let c = Cluster3::start(

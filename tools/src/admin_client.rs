@@ -343,14 +343,20 @@ impl AdminClient {
     }
 
     /// `DELETE /v1/volumes/{name}`; `force` deletes an attached volume too.
-    pub async fn delete(&self, name: &str, force: bool) -> Result<(), AdminError> {
+    /// Answers what is left to do when the cluster finishes the delete by itself (`202`).
+    pub async fn delete(&self, name: &str, force: bool) -> Result<Option<String>, AdminError> {
         let mut path = volume_path(name, "");
         if force {
             path.push_str("?force=true");
         }
         let (url, resp) = self.send(Method::Delete, &path, None).await?;
         match resp.status {
-            200..=299 => Ok(()),
+            202 => Ok(Some(
+                serde_json::from_slice::<common::admin::DeletePending>(&resp.body)
+                    .map(|p| p.pending)
+                    .unwrap_or_else(|_| format!("volume {name:?} is being deleted")),
+            )),
+            200..=299 => Ok(None),
             _ => Err(error_answer(&url, &resp)),
         }
     }

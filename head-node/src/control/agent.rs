@@ -209,10 +209,24 @@ impl ControlPlane {
                     len: spec.size.div_ceil(crate::volume::BLOCK) * crate::volume::BLOCK,
                     free: true,
                 };
-                if let Err(e) = h.propose(zero, bytes::Bytes::new()).await {
-                    return repl_reply(e);
+                let index = match h.propose(zero, bytes::Bytes::new()).await {
+                    Ok(i) => i,
+                    Err(e) => return repl_reply(e),
+                };
+                // Until the trim itself is on the sleds (the flushed index passed it): a trim
+                // adds no unflushed bytes, so `wait_flushed` alone answered before it was
+                // written back, and the group could be removed before its chunks were freed.
+                match self.wait_flushed_to(&h, index).await {
+                    // Write-back skips a stale sled: its chunks are freed by its resync, once
+                    // it is back. Until then the volume's space is not all free.
+                    GroupReply::Ok => match h.status().store.map(|s| s.stale()) {
+                        Some(stale) if !stale.is_empty() => {
+                            GroupReply::Stale(stale.into_iter().collect())
+                        }
+                        _ => GroupReply::Ok,
+                    },
+                    other => other,
                 }
-                self.wait_flushed(&h).await
             }
         }
     }
@@ -233,6 +247,31 @@ impl ControlPlane {
     }
 
     /// Waits (bounded) until the leader holds no committed data that is not on the sleds.
+    /// Waits until the replicated flushed index reaches `index` (as leader).
+    async fn wait_flushed_to(
+        &self,
+        h: &crate::replication::driver::GroupHandle,
+        index: u64,
+    ) -> GroupReply {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = h.status();
+            if !st.serving {
+                return GroupReply::NotLeader(st.leader.map(|l| l.0));
+            }
+            if st.flushed >= index {
+                return GroupReply::Ok;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return GroupReply::Failed(format!(
+                    "entry {index} is still not on the sleds after 60 s (flushed up to {})",
+                    st.flushed
+                ));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), h.changed()).await;
+        }
+    }
+
     async fn wait_flushed(&self, h: &crate::replication::driver::GroupHandle) -> GroupReply {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {

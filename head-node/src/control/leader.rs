@@ -13,6 +13,9 @@ use tokio::sync::watch;
 /// A pool group that has not validated within this long is discarded.
 const POOL_VALIDATION_TIMEOUT: u64 = 60;
 
+/// A pending delete is tried again at most this often.
+const DELETE_RETRY: Duration = Duration::from_secs(5);
+
 /// A learner this close to the commit index is promoted to voter.
 const PROMOTE_LAG: u64 = 256;
 
@@ -34,6 +37,7 @@ pub(super) async fn leader_loop(cp: Arc<ControlPlane>, mut stop: watch::Receiver
         if let Err(e) = cp.duties().await {
             tracing::debug!(error = %e, "metadata leader duties");
         }
+        ControlPlane::retry_deletes(&cp);
     }
 }
 
@@ -126,6 +130,36 @@ impl ControlPlane {
             self.finish_create(&v.name, v.id, None).await?;
         }
         Ok(())
+    }
+
+    /// Volumes marked deleting whose delete is not running (it waited for a stale sled, failed,
+    /// or ran on an earlier leader): starts it again in the background, at most every
+    /// [`DELETE_RETRY`] per volume.
+    fn retry_deletes(cp: &Arc<Self>) {
+        let st = cp.state();
+        let now = cp.now();
+        let mut running = cp.in_delete.lock().unwrap_or_else(|p| p.into_inner());
+        running.retain(|name, _| st.volumes.contains_key(name));
+        for v in st.volumes.values().filter(|v| v.phase == Phase::Deleting) {
+            match running.get(&v.name) {
+                Some((true, _)) => continue,
+                Some((false, at)) if now.saturating_sub(*at) < DELETE_RETRY => continue,
+                _ => {}
+            }
+            // Marked running here, so the next tick does not start another one before the
+            // task's own guard does.
+            running.insert(v.name.clone(), (true, now));
+            let (cp, name) = (cp.clone(), v.name.clone());
+            tokio::spawn(async move {
+                match cp.delete(&name, false).await {
+                    Ok(None) => tracing::info!(volume = %name, "finished a pending delete"),
+                    Ok(Some(note)) => {
+                        tracing::debug!(volume = %name, %note, "delete still pending")
+                    }
+                    Err(e) => tracing::debug!(volume = %name, error = %e, "delete still pending"),
+                }
+            });
+        }
     }
 
     /// One membership step for every group that is smaller than its target.

@@ -298,6 +298,8 @@ pub struct ControlPlane {
     ops: tokio::sync::Mutex<()>,
     absent: Mutex<HashMap<GroupId, Duration>>,
     in_create: Mutex<std::collections::HashSet<String>>,
+    /// Deletes by volume name: running now, and when the latest one started.
+    in_delete: Mutex<HashMap<String, (bool, Duration)>>,
     metrics: ControlMetrics,
     /// Set once a reconcile pass ran on a metadata state that had caught up with the leader
     /// (see [`ControlPlane::caught_up`]).
@@ -369,6 +371,7 @@ impl ControlPlane {
             ops: tokio::sync::Mutex::new(()),
             absent: Mutex::new(HashMap::new()),
             in_create: Mutex::new(Default::default()),
+            in_delete: Mutex::new(Default::default()),
             metrics,
             caught_up: tokio::sync::watch::Sender::new(false),
         })

@@ -78,13 +78,16 @@ impl ControlPlane {
             }
             AdminRequest::Volume { name } => Ok(AdminReply::ok(200, &self.volume_info(&name)?)),
             AdminRequest::Create(c) => Ok(AdminReply::ok(201, &self.create(c).await?)),
-            AdminRequest::Delete { name, force } => {
-                self.delete(&name, force).await?;
-                Ok(AdminReply {
+            AdminRequest::Delete { name, force } => match self.delete(&name, force).await? {
+                None => Ok(AdminReply {
                     status: 204,
                     body: serde_json::Value::Null,
-                })
-            }
+                }),
+                Some(note) => Ok(AdminReply::ok(
+                    202,
+                    &common::admin::DeletePending { pending: note },
+                )),
+            },
             AdminRequest::Resize { name, size } => {
                 Ok(AdminReply::ok(200, &self.resize(&name, size).await?))
             }
@@ -501,12 +504,27 @@ impl ControlPlane {
         op: &GroupOp,
         timeout: Duration,
     ) -> Result<(), AdminError> {
+        match self.leader_call_reply(g, op, timeout).await? {
+            GroupReply::Stale(sleds) => Err(AdminError::Unavailable(format!(
+                "done except on the stale sleds {sleds:?}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`ControlPlane::leader_call`], answering `Ok` or `Stale` as the leader did.
+    pub(super) async fn leader_call_reply(
+        &self,
+        g: &GroupRecord,
+        op: &GroupOp,
+        timeout: Duration,
+    ) -> Result<GroupReply, AdminError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = String::from("no member of the group answered");
         loop {
             if let Some((l, _)) = self.find_leader(g).await {
                 match self.group_call(l, g.id, op, timeout).await {
-                    Ok(GroupReply::Ok) => return Ok(()),
+                    Ok(r @ (GroupReply::Ok | GroupReply::Stale(_))) => return Ok(r),
                     Ok(GroupReply::Failed(m)) => return Err(AdminError::Internal(m)),
                     Ok(other) => last = format!("{other:?}"),
                     Err(e) => last = e.to_string(),
@@ -663,7 +681,17 @@ impl ControlPlane {
         self.volume_info(name)
     }
 
-    async fn delete(&self, name: &str, force: bool) -> Result<(), AdminError> {
+    /// Deletes a volume: marks it deleting, closes its exports, frees its chunks on the sleds,
+    /// then removes its records. `Ok(Some(note))` when a sled that holds some of its chunks
+    /// is stale: the volume stays marked deleting until that sled is back and resynchronised
+    /// (which frees them there), and the metadata leader finishes the delete then
+    /// ([`ControlPlane::retry_deletes`]). `force` drops the records anyway.
+    pub(super) async fn delete(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<Option<String>, AdminError> {
+        let _busy = DeleteGuard::enter(self, name);
         let (v, g) = {
             let _lock = self.ops.lock().await;
             let st = self.state();
@@ -683,18 +711,33 @@ impl ControlPlane {
         if let Some(g) = &g {
             let freed = match self.close_everywhere(g).await {
                 Ok(()) => {
-                    self.leader_call(g, &GroupOp::Destroy, Duration::from_secs(120))
+                    self.leader_call_reply(g, &GroupOp::Destroy, Duration::from_secs(120))
                         .await
                 }
                 Err(e) => Err(e),
             };
-            if let Err(e) = freed {
-                if !force {
+            match freed {
+                Ok(GroupReply::Stale(sleds)) if !force => {
+                    let note = format!(
+                        "volume {name:?} is being deleted: its chunks are freed everywhere but on the stale sleds {}, which free theirs when they are back; until then it is listed as deleting (`--force` drops it now and leaves their space allocated)",
+                        sleds
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    tracing::info!(volume = %name, stale = ?sleds, "delete waits for stale sleds");
+                    return Ok(Some(note));
+                }
+                Ok(_) => {}
+                Err(e) if !force => {
                     return Err(AdminError::Unavailable(format!(
-                        "could not free volume {name:?} on the sleds ({e}); it is marked deleting: retry the delete, or pass --force to drop it without freeing its space"
+                        "could not free volume {name:?} on the sleds ({e}); it is marked deleting and the metadata leader keeps trying (`--force` drops it now without freeing its space)"
                     )));
                 }
-                tracing::warn!(volume = %name, error = %e, "deleting without freeing the volume's chunks (--force)");
+                Err(e) => {
+                    tracing::warn!(volume = %name, error = %e, "deleting without freeing the volume's chunks (--force)");
+                }
             }
         }
         let _lock = self.ops.lock().await;
@@ -704,7 +747,7 @@ impl ControlPlane {
         }
         self.propose(MetaCmd::Batch(cmds)).await?;
         tracing::info!(volume = %name, "volume deleted");
-        Ok(())
+        Ok(None)
     }
 
     async fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo, AdminError> {
@@ -888,5 +931,39 @@ impl ControlPlane {
             }
         }
         self.volume_info(name)
+    }
+}
+
+/// Marks a delete as running (so the metadata leader does not start another one for the same
+/// volume) and remembers when it started.
+struct DeleteGuard<'a> {
+    cp: &'a ControlPlane,
+    name: String,
+}
+
+impl<'a> DeleteGuard<'a> {
+    fn enter(cp: &'a ControlPlane, name: &str) -> Self {
+        cp.in_delete
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), (true, cp.now()));
+        Self {
+            cp,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for DeleteGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self
+            .cp
+            .in_delete
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&self.name)
+        {
+            e.0 = false;
+        }
     }
 }

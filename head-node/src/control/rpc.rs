@@ -88,4 +88,7 @@ pub enum GroupReply {
     NotLeader(Option<u64>),
     /// Failed.
     Failed(String),
+    /// Done on every current replica; these sleds are recorded stale and get it when they
+    /// are resynchronised (their return). Only `Destroy` answers this.
+    Stale(Vec<SledId>),
 }

@@ -249,14 +249,12 @@ pub async fn run(client: &AdminClient, cmd: VolumeCmd, json: bool) -> Result<Out
                 )
             })
         }
-        VolumeCmd::Delete(a) => {
-            client.delete(&a.name, a.force).await?;
-            if json {
-                Ok(Output::Nothing)
-            } else {
-                Ok(Output::Text(format!("deleted volume {}\n", a.name)))
-            }
-        }
+        VolumeCmd::Delete(a) => match client.delete(&a.name, a.force).await? {
+            None if json => Ok(Output::Nothing),
+            None => Ok(Output::Text(format!("deleted volume {}\n", a.name))),
+            Some(pending) if json => Ok(Output::Json(serde_json::json!({ "pending": pending }))),
+            Some(pending) => Ok(Output::Text(format!("{pending}\n"))),
+        },
         VolumeCmd::Attach(a) if a.local.local => attach_local(client, &a).await,
         VolumeCmd::Attach(a) => {
             let att = client.attach(&a.name, &a.request()).await?;
