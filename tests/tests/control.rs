@@ -453,8 +453,22 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let (status, _) = http_request(admin, "GET", "/v1/volumes", &[], b"").unwrap();
     assert_eq!(status, 401);
     let big = vec![b'x'; 100 << 10];
-    let (status, _) = http_request(admin, "POST", "/v1/volumes", &[&auth], &big).unwrap();
+    let (status, text) = http_request(admin, "POST", "/v1/volumes", &[&auth], &big).unwrap();
     assert_eq!(status, 413);
+    // Even the rejections the HTTP framework makes itself are JSON error documents.
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(v["error"]["code"], "too_large", "{text}");
+    let (status, text) = http_request(admin, "GET", "/v1/volumes/%FF%FE", &[&auth], b"").unwrap();
+    assert_eq!(status, 400, "{text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{text}"
+    );
     // Nothing changed: the one volume is still there, unattached and intact.
     let list: Vec<VolumeInfo> = a.json(&["volume", "list"]);
     assert_eq!(list.len(), 1);

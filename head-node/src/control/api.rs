@@ -232,7 +232,45 @@ pub fn router(cp: Arc<ControlPlane>, events: crate::events::SharedEvents) -> Rou
         .fallback(no_route)
         .method_not_allowed_fallback(bad_method)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(cp)
+}
+
+/// Errors are always JSON: axum answers some rejections itself in plain text (a body over
+/// [`MAX_BODY`], a path that does not decode); this wraps them in the error document.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), MAX_BODY)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let code = match status.as_u16() {
+        413 => "too_large",
+        401 => "unauthorized",
+        404 => "not_found",
+        s if s >= 500 => "internal",
+        _ => "bad_request",
+    };
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string()
+    } else {
+        text
+    };
+    respond(AdminReply {
+        status: status.as_u16(),
+        body: serde_json::json!({"error": {"code": code, "message": message}}),
+    })
 }
 
 #[cfg(test)]
