@@ -79,6 +79,11 @@ pub struct CreateVolume {
     /// QoS limits; absent: the cluster's default.
     #[serde(default)]
     pub qos: Option<QosConfig>,
+    /// The id to give the volume (32 hex digits), chosen by the client so that a create it
+    /// sends again after an unclear failure (a leader change, a lost answer) is recognised as
+    /// the same one and answered as done, not as a conflict. Absent: the cluster picks one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// `POST /v1/volumes/{name}/resize`.

@@ -469,6 +469,24 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
             .is_some_and(|m| !m.is_empty()),
         "{text}"
     );
+    // A create sent again with its id (as the CLI does after a 503: a leader change may
+    // have lost the answer, not the create) is answered as done; the same name with another
+    // id is a conflict, and a malformed id is refused.
+    let body = br#"{"name":"twice","size":65536,"id":"0123456789abcdef0123456789abcdef"}"#;
+    for _ in 0..2 {
+        let (status, text) = http_request(admin, "POST", "/v1/volumes", &[&auth], body).unwrap();
+        assert_eq!(status, 201, "{text}");
+        let created: Created = serde_json::from_str(&text).unwrap();
+        assert_eq!(created.volume.id, "0123456789abcdef0123456789abcdef");
+    }
+    let other = br#"{"name":"twice","size":65536,"id":"fedcba98765432100123456789abcdef"}"#;
+    let (status, text) = http_request(admin, "POST", "/v1/volumes", &[&auth], other).unwrap();
+    assert_eq!(status, 409, "{text}");
+    let bad = br#"{"name":"thrice","size":65536,"id":"nothex"}"#;
+    let (status, text) = http_request(admin, "POST", "/v1/volumes", &[&auth], bad).unwrap();
+    assert_eq!(status, 400, "{text}");
+    a.ok(&["volume", "delete", "twice"]);
+
     // Nothing changed: the one volume is still there, unattached and intact.
     let list: Vec<VolumeInfo> = a.json(&["volume", "list"]);
     assert_eq!(list.len(), 1);

@@ -462,6 +462,7 @@ async fn prepare(
                     name: name.into(),
                     size,
                     qos: None,
+                    id: Some(common::ids::VolumeId::random().to_string()),
                 })
                 .await
                 .with_context(|| format!("creating volume {name}"))?

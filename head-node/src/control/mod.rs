@@ -610,6 +610,7 @@ mod tests {
             name: "a".into(),
             size: 4096,
             qos: None,
+            id: None,
         });
         let j = serde_json::to_string(&r).unwrap();
         let back: AdminRequest = serde_json::from_str(&j).unwrap();

@@ -271,13 +271,38 @@ impl ControlPlane {
             let qos = c.qos.unwrap_or(st.settings.default_qos);
             qos.validate()
                 .map_err(|e| AdminError::BadRequest(format!("qos: {e}")))?;
+            let wanted =
+                c.id.as_deref()
+                    .map(|t| match t.parse::<VolumeId>() {
+                        Ok(id) if id != VolumeId::default() => Ok(id),
+                        _ => Err(AdminError::BadRequest(format!(
+                            "volume id {t:?}: expected 32 hex digits, not all zero"
+                        ))),
+                    })
+                    .transpose()?;
             if let Some(v) = st.volumes.get(&c.name) {
+                if wanted == Some(v.id) && v.size == c.size {
+                    // This very create, sent again: it was done (or is being finished).
+                    drop(_lock);
+                    return Ok(Created {
+                        volume: self.volume_info(&c.name)?,
+                        from_pool: v.from_pool,
+                        latency_ms: 0,
+                    });
+                }
                 return Err(AdminError::Conflict(format!(
                     "a volume named {:?} already exists (id {}, {} bytes); pick another name or delete it first",
                     c.name, v.id, v.size
                 )));
             }
-            let id = VolumeId::random();
+            if let Some(id) = wanted
+                && st.volumes.values().any(|v| v.id == id)
+            {
+                return Err(AdminError::Conflict(format!(
+                    "another volume has id {id}; leave the id to the cluster"
+                )));
+            }
+            let id = wanted.unwrap_or_else(VolumeId::random);
             let (spec, replicas) = self.place_volume(&st, id, &c.name, c.size)?;
             let up = self.up_nodes(&st);
             let iops = qos.iops.unwrap_or(0);
@@ -884,6 +909,7 @@ impl ControlPlane {
                     name: name.to_string(),
                     size,
                     qos: None,
+                    id: None,
                 })
                 .await
             {

@@ -120,6 +120,9 @@ impl CreateArgs {
             name: self.name.clone(),
             size: self.size,
             qos,
+            // Chosen here, so that the create the client sends again after a 503 (a leader
+            // change may have dropped the answer, not the create) is recognised as this one.
+            id: Some(common::ids::VolumeId::random().to_string()),
         })
     }
 }
