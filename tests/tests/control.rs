@@ -486,6 +486,17 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let (status, text) = http_request(admin, "POST", "/v1/volumes", &[&auth], bad).unwrap();
     assert_eq!(status, 400, "{text}");
     a.ok(&["volume", "delete", "twice"]);
+    // An attachment's client text is bounded (it lives in the volume's metadata record).
+    let long = format!(r#"{{"client":"{}"}}"#, "x".repeat(300));
+    let (status, text) = http_request(
+        admin,
+        "POST",
+        "/v1/volumes/v/attach",
+        &[&auth],
+        long.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(status, 400, "{text}");
 
     // Nothing changed: the one volume is still there, unattached and intact.
     let list: Vec<VolumeInfo> = a.json(&["volume", "list"]);

@@ -22,6 +22,11 @@ use common::throttle::QosConfig;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Most attachments one volume may have (shared attachments; an exclusive one is alone).
+const MAX_ATTACHMENTS: usize = 64;
+/// Longest `client` text of an attachment.
+const MAX_CLIENT_TEXT: usize = 256;
+
 /// Largest volume: 64 TiB.
 pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
 
@@ -570,10 +575,23 @@ impl ControlPlane {
         shared: bool,
         client: Option<String>,
     ) -> Result<Attached, AdminError> {
+        // Bounded, so a volume's record (one metadata entry) stays small whoever attaches.
+        if let Some(c) = &client
+            && (c.len() > MAX_CLIENT_TEXT || c.chars().any(char::is_control))
+        {
+            return Err(AdminError::BadRequest(format!(
+                "client: at most {MAX_CLIENT_TEXT} bytes of printable text"
+            )));
+        }
         let (att, g) = {
             let _lock = self.ops.lock().await;
             let st = self.state();
             let v = st.volumes.get(name).ok_or_else(|| not_found(name))?;
+            if v.attachments.len() >= MAX_ATTACHMENTS {
+                return Err(AdminError::Conflict(format!(
+                    "volume {name:?} has {MAX_ATTACHMENTS} attachments, the most one volume may have; detach some first"
+                )));
+            }
             if v.phase != Phase::Serving {
                 return Err(AdminError::Conflict(format!(
                     "volume {name:?} is {}; attach it once it is ready",
