@@ -9,7 +9,8 @@
 //! haggling goes on; `NBD_OPT_INFO`/`NBD_OPT_GO` for an unknown export get
 //! `NBD_REP_ERR_UNKNOWN`; `NBD_OPT_EXPORT_NAME` for an unknown export (it cannot report errors)
 //! closes the connection; option data longer than [`ServerConfig::max_option_bytes`] gets
-//! `NBD_REP_ERR_TOO_BIG` and the connection is closed without reading the data;
+//! `NBD_REP_ERR_TOO_BIG` and the connection is closed (after reading a bounded part of the
+//! data, so that the close does not reset the connection under the reply);
 //! `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_UNSUP` (no TLS yet); `NBD_OPT_EXTENDED_HEADERS` implies
 //! structured replies, and a later `NBD_OPT_STRUCTURED_REPLY` gets
 //! `NBD_REP_ERR_EXT_HEADER_REQD`; meta contexts need structured replies or extended headers
@@ -36,6 +37,12 @@ use super::backend::{ExportInfo, Exports, Volume};
 use super::metrics::NbdMetrics;
 use super::proto::{self, ProtoError, ReplyStyle};
 use super::transmission::{self, CloseReason};
+
+/// Most bytes of an oversized option's data read (and dropped) after `NBD_REP_ERR_TOO_BIG`, so
+/// that closing does not reset the connection under the reply.
+const TOO_BIG_DRAIN_BYTES: u64 = 16 << 20;
+/// Longest time spent on that.
+const TOO_BIG_DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// The metadata context id given to `base:allocation` by `NBD_OPT_SET_META_CONTEXT`.
 pub const BASE_ALLOCATION_ID: u32 = 1;
@@ -557,6 +564,17 @@ async fn handshake<E: Exports>(
                     b"option data too long",
                 )?;
                 wr.write_all(&out).await?;
+                // Closing with the option's data unread would reset the connection, and a
+                // reset can destroy the reply before the client reads it: end our side, then
+                // read (and drop) a bounded part of the data for a moment before closing.
+                let _ = wr.shutdown().await;
+                let n = u64::from(h.length).min(TOO_BIG_DRAIN_BYTES);
+                let mut sink = tokio::io::sink();
+                let _ = tokio::time::timeout(
+                    TOO_BIG_DRAIN_TIME,
+                    tokio::io::copy(&mut (&mut *rd).take(n), &mut sink),
+                )
+                .await;
             }
             return Err(ConnError::OptionTooLong {
                 option: h.option,
