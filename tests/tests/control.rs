@@ -746,7 +746,8 @@ fn import_and_export_copy_raw_images_and_verify_them() {
         .unwrap()
         .set_len(1 << 30)
         .unwrap();
-    let interrupted = |args: &[&str]| -> String {
+    // Starts `stockade args…` and waits until the copy has attached the volume.
+    let start_copy = |args: &[&str]| -> std::process::Child {
         let child = Command::new(tests::bin("stockade"))
             .args(a.global_args())
             .args(args)
@@ -762,6 +763,10 @@ fn import_and_export_copy_raw_images_and_verify_them() {
                 (!info.attachments.is_empty()).then_some(())
             },
         );
+        child
+    };
+    let interrupted = |args: &[&str]| -> String {
+        let child = start_copy(args);
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGINT,
@@ -785,21 +790,7 @@ fn import_and_export_copy_raw_images_and_verify_them() {
     // A file that appears at the destination while an export runs is not replaced (without
     // --force).
     let dst3 = dir.join("dst3.img");
-    let child = Command::new(tests::bin("stockade"))
-        .args(a.global_args())
-        .args(["volume", "export", "img", dst3.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    eventually(
-        Duration::from_secs(30),
-        "the export to attach the volume",
-        || {
-            let info: VolumeInfo = a.json(&["volume", "show", "img"]);
-            (!info.attachments.is_empty()).then_some(())
-        },
-    );
+    let child = start_copy(&["volume", "export", "img", dst3.to_str().unwrap()]);
     std::fs::write(&dst3, b"precious").unwrap();
     let out = child.wait_with_output().unwrap();
     let e = String::from_utf8_lossy(&out.stderr);

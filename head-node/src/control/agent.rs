@@ -253,40 +253,46 @@ impl ControlPlane {
         h: &crate::replication::driver::GroupHandle,
         index: u64,
     ) -> GroupReply {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let st = h.status();
-            if !st.serving {
-                return GroupReply::NotLeader(st.leader.map(|l| l.0));
-            }
-            if st.flushed >= index {
-                return GroupReply::Ok;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return GroupReply::Failed(format!(
+        Self::wait_leader(h, |st| {
+            (st.flushed < index).then(|| {
+                format!(
                     "entry {index} is still not on the sleds after 60 s (flushed up to {})",
                     st.flushed
-                ));
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(50), h.changed()).await;
-        }
+                )
+            })
+        })
+        .await
     }
 
     async fn wait_flushed(&self, h: &crate::replication::driver::GroupHandle) -> GroupReply {
+        Self::wait_leader(h, |st| {
+            (st.unflushed_bytes > 0).then(|| {
+                format!(
+                    "{} committed bytes are still not on the sleds after 60 s",
+                    st.unflushed_bytes
+                )
+            })
+        })
+        .await
+    }
+
+    /// Waits (as leader, at most 60 s) until `pending` answers `None`; `Some(why)` is the
+    /// failure if it still does at the deadline.
+    async fn wait_leader(
+        h: &crate::replication::driver::GroupHandle,
+        pending: impl Fn(&crate::replication::driver::GroupStatus) -> Option<String>,
+    ) -> GroupReply {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let st = h.status();
             if !st.serving {
                 return GroupReply::NotLeader(st.leader.map(|l| l.0));
             }
-            if st.unflushed_bytes == 0 {
+            let Some(why) = pending(&st) else {
                 return GroupReply::Ok;
-            }
+            };
             if tokio::time::Instant::now() >= deadline {
-                return GroupReply::Failed(format!(
-                    "{} committed bytes are still not on the sleds after 60 s",
-                    st.unflushed_bytes
-                ));
+                return GroupReply::Failed(why);
             }
             let _ = tokio::time::timeout(Duration::from_millis(50), h.changed()).await;
         }
