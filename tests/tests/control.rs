@@ -438,6 +438,8 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         ("DELETE", "/v1/volumes/v?force=perhaps", b"", 400),
         ("GET", "/v1/nothing", b"", 404),
         ("PUT", "/v1/volumes", b"", 405),
+        // Rejected by the HTTP framework itself (a path that does not decode): JSON too.
+        ("GET", "/v1/volumes/%FF%FE", b"", 400),
     ] {
         let (status, text) = http_request(admin, method, path, &[&auth], body).unwrap();
         assert_eq!(status, want, "{method} {path}: {text}");
@@ -459,16 +461,6 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let v: serde_json::Value =
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert_eq!(v["error"]["code"], "too_large", "{text}");
-    let (status, text) = http_request(admin, "GET", "/v1/volumes/%FF%FE", &[&auth], b"").unwrap();
-    assert_eq!(status, 400, "{text}");
-    let v: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{text}"
-    );
     // A create sent again with its id (as the CLI does after a 503: a leader change may
     // have lost the answer, not the create) is answered as done; the same name with another
     // id is a conflict, and a malformed id is refused.
