@@ -32,6 +32,9 @@ use std::time::Duration;
 
 /// Deadline of one exchange: a create answers once the volume serves, which can take a while.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Exchange timeout of a delete (at least): the server may wait for exports to drain (30 s)
+/// and for the volume's trim to reach the sleds (up to 2 × 60 s) before it answers.
+pub const DELETE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Largest accepted answer.
 pub const MAX_ANSWER_BYTES: usize = 16 << 20;
 
@@ -349,7 +352,13 @@ impl AdminClient {
         if force {
             path.push_str("?force=true");
         }
-        let (url, resp) = self.send(Method::Delete, &path, None).await?;
+        // A delete waits for the volume's exports to drain and its trim to reach the sleds
+        // (minutes in the worst case): a shorter wait would report a failure while it goes on.
+        let limits = Limits {
+            timeout: self.limits.timeout.max(DELETE_TIMEOUT),
+            ..self.limits
+        };
+        let (url, resp) = self.send(Method::Delete, &path, None, limits).await?;
         match resp.status {
             202 => Ok(Some(
                 serde_json::from_slice::<common::admin::DeletePending>(&resp.body)
@@ -389,7 +398,9 @@ impl AdminClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, AdminError> {
-        let (url, resp) = self.send(method, path, body.as_deref()).await?;
+        let (url, resp) = self
+            .send(method, path, body.as_deref(), self.limits)
+            .await?;
         if !resp.is_success() {
             return Err(error_answer(&url, &resp));
         }
@@ -407,10 +418,11 @@ impl AdminClient {
         method: Method,
         path: &str,
         body: Option<&[u8]>,
+        limits: Limits,
     ) -> Result<(String, http::Response), AdminError> {
         let mut delays = self.retry.delays();
         loop {
-            let (url, resp) = self.send_once(method, path, body).await?;
+            let (url, resp) = self.send_once(method, path, body, limits).await?;
             if resp.status == 503
                 && let Some(d) = delays.next()
             {
@@ -429,6 +441,7 @@ impl AdminClient {
         method: Method,
         path: &str,
         body: Option<&[u8]>,
+        limits: Limits,
     ) -> Result<(String, http::Response), AdminError> {
         let auth = self.token.as_ref().map(AdminToken::header);
         let mut headers = vec![
@@ -449,7 +462,7 @@ impl AdminClient {
             let prefix = base.path_and_query().trim_end_matches('/');
             let url =
                 base.with_path_and_query(&format!("{prefix}{}{path}", common::admin::PREFIX))?;
-            match http::request(method, &url, &headers, body, self.limits).await {
+            match http::request(method, &url, &headers, body, limits).await {
                 Ok(resp) => {
                     self.first.store(i, Ordering::Relaxed);
                     return Ok((endpoint_name(base), resp));
