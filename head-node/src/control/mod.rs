@@ -300,6 +300,8 @@ pub struct ControlPlane {
     in_create: Mutex<std::collections::HashSet<String>>,
     /// Deletes by volume name: running now, and when the latest one started.
     in_delete: Mutex<HashMap<String, (bool, Duration)>>,
+    /// Volumes whose exports a detach is closing (see `ops::attach`).
+    closing: Mutex<std::collections::HashSet<String>>,
     metrics: ControlMetrics,
     /// Set once a reconcile pass ran on a metadata state that had caught up with the leader
     /// (see [`ControlPlane::caught_up`]).
@@ -372,6 +374,7 @@ impl ControlPlane {
             absent: Mutex::new(HashMap::new()),
             in_create: Mutex::new(Default::default()),
             in_delete: Mutex::new(Default::default()),
+            closing: Mutex::new(Default::default()),
             metrics,
             caught_up: tokio::sync::watch::Sender::new(false),
         })

@@ -583,8 +583,20 @@ impl ControlPlane {
                 "client: at most {MAX_CLIENT_TEXT} bytes of printable text"
             )));
         }
+        // A detach that has just removed the last attachment closes the exports after it
+        // lets go of the lock; an attach in between would have its export closed under it.
+        // So wait for that close first (and refuse, retryably, if another starts meanwhile).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(35);
+        while self.is_closing(name) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let (att, g) = {
             let _lock = self.ops.lock().await;
+            if self.is_closing(name) {
+                return Err(AdminError::Unavailable(format!(
+                    "volume {name:?} is being detached (its exports are closing); retry in a moment"
+                )));
+            }
             let st = self.state();
             let v = st.volumes.get(name).ok_or_else(|| not_found(name))?;
             if v.attachments.len() >= MAX_ATTACHMENTS {
@@ -717,11 +729,19 @@ impl ControlPlane {
                 .is_empty()
                 .then(|| st.groups.get(&v.group).cloned())
                 .flatten()
+                .map(|g| (g, Closing::enter(self, name)))
         };
-        if let Some(g) = close {
+        if let Some((g, _closing)) = close {
             self.close_everywhere(&g).await?;
         }
         self.volume_info(name)
+    }
+
+    fn is_closing(&self, name: &str) -> bool {
+        self.closing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
     }
 
     /// Deletes a volume: marks it deleting, closes its exports, frees its chunks on the sleds,
@@ -1009,5 +1029,34 @@ impl Drop for DeleteGuard<'_> {
         {
             e.0 = false;
         }
+    }
+}
+
+/// Marks a volume's exports as being closed by a detach, until dropped.
+struct Closing<'a> {
+    cp: &'a ControlPlane,
+    name: String,
+}
+
+impl<'a> Closing<'a> {
+    fn enter(cp: &'a ControlPlane, name: &str) -> Self {
+        cp.closing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
+        Self {
+            cp,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        self.cp
+            .closing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
     }
 }
