@@ -202,6 +202,9 @@ pub struct GroupCore<L: RaftLog> {
     leader_ready_at: Option<u64>,
     leader_ready_sent: bool,
     pending_compact: Option<u64>,
+    /// A membership applied from a light ready (after `advance`), so not yet in any log write:
+    /// the next write carries it.
+    conf_unwritten: bool,
     /// State entries applied since the last exact snapshot.
     since_snapshot: u64,
     events: Vec<Event>,
@@ -282,6 +285,7 @@ impl<L: RaftLog> GroupCore<L> {
             leader_ready_at: None,
             leader_ready_sent: false,
             pending_compact: None,
+            conf_unwritten: false,
             since_snapshot: 0,
             events: Vec::new(),
             #[cfg(test)]
@@ -496,7 +500,12 @@ impl<L: RaftLog> GroupCore<L> {
 
     /// True when the core has something for the driver.
     pub fn has_ready(&self) -> bool {
-        self.raw.has_ready() || self.pending_compact.is_some()
+        self.raw.has_ready() || self.pending_compact.is_some() || self.conf_unwritten
+    }
+
+    /// The membership in effect (applied).
+    fn conf_state(&self) -> ConfState {
+        self.raw.raft.prs().conf().to_conf_state()
     }
 
     fn observe_role(&mut self) {
@@ -675,7 +684,7 @@ impl<L: RaftLog> GroupCore<L> {
         let m = snap.mut_metadata();
         m.index = f;
         m.term = term;
-        m.set_conf_state(self.raw.raft.prs().conf().to_conf_state());
+        m.set_conf_state(self.conf_state());
         snap.data = self.state.encode().into();
         Some(snap)
     }
@@ -697,13 +706,17 @@ impl<L: RaftLog> GroupCore<L> {
         };
         if !self.raw.has_ready() {
             self.observe_role();
-            // Only a compaction: the persisted hard state must cover it (raft-rs refuses to
-            // restart with a commit index below the snapshot).
-            compact.as_ref()?;
+            // Only a compaction (the persisted hard state must cover it: raft-rs refuses to
+            // restart with a commit index below the snapshot), or a membership to write.
+            if compact.is_none() && !self.conf_unwritten {
+                return None;
+            }
+            self.conf_unwritten = false;
             return Some(ReadyWork {
                 messages: Vec::new(),
                 write: LogWrite {
                     hard_state: Some(self.raw.raft.hard_state()),
+                    conf_state: Some(self.conf_state()),
                     compact,
                     ..LogWrite::default()
                 },
@@ -735,6 +748,17 @@ impl<L: RaftLog> GroupCore<L> {
         if let Some(cs) = self.apply_entries(committed) {
             write.conf_state = Some(cs);
         }
+        // A write that drops entries (a compaction) or replaces the log (a snapshot) also
+        // writes the membership in effect, and so does the first write after a membership
+        // was applied from a light ready: otherwise a compaction could drop the entry of a
+        // membership change no log record holds, and a restart would bring the node back
+        // with the members it had before.
+        if write.conf_state.is_none()
+            && (self.conf_unwritten || write.compact.is_some() || write.snapshot.is_some())
+        {
+            write.conf_state = Some(self.conf_state());
+        }
+        self.conf_unwritten = false;
         for rs in rd.take_read_states() {
             let tag = rs
                 .request_ctx
@@ -787,6 +811,7 @@ impl<L: RaftLog> GroupCore<L> {
             self.log.set_hard_state(hs);
         }
         if let Some(cs) = write.conf_state {
+            self.log.conf_state_written(&cs);
             self.log.set_conf_state(cs);
         }
         if let Some(snap) = write.compact {
@@ -803,7 +828,10 @@ impl<L: RaftLog> GroupCore<L> {
             msgs.extend(light.take_messages());
             let committed = light.take_committed_entries();
             if let Some(cs) = self.apply_entries(committed) {
+                // In memory now (a snapshot built meanwhile must carry it); written with the
+                // next log write (`conf_unwritten`).
                 self.log.set_conf_state(cs);
+                self.conf_unwritten = true;
             }
             self.raw.advance_apply();
         }

@@ -19,6 +19,8 @@ pub trait RaftLog: raft::Storage + Clone + Send + Sync + 'static {
     fn set_commit(&self, commit: u64);
     /// Replaces the membership.
     fn set_conf_state(&self, cs: ConfState);
+    /// Says that `cs` is now in the log on disk (the simulation's crash keeps only that).
+    fn conf_state_written(&self, _cs: &ConfState) {}
     /// Replaces the log with a snapshot (a follower catching up).
     fn apply_snapshot(&self, snap: Snapshot) -> raft::Result<()>;
     /// Stores `snap` (built by the app at an index it has applied) as the log's snapshot and
@@ -33,6 +35,8 @@ struct Inner {
     /// may be ahead of it, as [`RaftLog::set_commit`] is not durable).
     durable_commit: u64,
     cs: ConfState,
+    /// The membership last written (what a restart reads back).
+    durable_cs: ConfState,
     snap: Snapshot,
     entries: Vec<Entry>,
 }
@@ -58,6 +62,7 @@ impl MemLog {
             let mut g = log.w();
             let cs = ConfState::from((voters.to_vec(), vec![]));
             g.snap.mut_metadata().set_conf_state(cs.clone());
+            g.durable_cs = cs.clone();
             g.cs = cs;
         }
         log
@@ -76,6 +81,12 @@ impl MemLog {
     pub fn crash(&self) {
         let mut g = self.w();
         g.hs.commit = g.durable_commit;
+        g.cs = g.durable_cs.clone();
+    }
+
+    /// The membership as of the last one written.
+    pub fn durable_conf_state(&self) -> ConfState {
+        self.r().durable_cs.clone()
     }
 
     /// The commit index as of the last hard state written.
@@ -189,6 +200,10 @@ impl RaftLog for MemLog {
 
     fn set_conf_state(&self, cs: ConfState) {
         self.w().cs = cs;
+    }
+
+    fn conf_state_written(&self, cs: &ConfState) {
+        self.w().durable_cs = cs.clone();
     }
 
     fn apply_snapshot(&self, snap: Snapshot) -> raft::Result<()> {

@@ -989,3 +989,54 @@ fn a_commit_alone_is_not_synced_and_a_crash_that_loses_it_loses_no_write() {
     assert!(core.applied() > applied, "the new term's entry is applied");
     assert_eq!(blocks(&core), [1, 2, 3, 4, 5], "every write applied again");
 }
+
+/// A membership change that a node applies from a light ready (a one-voter group commits its
+/// own entries right after persisting them) used to be set in memory only; the compaction its
+/// apply asks for then dropped its entry, and a restart brought the node back with the members
+/// it had before. Every membership applied must reach the log before a compaction drops its
+/// entry.
+#[test]
+fn a_membership_applied_from_a_light_ready_survives_compaction_and_a_crash() {
+    use raft::Storage;
+    use raft::prelude::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
+    let log = MemLog::new(&[1]);
+    let drive = |core: &mut GroupCore<MemLog>| {
+        while core.has_ready() {
+            let Some(work) = core.ready() else { break };
+            core.persisted(work).expect("persisted");
+        }
+    };
+    let mut core = Sim::core(1, log.clone(), 7);
+    core.campaign().expect("campaign");
+    drive(&mut core);
+    assert!(core.is_leader(), "a one-node group elects itself");
+    let mut add = ConfChangeSingle::default();
+    add.set_change_type(ConfChangeType::AddLearnerNode);
+    add.node_id = 2;
+    let mut cc = ConfChangeV2::default();
+    cc.set_changes(vec![add].into());
+    core.propose_conf_change(1, cc)
+        .expect("propose the learner");
+    drive(&mut core);
+    // The flushed index passes the change: the log is compacted past its entry.
+    let applied = core.applied();
+    core.propose(
+        2,
+        &EntryHeader::FlushedUpTo { index: applied },
+        Bytes::new(),
+    )
+    .expect("propose flushed");
+    drive(&mut core);
+    assert!(
+        log.first_index().unwrap() > applied,
+        "compacted past the membership change (first index {})",
+        log.first_index().unwrap()
+    );
+    log.crash();
+    let cs = log.initial_state().unwrap().conf_state;
+    assert_eq!(
+        (cs.voters.clone(), cs.learners.clone()),
+        (vec![1], vec![2]),
+        "a restart reads back {cs:?}"
+    );
+}
