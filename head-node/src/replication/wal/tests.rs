@@ -929,6 +929,40 @@ fn max_segments_cleans_when_the_live_share_rule_is_off() {
     assert_eq!(logs(&reopen(dir.path()).unwrap().groups), model.logs());
 }
 
+/// A stalled group keeps the oldest segment mostly live (its entries are never compacted);
+/// another group's compacted segments behind it must still go once the log is crowded, or
+/// the disk fills.
+#[test]
+fn a_mostly_live_oldest_segment_does_not_keep_the_dead_ones_behind_it() {
+    let dir = scratch_dir();
+    let cfg = WalConfig {
+        gc_live_percent: 0,
+        max_segments: 4,
+        ..small()
+    };
+    let (wal, _, reg) = open(dir.path(), &cfg);
+    let mut model = Model::default();
+    let (stalled, busy) = (GroupId(1), GroupId(2));
+    // About three quarters of the first segment, live for good.
+    model.write(
+        &wal,
+        vec![append(
+            stalled,
+            (1..=10).map(|i| entry(stalled, i, 1, 250)).collect(),
+        )],
+    );
+    for i in 1..=200u64 {
+        let mut w = append(busy, vec![entry(busy, i, 1, 300)]);
+        w.compact(i);
+        model.write(&wal, vec![w]);
+        let n = segments(dir.path()).len();
+        assert!(n <= cfg.max_segments + 2, "after write {i}: {n} segments");
+    }
+    assert!(counter(&reg, "stockade_raft_log_gc_rewritten_bytes_total") > 0.0);
+    drop(wal);
+    assert_eq!(logs(&reopen(dir.path()).unwrap().groups), model.logs());
+}
+
 #[test]
 fn a_removed_group_stays_removed() {
     let dir = scratch_dir();

@@ -526,13 +526,27 @@ impl Writer {
     /// Whether copying the live records of the oldest segment forward is worth it: they take
     /// at most `gc-live-percent` of it and it is not the segment sealed last (whose live
     /// entries are usually about to be compacted), or there are more than `max-segments`
-    /// segments and at most half of it is live.
+    /// segments and either at most half of it is live or at most half of the whole log is.
+    ///
+    /// The last case matters: segments are deleted oldest first, so one oldest segment kept
+    /// mostly live (a volume whose write-back is stalled holds its unflushed entries) would
+    /// otherwise keep every later segment on disk however dead, until the disk fills and the
+    /// log refuses every group's writes. Copying it forward costs at most one segment per
+    /// call; when most of the log is live, nothing can be reclaimed and nothing is copied.
     fn worth_cleaning(&self, oldest: &SegInfo) -> bool {
         let n = self.segs.map.len();
         let live = oldest.live.saturating_mul(100);
         let mostly_dead =
             n > 2 && live <= u64::from(self.cfg.gc_live_percent).saturating_mul(oldest.size);
-        let crowded = n > self.cfg.max_segments && live <= 50u64.saturating_mul(oldest.size);
+        let crowded = n > self.cfg.max_segments
+            && (live <= 50u64.saturating_mul(oldest.size) || {
+                let (all_live, all_size) = self
+                    .segs
+                    .map
+                    .values()
+                    .fold((0u64, 0u64), |(l, s), i| (l + i.live, s + i.size));
+                all_live.saturating_mul(2) <= all_size
+            });
         mostly_dead || crowded
     }
 
