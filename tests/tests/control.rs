@@ -722,12 +722,15 @@ fn import_and_export_copy_raw_images_and_verify_them() {
     assert_eq!(again.sha256, exported.sha256);
     assert_eq!(sha256sum(&dst), exported.sha256);
     // No temporary files left behind.
-    let leftovers: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().contains("stockade-partial"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let no_leftovers = || {
+        let leftovers: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("stockade-partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    };
+    no_leftovers();
 
     // Interrupted copies (Ctrl-C) clean up after themselves: the attachment made for the copy
     // is removed (or the next import would be refused) and no partial file is left. 1 GiB
@@ -788,10 +791,5 @@ fn import_and_export_copy_raw_images_and_verify_them() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("appeared"), "{e}");
     assert_eq!(std::fs::read(&dst3).unwrap(), b"precious");
-    let leftovers: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().contains("stockade-partial"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    no_leftovers();
 }
