@@ -767,7 +767,11 @@ impl ControlPlane {
             let mut v = v.clone();
             v.attachments.clear();
             v.phase = Phase::Deleting;
-            self.propose(MetaCmd::PutVolume(v.clone())).await?;
+            // A retried delete (every 5 s while a sled is away) finds it marked already: no
+            // metadata entry for nothing.
+            if st.volumes.get(name) != Some(&v) {
+                self.propose(MetaCmd::PutVolume(v.clone())).await?;
+            }
             let g = st.groups.get(&v.group).cloned();
             (v, g)
         };
