@@ -387,7 +387,7 @@ impl ControlPlane {
             for v in self.volumes.remove_group(gid) {
                 v.detach();
             }
-            if let Some(h) = self.repl.remove_group(gid) {
+            if let Some(h) = self.repl.remove_group(gid).await {
                 let label = h.peek(|s| s.spec.as_ref().map(|s| s.name.clone()));
                 if let Some(name) = label {
                     self.sleds.metrics.forget(&name);

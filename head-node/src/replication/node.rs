@@ -227,7 +227,12 @@ impl<T: Transport> ReplNode<T> {
     }
 
     /// Stops a group on this node (its log is the caller's to remove); returns its handle.
-    pub fn remove_group(&self, group: GroupId) -> Option<GroupHandle> {
+    ///
+    /// Returns once the group's tasks are gone, not merely told to stop: a driver in the middle
+    /// of a poll can still hand the log one last write, and a caller that removes the group's log
+    /// right after must not be overtaken by it (the write would bring an empty group back at the
+    /// next start).
+    pub async fn remove_group(&self, group: GroupId) -> Option<GroupHandle> {
         let m = self
             .groups
             .write()
@@ -238,7 +243,18 @@ impl<T: Transport> ReplNode<T> {
         if let Some(t) = self.throttle.get() {
             t.forget(group);
         }
-        Some(m.handle)
+        let Member {
+            handle,
+            task,
+            throttle_task,
+            ..
+        } = m;
+        // Cancelled (or finished): either way the task is dropped once this returns.
+        let _ = task.await;
+        if let Some(t) = throttle_task {
+            let _ = t.await;
+        }
+        Some(handle)
     }
 
     /// The handle of a group on this node.
