@@ -817,6 +817,36 @@ fn device_files_that_are_truncated_or_corrupt_get_clear_errors() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("truncated"), "{err}");
+    // The same with the size configured (as `stockade up` gives it): the file is not grown over
+    // its lost tail, the truncation is still named, and the file is left as it was.
+    let out = run(&format!("{}:128M", short.display()));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("truncated"), "{err}");
+    assert_eq!(std::fs::metadata(&short).unwrap().len(), 64 << 20);
+    // A device has one owner: a second sled controller on a device in use is refused before it
+    // writes anything.
+    let mut owner = SledProc::start(
+        "owner",
+        dir.path(),
+        &key_path,
+        &[format!("{}:128M", dev.display())],
+        None,
+        &["--chunk-size", "8MiB"],
+    );
+    // Frozen, so that the owner's own background writes cannot be taken for the intruder's.
+    owner.proc.sigstop();
+    let before = std::fs::read(&dev).unwrap();
+    let out = run(&format!("{}:128M", dev.display()));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use"), "{err}");
+    assert!(
+        std::fs::read(&dev).unwrap() == before,
+        "the refused sled wrote to the device"
+    );
+    owner.proc.sigcont();
+    assert!(owner.proc.stop(Duration::from_secs(30)));
     // Both superblock copies damaged.
     let bad = dir.path().join("bad.img");
     std::fs::copy(&dev, &bad).unwrap();
@@ -1008,6 +1038,17 @@ fn serves_a_block_device_through_a_loop_device() {
         let b = c.read(V, ChunkIndex(2), 0, 16384).await.unwrap();
         assert!(b[..4096].iter().all(|&x| x == 0xb1) && b[4096..12288].iter().all(|&x| x == 0));
     });
+    // The block device has one owner (O_EXCL): a second sled controller on it is refused.
+    let second = std::process::Command::new(tests::bin("sled-controller"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .arg("--cluster-key-file")
+        .arg(&key_path)
+        .args(["--chunk-size", "8MiB", "--device", &loopdev])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use"), "{err}");
 }
 
 #[test]

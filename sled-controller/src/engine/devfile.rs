@@ -29,6 +29,14 @@ pub enum DevFileError {
         /// Path.
         path: String,
     },
+    /// Another process (a second sled controller, a mount) has the device open.
+    #[error(
+        "device {path} is in use by another process (another sled controller on the same device?); a device has one owner"
+    )]
+    InUse {
+        /// Path.
+        path: String,
+    },
     /// The file system does not support `O_DIRECT` (tmpfs, for example).
     #[error(
         "device {path}: O_DIRECT is not supported here ({source}); put development device files on a disk-backed file system, not tmpfs"
@@ -41,6 +49,9 @@ pub enum DevFileError {
         source: io::Error,
     },
 }
+
+/// How long a busy device lock is retried before the device is called in use.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// An open device file.
 #[derive(Debug)]
@@ -90,21 +101,63 @@ impl DevFile {
                 path: path.display().to_string(),
             });
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|source| {
-                if source.raw_os_error() == Some(libc::EINVAL) {
-                    DevFileError::NoDirectIo {
-                        path: path.display().to_string(),
-                        source,
+        let in_use = || DevFileError::InUse {
+            path: path.display().to_string(),
+        };
+        // A block device opened O_EXCL cannot be opened so again, nor mounted, until closed.
+        let excl = if kind == DeviceKind::Block {
+            libc::O_EXCL
+        } else {
+            0
+        };
+        // One owner per device: two sled controllers on one device would each rewrite its
+        // metadata under the other. A sled that has just died can hold the device a little
+        // longer: the kernel tears its io_uring down (and drops the ring's hold on the file)
+        // after the process has gone, so a busy device is retried for a moment before it is
+        // called in use.
+        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+        let busy_wait = || {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            true
+        };
+        let file = loop {
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC | excl)
+                .open(path)
+            {
+                Ok(f) => break f,
+                Err(source) => match source.raw_os_error() {
+                    Some(libc::EINVAL) => {
+                        return Err(DevFileError::NoDirectIo {
+                            path: path.display().to_string(),
+                            source,
+                        });
                     }
-                } else {
-                    err(source)
-                }
-            })?;
+                    Some(libc::EBUSY) if busy_wait() => {}
+                    Some(libc::EBUSY) => return Err(in_use()),
+                    _ => return Err(err(source)),
+                },
+            }
+        };
+        // The lock goes with the descriptor (and the process).
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is involved.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(err(e));
+            }
+            if !busy_wait() {
+                return Err(in_use());
+            }
+        }
         let size = match kind {
             DeviceKind::Block => {
                 let mut sz: u64 = 0;
@@ -114,11 +167,15 @@ impl DevFile {
                 sz
             }
             _ => {
-                if let Some(want) = create_size.filter(|w| *w > meta.len()) {
-                    file.set_len(want).map_err(err)?;
-                    want
-                } else {
-                    meta.len()
+                // Only a file that holds no sled yet grows to the configured size: a formatted
+                // one that is shorter than its superblock says was truncated, and growing it
+                // would turn the lost tail into holes that the layout check could not see.
+                match create_size.filter(|w| *w > meta.len()) {
+                    Some(want) if !formatted(&file).map_err(err)? => {
+                        file.set_len(want).map_err(err)?;
+                        want
+                    }
+                    _ => meta.len(),
                 }
             }
         };
@@ -143,6 +200,34 @@ impl DevFile {
             _ => punch_hole(&self.file, offset, len),
         }
     }
+}
+
+impl Drop for DevFile {
+    fn drop(&mut self) {
+        // Give the device up now, not when the kernel has finished with every io_uring that
+        // still refers to the file: a sled restarted at once finds it free.
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// True when either copy of the superblock (the first two pages) carries the sled's magic.
+fn formatted(file: &File) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let page = crate::layout::PAGE as usize;
+    let mut buf = common::AlignedBuf::zeroed(2 * page);
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // O_DIRECT reads come in whole pages; a shorter file holds no superblock copy past `got`.
+    let magic = &crate::layout::SB_MAGIC;
+    Ok((0..2).any(|i| got >= (i + 1) * page && buf[i * page..].starts_with(magic)))
 }
 
 /// Punches a hole in a regular file (keeps its size).

@@ -1,6 +1,6 @@
 //! The same engine tests over the io_uring, sync and mem engines.
 
-use super::devfile::DevFile;
+use super::devfile::{DevFile, DevFileError};
 use super::mem::{MemEngine, MemImage, filled};
 use super::sync::SyncEngine;
 use super::uring::UringEngine;
@@ -258,6 +258,24 @@ fn device_file_errors_are_clear() {
     assert!(missing.to_string().contains("no such file"), "{missing}");
     let not_dev = DevFile::open(dir.path(), None).unwrap_err();
     assert!(not_dev.to_string().contains("neither"), "{not_dev}");
+}
+
+#[test]
+fn a_device_has_one_owner_at_a_time() {
+    let dir = scratch_dir();
+    let path = dir.path().join("owned.img");
+    let first = DevFile::open(&path, Some(SIZE)).unwrap();
+    let second = DevFile::open(&path, Some(2 * SIZE)).unwrap_err();
+    assert!(
+        matches!(second, DevFileError::InUse { .. }),
+        "second open of a device in use: {second}"
+    );
+    assert!(second.to_string().contains("in use"), "{second}");
+    // The refused open changed nothing: not even the size it asked for.
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), SIZE);
+    drop(first);
+    let again = DevFile::open(&path, None).unwrap();
+    assert_eq!(again.size, SIZE);
 }
 
 #[test]
