@@ -49,6 +49,15 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether the log holds what a sled controller or head node says once its clean stop is over
+/// (its `main`, after everything was shut down; not "stopped leading" or "device thread stopped").
+fn stopped_cleanly(log: &str) -> bool {
+    log.lines().any(|l| {
+        l.contains("\"message\":\"stopped\",\"target\":\"sled_controller\"}")
+            || l.contains("\"message\":\"stopped\",\"target\":\"head_node\"}")
+    })
+}
+
 fn up(dir: &std::path::Path, name: &str) -> (Proc, ClusterInfo) {
     up_with(dir, name, "data", &[])
 }
@@ -189,10 +198,7 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
     }
     for name in ["sled-1", "sled-2", "head-1", "head-2", "head-3"] {
         let log = std::fs::read_to_string(dir.path().join(format!("data/{name}/log"))).unwrap();
-        assert!(
-            log.contains("stopped"),
-            "{name} did not stop cleanly:\n{log}"
-        );
+        assert!(stopped_cleanly(&log), "{name} did not stop cleanly:\n{log}");
     }
 
     // Again: same addresses, same devices (not reformatted), same data.
@@ -249,7 +255,7 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
     );
     let sled_log = std::fs::read_to_string(dir.path().join("data2/sled-1/log")).unwrap();
     assert!(
-        sled_log.contains("stopped"),
+        stopped_cleanly(&sled_log),
         "sled-1 did not stop cleanly:\n{sled_log}"
     );
     // Restarting it with another number of head nodes is refused at once, saying why.
@@ -261,6 +267,53 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
     assert!(!reshaped.status.success());
     let err = String::from_utf8_lossy(&reshaped.stderr);
     assert!(err.contains("holds a cluster of 1 head node"), "{err}");
+    // Detached: `stockade up --detach` leaves once the cluster is ready, and its children keep
+    // the data directory locked, so a second `stockade up` cannot start sleds on their devices.
+    let run_up = |extra: &[&str]| {
+        std::process::Command::new(bin("stockade"))
+            .args(["up", "--heads", "1", "--sleds", "1", "--data-dir"])
+            .arg(dir.path().join("data2"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let detached = run_up(&["--detach"]);
+    assert!(
+        detached.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detached.stderr)
+    );
+    let info2: ClusterInfo = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("data2/cluster.json")).unwrap(),
+    )
+    .unwrap();
+    let detached_pids: Vec<u32> = info2.processes.iter().map(|p| p.pid).collect();
+    assert!(detached_pids.iter().all(|p| alive(*p)));
+    let twice = run_up(&[]);
+    assert!(!twice.status.success());
+    let err = String::from_utf8_lossy(&twice.stderr);
+    assert!(err.contains("--detach` is still running"), "{err}");
+    for pid in &detached_pids {
+        assert!(err.contains(&pid.to_string()), "{err} does not name {pid}");
+    }
+    let sled_log = std::fs::read_to_string(dir.path().join("data2/sled-1/log")).unwrap();
+    assert_eq!(
+        sled_log.matches("in use by another process").count(),
+        0,
+        "a second sled was started on the device"
+    );
+    for pid in &detached_pids {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+    }
+    eventually(
+        Duration::from_secs(60),
+        "the detached cluster to stop",
+        || detached_pids.iter().all(|p| !alive(*p)).then_some(()),
+    );
     for s in 1..=3 {
         let log = std::fs::read_to_string(dir.path().join(format!("data/sled-{s}/log"))).unwrap();
         assert_eq!(

@@ -176,16 +176,37 @@ fn existing_heads(dir: &Path) -> anyhow::Result<usize> {
 }
 
 /// Holds an exclusive lock on the data directory for the life of `stockade up`.
-struct DirLock(#[allow(dead_code)] File);
+struct DirLock(File);
 
 fn lock_dir(dir: &Path) -> anyhow::Result<DirLock> {
     let f = File::create(dir.join("lock"))?;
     // SAFETY: flock on a descriptor we own; no memory is involved.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r != 0 {
-        let who = std::fs::read_to_string(dir.join("cluster.json"))
+        let info = std::fs::read_to_string(dir.join("cluster.json"))
             .ok()
-            .and_then(|t| serde_json::from_str::<ClusterInfo>(&t).ok())
+            .and_then(|t| serde_json::from_str::<ClusterInfo>(&t).ok());
+        let alive = |pid: u32| {
+            // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+            unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+        };
+        if let Some(c) = info.as_ref().filter(|c| !alive(c.supervisor_pid)) {
+            // Started with --detach: the children hold the lock after `stockade up` left.
+            let pids: Vec<String> = c
+                .processes
+                .iter()
+                .filter(|p| alive(p.pid))
+                .map(|p| p.pid.to_string())
+                .collect();
+            bail!(
+                "a cluster started with `stockade up --detach` is still running on {} (pids {}); \
+                 stop it first (`kill {}`) or use another --data-dir",
+                dir.display(),
+                pids.join(" "),
+                pids.join(" ")
+            );
+        }
+        let who = info
             .map(|c| format!(" (pid {})", c.supervisor_pid))
             .unwrap_or_default();
         bail!(
@@ -226,8 +247,12 @@ fn spawn(
     args: &[String],
     dir: &Path,
     ports: Ports,
-    detach: bool,
+    detach: Option<&DirLock>,
 ) -> anyhow::Result<Member> {
+    // Detached children keep the data directory locked once `stockade up` has left: each gets
+    // the lock's descriptor, so no second `stockade up` can start sleds on devices in use.
+    let lock_fd = detach.map(|l| l.0.as_raw_fd());
+    let detach = lock_fd.is_some();
     std::fs::create_dir_all(dir)?;
     let log = dir.join("log");
     let ready_file = dir.join("ready.json");
@@ -248,11 +273,16 @@ fn spawn(
     {
         use std::os::unix::process::CommandExt;
         let parent = std::process::id() as libc::pid_t;
-        // SAFETY: setpgid, prctl and getppid are async-signal-safe system calls; the closure
+        // SAFETY: setpgid, fcntl, prctl and getppid are async-signal-safe system calls; the closure
         // allocates nothing and touches no memory of the parent.
         unsafe {
             cmd.pre_exec(move || {
                 libc::setpgid(0, 0);
+                if let Some(fd) = lock_fd
+                    && libc::fcntl(fd, libc::F_SETFD, 0) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if !detach {
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                         return Err(std::io::Error::last_os_error());
@@ -499,7 +529,8 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
     let dir = data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    let _lock = lock_dir(&dir)?;
+    let lock = lock_dir(&dir)?;
+    let detach = args.detach.then_some(&lock);
     let key = dir.join("cluster.key");
     common::ClusterKey::load_or_create(&key)?;
     let token = token_file(&dir)?;
@@ -539,7 +570,7 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
                 ),
             )?;
             let a = vec!["--config".to_string(), cfg.display().to_string()];
-            members.push(spawn("sled", name, &sled_bin, &a, &sdir, p, args.detach)?);
+            members.push(spawn("sled", name, &sled_bin, &a, &sdir, p, detach)?);
             configs.insert(name.clone(), cfg);
         }
         for m in &mut members {
@@ -571,7 +602,7 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
                 ),
             )?;
             let a = vec!["--config".to_string(), cfg.display().to_string()];
-            members.push(spawn("head", name, &head_bin, &a, &hdir, p, args.detach)?);
+            members.push(spawn("head", name, &head_bin, &a, &hdir, p, detach)?);
             configs.insert(name.clone(), cfg);
         }
         for m in members.iter_mut().filter(|m| m.info_role == "head") {
@@ -718,5 +749,13 @@ fn print_summary(args: &UpArgs, dir: &Path, info: &ClusterInfo, uri: &str) {
     println!("  {cli} cluster status");
     println!("  mkdir -p /tmp/vol0 && nbdfuse /tmp/vol0 {uri} &   # then mkfs/mount /tmp/vol0/nbd");
     println!();
-    println!("Stop with Ctrl-C; `stockade up` again restarts on the same data.");
+    if args.detach {
+        let pids: Vec<String> = info.processes.iter().map(|p| p.pid.to_string()).collect();
+        println!(
+            "Running detached. Stop with `kill {}`; `stockade up` again restarts on the same data.",
+            pids.join(" ")
+        );
+    } else {
+        println!("Stop with Ctrl-C; `stockade up` again restarts on the same data.");
+    }
 }
