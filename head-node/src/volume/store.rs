@@ -81,11 +81,16 @@ pub enum StoreError {
     },
 }
 
-/// What is known about a chunk's allocation.
+/// What is known about a chunk's allocation. A chunk in neither set is unknown (a replica did
+/// not answer when the store opened, or the volume grew since): it is allocated ahead like an
+/// empty one, read from the sleds like a held one, and never taken as lost from a sled.
 #[derive(Debug, Default)]
 struct Allocation {
     /// Chunks known to hold nothing on any replica.
     empty: BTreeSet<u64>,
+    /// Chunks known to be allocated on the replicas (some replica said so, or this store
+    /// allocated or wrote them): only these can be found lacking on a sled.
+    held: BTreeSet<u64>,
 }
 
 /// Which replicas may be used.
@@ -345,6 +350,7 @@ impl SledStore {
             self.note_lacking(sled, conn_id, lacking);
         }
         let mut alloc = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        alloc.held.clone_from(&held);
         alloc.empty = (0..spec.chunks())
             .filter(|c| !held.contains(c))
             .filter(|c| {
@@ -463,7 +469,14 @@ impl SledStore {
             .await
             .map_err(|e| StoreError::Io(format!("asking what it holds: {e}")))?;
         let mine: BTreeSet<u64> = st.chunks.iter().map(|c| c.0).collect();
-        let lacking = lacking_of(&spec, sled, &mine, |c| !self.is_empty(ChunkIndex(c)));
+        // Lacking means: known to be held, and this sled does not hold it. A chunk merely not
+        // known to be empty is no evidence (taking it as such skipped every replica of a
+        // never-written chunk once their connections were new, and lost the write).
+        let lacking = {
+            let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+            a.held.extend(mine.iter().copied());
+            lacking_of(&spec, sled, &mine, |c| a.held.contains(&c))
+        };
         self.note_lacking(sled, client.id(), lacking);
         Ok(client)
     }
@@ -546,11 +559,21 @@ impl SledStore {
             .contains(&chunk.0)
     }
 
+    fn is_held(&self, chunk: ChunkIndex) -> bool {
+        self.alloc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .held
+            .contains(&chunk.0)
+    }
+
     fn set_empty(&self, chunk: ChunkIndex, empty: bool, total: u64) {
         let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
         let changed = if empty {
+            a.held.remove(&chunk.0);
             a.empty.insert(chunk.0)
         } else {
+            a.held.insert(chunk.0);
             a.empty.remove(&chunk.0)
         };
         if changed {
@@ -579,8 +602,11 @@ impl SledStore {
                 seg.chunk.0
             )));
         }
+        // Replicas that took the mutation (not skipped as lacking the chunk).
+        let took = std::sync::atomic::AtomicUsize::new(0);
         let results = join_all(targets.iter().map(|sled| {
             let op = &op;
+            let took = &took;
             async move {
                 let r = async {
                     self.ensure_claimed(*sled).await?;
@@ -619,6 +645,9 @@ impl SledStore {
                         self.ensure_claimed(*sled).await?;
                         res = op(client, cred).await;
                     }
+                    if res.is_ok() {
+                        took.fetch_add(1, Ordering::Relaxed);
+                    }
                     res.map_err(|e| self.mutation_error(*sled, e))
                 }
                 .await;
@@ -640,6 +669,14 @@ impl SledStore {
                     first.get_or_insert(e);
                 }
             }
+        }
+        if first.is_none() && took.load(Ordering::Relaxed) == 0 {
+            // Every replica was skipped: succeeding would store the mutation nowhere.
+            return Err(StoreError::Io(format!(
+                "chunk {} is lacking on every current replica (lost devices?); nothing took the \
+                 mutation",
+                seg.chunk.0
+            )));
         }
         first.map_or(Ok(()), Err)
     }
@@ -883,13 +920,14 @@ impl SledStore {
     }
 
     /// Allocates, on every replica, the chunks of `[offset, offset+len)` not known to be
-    /// allocated. A write-back log calls this before accepting a write, so a sled that is out of
-    /// space refuses the write with `NoSpace` instead of failing its write-back later.
+    /// allocated (empty or unknown ones; allocating a held chunk again changes nothing). A
+    /// write-back log calls this before accepting a write, so a sled that is out of space
+    /// refuses the write with `NoSpace` instead of failing its write-back later.
     pub async fn ensure_allocated(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         self.check_deposed()?;
         let spec = self.check_range(offset, len)?;
         for seg in spec.segments(offset, len) {
-            if !self.is_empty(seg.chunk) {
+            if self.is_held(seg.chunk) {
                 continue;
             }
             match self
