@@ -99,6 +99,17 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
     }
 }
 
+/// The sled to blame when a write-back attempt fails, if one is. A sled that is out of space
+/// cannot take an acknowledged write any more than one that is down: if it keeps refusing for
+/// `stale_after` it is recorded stale and the write-back goes on without it, instead of retrying
+/// for ever while the unflushed log fills and every new write waits.
+fn failing_sled(e: &StoreError) -> Option<SledId> {
+    match e {
+        StoreError::Replica { sled, .. } | StoreError::NoSpace(sled) => Some(*sled),
+        _ => None,
+    }
+}
+
 /// Limits of the write-back.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct FlushLimits {
@@ -166,15 +177,15 @@ pub(super) async fn flusher(
                     // This leadership is over: no more retries.
                     Err(e) if *stopping.borrow() => break Err(e),
                     Err(e) => {
-                        if let StoreError::Replica { sled, .. } = &e {
+                        if let Some(sled) = failing_sled(&e) {
                             let now = tokio::time::Instant::now();
                             // Failing since the attempt began: a hung sled's request that
                             // timed out has been failing for the whole deadline.
                             let (since, reported) =
-                                failing.entry(*sled).or_insert((attempt, false));
+                                failing.entry(sled).or_insert((attempt, false));
                             if !*reported && now.duration_since(*since) >= limits.stale_after {
                                 *reported = true;
-                                let _ = done.send(Input::SledDown { term, sled: *sled }).await;
+                                let _ = done.send(Input::SledDown { term, sled }).await;
                             }
                         }
                         attempts += 1;
@@ -205,4 +216,22 @@ pub(super) async fn flusher(
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::ids::Uuid128;
+
+    #[test]
+    fn a_full_sled_is_blamed_like_a_failing_one() {
+        let s = Uuid128(7);
+        assert_eq!(failing_sled(&StoreError::NoSpace(s)), Some(s));
+        let down = StoreError::Replica {
+            sled: s,
+            msg: "connection refused".into(),
+        };
+        assert_eq!(failing_sled(&down), Some(s));
+        assert_eq!(failing_sled(&StoreError::Io("no replica".into())), None);
+    }
 }
