@@ -264,6 +264,10 @@ pub struct DeviceCore<E: IoEngine> {
     flushes_inflight: Vec<Reply<()>>,
     /// A cached write completed after the last fsync was submitted.
     cached_unsynced: bool,
+    /// Why an fsync failed, if one did. Sticky until the device is opened again: what that
+    /// fsync covered may be lost, and a later fsync that succeeds does not bring it back (the
+    /// kernel reports such an error once), so no flush may be answered as durable any more.
+    fsync_failed: Option<String>,
     /// Group fsyncs submitted so far (the sequence number of the latest), and the latest that
     /// succeeded (they run one at a time, so in order).
     sync_submitted: u64,
@@ -389,6 +393,7 @@ impl<E: IoEngine> DeviceCore<E> {
             flushes_waiting: Vec::new(),
             flushes_inflight: Vec::new(),
             cached_unsynced: false,
+            fsync_failed: None,
             sync_submitted: 0,
             sync_done: 0,
             sync_wanted: false,
@@ -1091,9 +1096,16 @@ impl<E: IoEngine> DeviceCore<E> {
             OpCtx::CrcFlush(slot, r) => self.flush_done(slot, r, c.result),
             OpCtx::GroupFsync => {
                 let ids = self.group_inflight.take().unwrap_or_default();
-                if c.result.is_ok() {
+                match &c.result {
                     // The one in flight was the latest submitted.
-                    self.sync_done = self.sync_submitted;
+                    Ok(_) => self.sync_done = self.sync_submitted,
+                    Err(e) if self.fsync_failed.is_none() => {
+                        tracing::error!(device = %self.path, error = %e,
+                            "fsync failed: writes it covered may be lost; flushes fail until the \
+                             device is opened again (restart the sled)");
+                        self.fsync_failed = Some(e.to_string());
+                    }
+                    Err(_) => {}
                 }
                 for r in std::mem::take(&mut self.flushes_inflight) {
                     let res = match &c.result {
@@ -1217,6 +1229,25 @@ impl<E: IoEngine> DeviceCore<E> {
     }
 
     fn start_group_fsync(&mut self) {
+        if let Some(why) = self.fsync_failed.clone() {
+            if self.group_inflight.is_none() {
+                let err = || {
+                    DevError::Io(format!(
+                        "an earlier fsync of this device failed ({why}); nothing is durable until the sled is restarted"
+                    ))
+                };
+                for r in std::mem::take(&mut self.flushes_waiting) {
+                    r.send_batched(Err(err()), &mut self.wakes);
+                }
+                for id in std::mem::take(&mut self.group_waiting) {
+                    if let Some(job) = self.jobs.remove(&id) {
+                        self.finish(job, Err(err()));
+                    }
+                }
+                self.sync_wanted = false;
+            }
+            return;
+        }
         if self.group_inflight.is_some()
             || (self.group_waiting.is_empty()
                 && self.flushes_waiting.is_empty()
@@ -1238,7 +1269,7 @@ impl<E: IoEngine> DeviceCore<E> {
     /// otherwise by the next group fsync, which starts after the one in flight, so it covers
     /// everything completed before now.
     fn flush(&mut self, reply: Reply<()>) {
-        if !self.cached_unsynced && self.group_inflight.is_none() {
+        if !self.cached_unsynced && self.group_inflight.is_none() && self.fsync_failed.is_none() {
             reply.send_batched(Ok(()), &mut self.wakes);
             return;
         }

@@ -754,3 +754,42 @@ fn engine_back_pressure_does_not_lose_requests() {
         assert!(all(&b, i as u8 + 1), "write {i}");
     }
 }
+
+#[test]
+fn a_failed_fsync_fails_every_later_flush_until_the_device_is_reopened() {
+    // A formatted device, opened again with batched fsyncs.
+    let image = H::new(None).image.clone();
+    let mut t2 = H::open(image.clone(), None, Durability::BatchFsync);
+    t2.claim(V, h(1, 1)).unwrap();
+    let cached_write = |t: &mut H, byte: u8| {
+        let rx = t.send(|reply| DevRequest::Write {
+            fence: h(1, 1),
+            volume: V,
+            chunk: ChunkIndex(0),
+            offset: 0,
+            data: filled(4096, byte),
+            cached: true,
+            reply,
+        });
+        t.wait(rx)
+    };
+    let flush = |t: &mut H| {
+        let rx = t.send(|reply| DevRequest::Flush { reply });
+        t.wait(rx)
+    };
+    cached_write(&mut t2, 1).unwrap();
+    image.fail_fsyncs(1);
+    assert!(flush(&mut t2).is_err(), "the failing fsync's flush");
+    // The retry must not be answered durable: the first write was never made durable.
+    let again = flush(&mut t2).unwrap_err();
+    assert!(again.to_string().contains("earlier fsync"), "{again}");
+    // Nor after new writes, nor for writes waiting on a group fsync.
+    cached_write(&mut t2, 2).unwrap();
+    assert!(flush(&mut t2).is_err());
+    assert!(t2.write(V, h(1, 1), 0, 4096, filled(4096, 3)).is_err());
+    // Opened again (the sled restarted), the device answers flushes again.
+    drop(t2);
+    let mut t3 = H::open(image, None, Durability::BatchFsync);
+    cached_write(&mut t3, 4).unwrap();
+    flush(&mut t3).unwrap();
+}

@@ -42,6 +42,8 @@ struct ImageState {
     /// Bumped by a power cut; engines of an older generation fail every operation.
     generation: u64,
     rng: Option<ChaCha8Rng>,
+    /// Fsyncs still to fail (fault injection), leaving what they covered volatile.
+    failing_fsyncs: u32,
 }
 
 /// A sparse in-memory device image shared by engines.
@@ -68,6 +70,11 @@ impl MemImage {
         let mut out = vec![0u8; len];
         read_into(&st, offset, &mut out);
         out
+    }
+
+    /// Makes the next `n` fsyncs fail with `EIO` (what they would cover stays volatile).
+    pub fn fail_fsyncs(&self, n: u32) {
+        self.lock().failing_fsyncs = n;
     }
 
     /// Simulates a power cut with a seeded RNG: volatile blocks survive with probability ½ and
@@ -214,6 +221,10 @@ impl MemEngine {
                     apply_write(st, offset, &buf, dsync || !self.crash);
                     (Ok(buf.len()), Some(buf))
                 }
+            }
+            OpKind::Fsync if st.failing_fsyncs > 0 => {
+                st.failing_fsyncs -= 1;
+                (Err(io::Error::from_raw_os_error(libc::EIO)), None)
             }
             OpKind::Fsync => {
                 for (block, version) in covers {
