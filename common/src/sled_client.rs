@@ -13,7 +13,7 @@ use crate::ids::{ChunkIndex, NodeId, SledId, VolumeId};
 use crate::sled_proto::{
     CACHED_WRITES_VERSION, ErrorCode, KIND_REQUEST, KIND_RESPONSE, MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION, ProtoError, Request, Response, SledStat, VolumeStat, WireError, encode_frame,
-    read_frame, write_frame,
+    read_frame, read_handshake_frame, write_frame,
 };
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -170,7 +170,7 @@ impl SledClient {
             };
             write_frame(&mut stream, KIND_REQUEST, 0, &hello, &[]).await?;
             stream.flush().await?;
-            let f = read_frame(&mut stream).await?;
+            let f = read_handshake_frame(&mut stream).await?;
             let (sled, version, their_nonce, proof) = match f.decode::<Response>()? {
                 Response::Challenge {
                     sled,
@@ -189,7 +189,7 @@ impl SledClient {
             };
             write_frame(&mut stream, KIND_REQUEST, 1, &auth, &[]).await?;
             stream.flush().await?;
-            let f = read_frame(&mut stream).await?;
+            let f = read_handshake_frame(&mut stream).await?;
             match f.decode::<Response>()? {
                 Response::AuthOk => Ok(Ok((sled, version))),
                 Response::Error(e) => Ok(Err(e.to_string())),

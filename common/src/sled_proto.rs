@@ -231,6 +231,21 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoE
     read_body(r, header).await
 }
 
+/// Reads one handshake frame (`Hello`, `Challenge`, `Auth`, `Welcome`): control part only. A
+/// frame that announces data is refused before anything is allocated, so a peer that has not
+/// proved the cluster key cannot make the other side reserve a data-sized buffer.
+pub async fn read_handshake_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtoError> {
+    let header = read_header(r).await?;
+    if header.data_len != 0 {
+        return Err(ProtoError::TooLarge {
+            what: "handshake data",
+            len: header.data_len,
+            max: 0,
+        });
+    }
+    read_body(r, header).await
+}
+
 /// Reads and validates a frame header (lengths bounded before anything is allocated).
 /// `Err(Closed)` when the peer closed cleanly before the first byte.
 pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<FrameHeader, ProtoError> {

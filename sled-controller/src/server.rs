@@ -34,7 +34,7 @@ use common::ids::{ChunkIndex, VolumeId};
 use common::sled_proto::{
     ErrorCode, Frame, FrameHeader, HEADER_LEN, KIND_REQUEST, KIND_RESPONSE, MAX_DATA_LEN,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtoError, Request, Response, WireError,
-    read_body_with, read_frame, read_header, write_frame,
+    read_body_with, read_handshake_frame, read_header, write_frame,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +44,9 @@ use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+
+/// Connections at most in their handshake at once (each holds at most one 64 KiB control part).
+const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// Limits of one connection.
 #[derive(Debug, Clone, Copy)]
@@ -109,10 +112,16 @@ pub async fn serve(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let sessions = Arc::new(Sessions::default());
+    let handshakes = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // Connections that have not proved the cluster key yet are bounded.
+                    let Ok(pending) = handshakes.clone().try_acquire_owned() else {
+                        tracing::debug!(%peer, "too many handshakes in progress; closing a new connection");
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let sled = sled.clone();
                     let shutdown = shutdown.clone();
@@ -120,7 +129,7 @@ pub async fn serve(
                     tokio::spawn(async move {
                         sled.metrics().connections.inc();
                         if let Err(e) =
-                            connection(stream, sled.clone(), sessions, limits, shutdown).await
+                            connection(stream, sled.clone(), sessions, limits, shutdown, pending).await
                         {
                             tracing::debug!(%peer, error = %e, "connection ended");
                         }
@@ -152,7 +161,7 @@ async fn handshake(
     timeout: Duration,
 ) -> Result<NodeId, ConnError> {
     let run = async {
-        let f = read_frame(stream).await?;
+        let f = read_handshake_frame(stream).await?;
         let hello = f.decode::<Request>();
         let (min, max, client_nonce, node) = match hello {
             Ok(Request::Hello {
@@ -200,7 +209,7 @@ async fn handshake(
         };
         write_frame(stream, KIND_RESPONSE, f.header.tag, &challenge, &[]).await?;
         stream.flush().await.map_err(ProtoError::Io)?;
-        let f = read_frame(stream).await?;
+        let f = read_handshake_frame(stream).await?;
         let ok = match f.decode::<Request>() {
             Ok(Request::Auth { proof }) => sled.key().verify_handshake(
                 HandshakeRole::Client,
@@ -392,8 +401,10 @@ async fn connection(
     sessions: Arc<Sessions>,
     limits: ConnLimits,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    pending: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), ConnError> {
     let node = handshake(&mut stream, &sled, limits.handshake_timeout).await?;
+    drop(pending);
     let (guard, mut stop) = sessions.register(node);
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
