@@ -737,6 +737,13 @@ impl<E: IoEngine> DeviceCore<E> {
 
     fn step_lock(&mut self, id: u64, job: &mut Job) -> Park {
         let slot = job.slot.expect("located");
+        // The slot was looked up before the job queued for its range: a free that went first
+        // may have given it up (and it may be someone else's by now). Look it up again.
+        if self.owners.get(&(job.volume, job.chunk)).copied() != Some(SlotState::Ready(slot)) {
+            self.range_waiters.remove(&id);
+            job.slot = None;
+            return Park::Continue(Stage::Locate);
+        }
         let (first, last) = if job.kind == JobKind::Free {
             (0, self.geo.chunk_size / BLOCK - 1)
         } else {

@@ -793,3 +793,63 @@ fn a_failed_fsync_fails_every_later_flush_until_the_device_is_reopened() {
     cached_write(&mut t3, 4).unwrap();
     flush(&mut t3).unwrap();
 }
+
+#[test]
+fn requests_queued_behind_a_free_find_the_chunk_again() {
+    let mut t = H::new(None);
+    let v2 = VolumeId(0xbeef);
+    t.claim(V, h(1, 1)).unwrap();
+    t.claim(v2, h(1, 1)).unwrap();
+    t.write(V, h(1, 1), 0, 0, filled(8192, 0x11)).unwrap();
+    // A free, then (without waiting) a write, a second free and a write, all of chunk 0.
+    let free = t.send(|reply| DevRequest::Free {
+        fence: h(1, 1),
+        volume: V,
+        chunk: ChunkIndex(0),
+        reply,
+    });
+    let write = t.send(|reply| DevRequest::Write {
+        fence: h(1, 1),
+        volume: V,
+        chunk: ChunkIndex(0),
+        offset: 0,
+        data: filled(4096, 0x55),
+        cached: false,
+        reply,
+    });
+    t.wait(free).unwrap();
+    t.wait(write).unwrap();
+    // The write landed on a chunk the volume owns, not on the freed slot.
+    let b = t.read(V, 0, 0, 8192).unwrap();
+    assert!(all(&b[..4096], 0x55), "the write after the free was lost");
+    assert!(
+        all(&b[4096..], 0),
+        "the rest of the freed chunk reads as zeros"
+    );
+
+    // Two frees in a row, then another volume allocates: the second free must not take the
+    // slot away from it (it finds nothing left to free).
+    let f1 = t.send(|reply| DevRequest::Free {
+        fence: h(1, 1),
+        volume: V,
+        chunk: ChunkIndex(0),
+        reply,
+    });
+    let f2 = t.send(|reply| DevRequest::Free {
+        fence: h(1, 1),
+        volume: V,
+        chunk: ChunkIndex(0),
+        reply,
+    });
+    t.wait(f1).unwrap();
+    t.wait(f2).unwrap();
+    t.write(v2, h(1, 1), 3, 0, filled(4096, 0x77)).unwrap();
+    t.clean();
+    assert!(all(&t.read(v2, 3, 0, 4096).unwrap(), 0x77));
+    assert!(all(&t.read(V, 0, 0, 4096).unwrap(), 0));
+    // Every slot is accounted for once: a fresh volume's chunks all land on distinct slots.
+    let a = t.core.physical(v2, ChunkIndex(3)).expect("allocated");
+    t.write(V, h(1, 1), 1, 0, filled(4096, 0x99)).unwrap();
+    assert_ne!(t.core.physical(V, ChunkIndex(1)), Some(a));
+    assert!(all(&t.read(v2, 3, 0, 4096).unwrap(), 0x77));
+}
