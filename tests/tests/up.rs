@@ -158,6 +158,19 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
         .unwrap();
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("already running"));
+    // vol0 is attached shared, so the README's second attachment of it works.
+    let again = std::process::Command::new(bin("stockade"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["volume", "attach", "vol0", "--shared"])
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nbd://"));
 
     // A child that dies is reported, once (not at every check of the children).
     let sled3 = info

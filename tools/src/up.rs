@@ -507,7 +507,9 @@ async fn prepare(
         .attach(
             name,
             &common::admin::AttachVolume {
-                shared: false,
+                // Shared: the demo volume may be attached again (a local endpoint, another
+                // client), as the README suggests.
+                shared: true,
                 client: Some("stockade up".into()),
             },
         )
