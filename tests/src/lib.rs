@@ -33,6 +33,29 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// A test that cannot run here (a tool or privilege missing) fails, saying why: the test
+/// command installs everything the suite needs, so a silent skip would hide a failure. On a
+/// developer machine `STOCKADE_ALLOW_SKIP=1` turns it into a printed skip (the caller returns).
+pub fn cannot_run(test: &str, why: &str) {
+    assert!(
+        std::env::var_os("STOCKADE_ALLOW_SKIP").is_some(),
+        "{test} cannot run: {why} (tests/run.sh installs what the suite needs; set \
+         STOCKADE_ALLOW_SKIP=1 to skip instead)"
+    );
+    eprintln!("SKIP {test}: {why}");
+}
+
+/// The real-client acceptance script: the shared one next to the repository when it is there
+/// (the source of truth), else the copy kept in `tests/acceptance/` (a clone on its own).
+pub fn acceptance_script() -> PathBuf {
+    let shared = workspace().join("../shared/acceptance/nbd-clients.sh");
+    if shared.is_file() {
+        shared
+    } else {
+        workspace().join("tests/acceptance/nbd-clients.sh")
+    }
+}
+
 /// The directory holding the binaries of the profile the tests were built with.
 pub fn bin_dir() -> PathBuf {
     // target/<profile>/deps/<test-binary>

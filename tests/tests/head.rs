@@ -47,11 +47,7 @@ fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
 /// volume, with QEMU required to negotiate extended headers.
 #[test]
 fn acceptance_with_real_clients_on_three_sleds() {
-    let script = workspace().join("../shared/acceptance/nbd-clients.sh");
-    if !script.exists() {
-        eprintln!("SKIP: {} not found", script.display());
-        return;
-    }
+    let script = tests::acceptance_script();
     let c = Cluster::start("head-accept", 3, "4GiB", "64MiB", &["vol0:5GiB"]);
     let nbd = c.head.ready.nbd;
     let out = Command::new("bash")
@@ -66,6 +62,12 @@ fn acceptance_with_real_clients_on_three_sleds() {
     eprintln!("{t}");
     assert!(out.status.success(), "acceptance failed:\n{t}");
     assert!(t.contains(", 0 failed"), "{t}");
+    if t.contains("skipping") {
+        tests::cannot_run(
+            "acceptance_with_real_clients_on_three_sleds",
+            "the script skipped part of its run (not root?)",
+        );
+    }
     // Every replica was written: each sled holds chunks of the volume.
     for s in &c.sleds {
         assert!(metric(s.ready.metrics, "stockade_sled_device_chunks_used") > 0.0);
@@ -618,6 +620,24 @@ fn head_node_metrics_pass_promtool_and_are_documented() {
         assert_eq!(
             durable, 0.0,
             "sled {m}: write-back must not pay for durable writes"
+        );
+    }
+}
+
+/// The copy of the acceptance script kept in the repository (for clones without the shared
+/// directory) is the shared one, when both are there.
+#[test]
+fn the_kept_acceptance_script_is_the_shared_one() {
+    let shared = workspace().join("../shared/acceptance/nbd-clients.sh");
+    let kept = workspace().join("tests/acceptance/nbd-clients.sh");
+    let kept_text = std::fs::read_to_string(&kept).expect("tests/acceptance/nbd-clients.sh");
+    assert!(kept_text.contains("REQUIRE_EXTENDED_HEADERS"));
+    if let Ok(shared_text) = std::fs::read_to_string(&shared) {
+        assert!(
+            shared_text == kept_text,
+            "{} differs from {}: copy the shared one over",
+            kept.display(),
+            shared.display()
         );
     }
 }
