@@ -223,8 +223,18 @@ pub fn choose_heads(
             chosen.push(id);
         }
     }
-    // Start on a node that is up.
-    if let Some(i) = chosen.iter().position(|c| up.contains(c)) {
+    // Start on a node that is up, and of those on the one that starts the fewest groups: the
+    // first founder runs the group's first election, so this spreads leadership (and with it
+    // the serving of volumes) over the head nodes instead of putting every group on the node
+    // with the lowest id.
+    let starts = state.node_starts();
+    if let Some(i) = chosen
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| up.contains(c))
+        .min_by_key(|(_, c)| (starts.get(c).copied().unwrap_or(0), **c))
+        .map(|(i, _)| i)
+    {
         chosen.swap(0, i);
     }
     Ok(chosen)
@@ -244,7 +254,8 @@ pub fn per_sled(placement: &[Vec<SledId>]) -> BTreeMap<SledId, u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::state::{DeviceRecord, NodeRecord, SledRecord};
+    use crate::control::state::{DeviceRecord, GroupRecord, NodeRecord, SledRecord};
+    use crate::replication::GroupId;
     use common::ids::Uuid128;
     use proptest::prelude::*;
 
@@ -381,6 +392,36 @@ mod tests {
         let h = choose_heads(&small, &[1, 7, 8].into(), &[1].into(), 3, 0).unwrap();
         assert_eq!(h[0], 1);
         assert_eq!(h.len(), 3, "{h:?}");
+    }
+
+    #[test]
+    fn groups_start_on_the_node_that_starts_the_fewest() {
+        let mut st = state(&[(1, None, None), (2, None, None), (3, None, None)]);
+        let up: BTreeSet<u64> = [1, 2, 3].into();
+        let none = BTreeSet::new();
+        let mut first = Vec::new();
+        for i in 0..6u128 {
+            let h = choose_heads(&st, &none, &up, 3, 0).unwrap();
+            assert_eq!(h.len(), 3);
+            first.push(h[0]);
+            st.groups.insert(
+                GroupId(i),
+                GroupRecord {
+                    id: GroupId(i),
+                    founders: h.clone(),
+                    members: h.clone(),
+                    joining: None,
+                    target: h,
+                    volume: None,
+                    ready: true,
+                    created: 0,
+                },
+            );
+        }
+        assert_eq!(first, vec![1, 2, 3, 1, 2, 3]);
+        // A node that is down does not start one, however few it started.
+        let h = choose_heads(&st, &none, &[1, 2].into(), 3, 0).unwrap();
+        assert_ne!(h[0], 3, "{h:?}");
     }
 
     #[test]

@@ -293,6 +293,17 @@ impl ClusterState {
         m
     }
 
+    /// Groups each node started (is the first founder of: it runs their first election).
+    pub fn node_starts(&self) -> BTreeMap<u64, usize> {
+        let mut m: BTreeMap<u64, usize> = self.nodes.keys().map(|n| (*n, 0)).collect();
+        for g in self.groups.values() {
+            if let Some(n) = g.founders.first() {
+                *m.entry(*n).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+
     /// Sum of the baselines of the volumes whose group each node belongs to (or will).
     pub fn node_baselines(&self) -> BTreeMap<u64, u64> {
         let mut m: BTreeMap<u64, u64> = self.nodes.keys().map(|n| (*n, 0)).collect();
