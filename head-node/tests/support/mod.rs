@@ -119,6 +119,16 @@ pub async fn closed_by_server(s: &mut TcpStream) -> bool {
     }
 }
 
+/// True when the server closes the connection (EOF or reset) within 10 s without sending
+/// anything more first.
+pub async fn closed_without_more(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // Handshake helpers.
 
