@@ -197,9 +197,44 @@ fn a_frozen_leader_is_fenced_at_the_sleds_and_steps_down() {
     for i in &others {
         c.heads[*i].proc.sigcont();
     }
-    let _ = serving(&c.heads, Duration::from_secs(60));
-    // The sleds hold Y, on every replica: read with each of them as the only one up.
-    std::thread::sleep(Duration::from_millis(500));
+    let leader = serving(&c.heads, Duration::from_secs(60));
+    tests::eventually(Duration::from_secs(60), "no stale replica", || {
+        (metric(
+            c.heads[leader].ready.admin,
+            "stockade_volume_stale_replicas",
+        ) == Some(0.0))
+        .then_some(())
+    });
+    // The sleds hold Y, on every replica: read straight from each sled.
+    let list: Vec<common::admin::VolumeInfo> =
+        tests::admin::Admin::of(&c).json(&["volume", "list"]);
+    let id: common::ids::VolumeId = list
+        .iter()
+        .find(|v| v.name == "vol0")
+        .expect("vol0 listed")
+        .id
+        .parse()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (i, s) in c.sleds.iter().enumerate() {
+        let got = rt.block_on(async {
+            let cl = common::sled_client::SledClient::connect(
+                s.ready.listen,
+                &c.key,
+                common::ids::NodeId(99),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+            cl.read(id, common::ids::ChunkIndex(0), 0, BS as u32)
+                .await
+                .unwrap()
+        });
+        assert!(got[..] == block(3)[..], "sled {} holds stale data", i + 1);
+    }
     for h in &c.heads {
         let mut r = NbdClient::connect(h.ready.nbd, "vol0", Duration::from_secs(30)).unwrap();
         assert_eq!(
