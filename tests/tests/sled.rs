@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use tests::sled::SledProc;
 use tests::{check_metrics, http_get, key_file, scratch};
@@ -738,11 +739,32 @@ fn kill9_during_metadata_updates_always_reopens() {
             None::<(u64, u8)>,
         )));
         let st = state.clone();
+        // The kill comes from another thread while the work is running (metadata updates in
+        // flight); errors before it are failures, errors after it end the round's work.
+        let killed = Arc::new(AtomicBool::new(false));
+        let pid = f.sled.proc.pid().expect("sled running") as i32;
+        let r_killed = killed.clone();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let killer = std::thread::spawn(move || {
+            go_rx.recv().expect("work started");
+            std::thread::sleep(kill_after);
+            r_killed.store(true, std::sync::atomic::Ordering::SeqCst);
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+        });
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ops = done.clone();
+        let w_killed = killed.clone();
         r.block_on(async move {
             let c = client(addr, &key, 1).await;
             let first = key.mint(V, Epoch(start_epoch + 1), NodeId(1));
             c.claim(&first).await.unwrap();
             st.lock().unwrap().0 = start_epoch + 1;
+            go_tx.send(()).unwrap();
+            let dead = || w_killed.load(std::sync::atomic::Ordering::SeqCst);
             let work = async {
                 for i in 0u64.. {
                     let chunk = i % 12;
@@ -757,7 +779,8 @@ fn kill9_during_metadata_updates_always_reopens() {
                         c.write(&cred, ChunkIndex(chunk), 0, filled(4096, value))
                             .await
                     };
-                    if res.is_err() {
+                    if let Err(e) = res {
+                        assert!(dead(), "round {round}: {e} before the kill");
                         break;
                     }
                     {
@@ -765,17 +788,27 @@ fn kill9_during_metadata_updates_always_reopens() {
                         g.1.insert(chunk, value);
                         g.2 = None;
                     }
+                    ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if i % 7 == 6 {
                         let next = key.mint(V, Epoch(epoch + 1), NodeId(1));
-                        if c.claim(&next).await.is_err() {
+                        if let Err(e) = c.claim(&next).await {
+                            assert!(dead(), "round {round}: claim failed before the kill: {e}");
                             break;
                         }
                         st.lock().unwrap().0 = epoch + 1;
                     }
                 }
             };
-            let _ = tokio::time::timeout(kill_after, work).await;
+            tokio::time::timeout(kill_after + Duration::from_secs(30), work)
+                .await
+                .expect("the work ends at the kill");
         });
+        killer.join().unwrap();
+        assert!(
+            done.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "round {round}: nothing was acknowledged before the kill"
+        );
+        // Reaps the killed process.
         f.sled.proc.kill9();
         let (new_epoch, new_acked, in_flight) = state.lock().unwrap().clone();
         epoch = new_epoch;
