@@ -28,6 +28,7 @@ pub struct HeadMetrics {
     stale: IntGaugeVec,
     resync: IntCounterVec,
     rewrites: IntCounterVec,
+    snapshots: IntCounterVec,
     lacking: IntCounterVec,
 }
 
@@ -155,6 +156,12 @@ impl HeadMetrics {
                 "Times the leader wrote the unflushed tail back again because a sled may have lost cached writes (it was flushed on another connection than the one that acknowledged them).",
                 &["volume"],
             )?,
+            snapshots: counter_vec(
+                r,
+                "stockade_volume_snapshots_installed_total",
+                "Raft snapshots this node installed for the volume (it had fallen behind the leader's compacted log).",
+                &["volume"],
+            )?,
         })
     }
 
@@ -180,6 +187,7 @@ impl HeadMetrics {
             stale_replicas: self.stale.with_label_values(&[name]),
             resync_bytes: self.resync.with_label_values(&[name]),
             rewrites: self.rewrites.with_label_values(&[name]),
+            snapshots: self.snapshots.with_label_values(&[name]),
             lacking_chunks: self.lacking.with_label_values(&[name]),
         }
     }
@@ -207,6 +215,7 @@ impl HeadMetrics {
         let _ = self.stale.remove_label_values(&one);
         let _ = self.resync.remove_label_values(&one);
         let _ = self.rewrites.remove_label_values(&one);
+        let _ = self.snapshots.remove_label_values(&one);
         for stage in [
             "throttle",
             "sled_read",
@@ -260,6 +269,8 @@ pub struct VolumeMetrics {
     pub resync_bytes: IntCounter,
     /// Unflushed tails written back again (a sled may have lost cached writes).
     pub rewrites: IntCounter,
+    /// Raft snapshots installed.
+    pub snapshots: IntCounter,
     /// Chunks found missing on a sled that should hold them.
     pub lacking_chunks: IntCounter,
 }

@@ -1052,6 +1052,9 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                     }
                 }
                 Event::StateChanged | Event::SnapshotApplied { .. } => {
+                    if matches!(ev, Event::SnapshotApplied { .. }) {
+                        self.vm.snapshots.inc();
+                    }
                     self.sync_cluster();
                     self.sync_store();
                     // A volume just created by this leader: claim it now.
