@@ -181,7 +181,8 @@ fn volumes_run_at_their_limits_and_keep_their_credits_through_failover() {
         "4000",
     ];
     create(&a, "burst", &burst);
-    create(&a, "bw", &["--bandwidth", "8MiB"]);
+    // A baseline too: on a head node with a capacity every volume needs one.
+    create(&a, "bw", &["--iops", "1000", "--bandwidth", "8MiB"]);
     let credits = [
         "--iops",
         "10",
@@ -197,6 +198,9 @@ fn volumes_run_at_their_limits_and_keep_their_credits_through_failover() {
             "volume", "create", "huge", "--size", "64MiB", "--iops", "49800",
         ][..],
         &["volume", "qos", "base", "--iops", "49800"],
+        // No baseline at all: it could take any share of the node, so it is refused too.
+        &["volume", "create", "unlimited", "--size", "64MiB"],
+        &["volume", "qos", "base", "--iops", "none"],
     ] {
         let o = a.run(args);
         let err = String::from_utf8_lossy(&o.stderr);

@@ -258,11 +258,15 @@ impl ControlPlane {
     }
 
     /// True when every one of `nodes` has room for `iops` more baseline.
-    fn heads_fit(&self, st: &ClusterState, nodes: &[u64], iops: u64) -> bool {
+    /// Whether `iops` more of baseline (`None`: a volume without one) fits on every one of
+    /// `nodes`: a node with a `capacity-iops` takes only volumes with a baseline, up to it.
+    fn heads_fit(&self, st: &ClusterState, nodes: &[u64], iops: Option<u64>) -> bool {
         let base = st.node_baselines();
         nodes.iter().all(|n| {
             let cap = st.nodes.get(n).and_then(|r| r.capacity_iops);
-            cap.is_none_or(|c| base.get(n).copied().unwrap_or(0).saturating_add(iops) <= c)
+            cap.is_none_or(|c| {
+                iops.is_some_and(|i| base.get(n).copied().unwrap_or(0).saturating_add(i) <= c)
+            })
         })
     }
 
@@ -310,7 +314,7 @@ impl ControlPlane {
             let id = wanted.unwrap_or_else(VolumeId::random);
             let (spec, replicas) = self.place_volume(&st, id, &c.name, c.size)?;
             let up = self.up_nodes(&st);
-            let iops = qos.iops.unwrap_or(0);
+            let iops = qos.iops;
             let pooled = st
                 .pool()
                 .0
@@ -881,13 +885,22 @@ impl ControlPlane {
             .get(&v.group)
             .cloned()
             .ok_or_else(|| AdminError::Internal(format!("volume {name:?} has no group")))?;
-        let more = q.iops.unwrap_or(0).saturating_sub(v.qos.iops.unwrap_or(0));
         let nodes: Vec<u64> = g.target.iter().copied().chain(g.runners()).collect();
-        if more > 0 && !self.heads_fit(&st, &nodes, more) {
-            return Err(AdminError::Capacity(format!(
-                "raising the baseline of {name:?} to {} IOPS would exceed the capacity of one of its head nodes {nodes:?}",
-                q.iops.unwrap_or(0)
-            )));
+        match q.iops {
+            None if !self.heads_fit(&st, &nodes, None) => {
+                return Err(AdminError::Capacity(format!(
+                    "{name:?} cannot lose its IOPS baseline: one of its head nodes {nodes:?} has a capacity-iops, and every volume there needs a baseline"
+                )));
+            }
+            Some(new) => {
+                let more = new.saturating_sub(v.qos.iops.unwrap_or(0));
+                if more > 0 && !self.heads_fit(&st, &nodes, Some(more)) {
+                    return Err(AdminError::Capacity(format!(
+                        "raising the baseline of {name:?} to {new} IOPS would exceed the capacity of one of its head nodes {nodes:?}"
+                    )));
+                }
+            }
+            None => {}
         }
         if v.phase == Phase::Serving {
             self.leader_call(&g, &GroupOp::SetQos(q), Duration::from_secs(30))

@@ -30,6 +30,11 @@ pub enum PlaceError {
         /// The baseline asked for.
         iops: u64,
     },
+    /// Every head node that could serve it has a capacity, and the volume has no baseline.
+    #[error(
+        "the volume has no IOPS baseline, and every head node that could serve it has a capacity-iops: a volume there needs --iops (or set the cluster's default QoS) so that every volume can always get its baseline"
+    )]
+    UnlimitedOnCapped,
     /// Provisioning would exceed capacity × overcommit.
     #[error(
         "the volume needs {} of sled space ({replicas} replicas) but only {} of the {} provisionable are left (sled capacity {} × overcommit ratio {ratio}); add sleds, delete volumes or raise control.overcommit-ratio",
@@ -170,7 +175,8 @@ pub fn check_capacity(
 }
 
 /// Head nodes for a new group: up to `size` of the `known` nodes (registered ones and the
-/// metadata group's voters) with room for `iops` of baseline, nodes that are `up` first, then
+/// metadata group's voters) with room for `iops` of baseline (`None`: no baseline, which only
+/// nodes without a `capacity-iops` can take), nodes that are `up` first, then
 /// fewest groups, distinct domains first. The first one is always up (the group starts
 /// there); the others may be down for now (the group grows onto them when they come up).
 pub fn choose_heads(
@@ -178,7 +184,7 @@ pub fn choose_heads(
     known: &BTreeSet<u64>,
     up: &BTreeSet<u64>,
     size: usize,
-    iops: u64,
+    iops: Option<u64>,
 ) -> Result<Vec<u64>, PlaceError> {
     let groups = state.node_groups();
     let baselines = state.node_baselines();
@@ -195,11 +201,14 @@ pub fn choose_heads(
         .filter(|id| {
             let cap = state.nodes.get(id).and_then(|n| n.capacity_iops);
             let used = baselines.get(id).copied().unwrap_or(0);
-            cap.is_none_or(|c| used.saturating_add(iops) <= c)
+            cap.is_none_or(|c| iops.is_some_and(|i| used.saturating_add(i) <= c))
         })
         .collect();
     if !fit.iter().any(|c| up.contains(c)) {
-        return Err(PlaceError::NodeCapacity { iops });
+        return Err(match iops {
+            Some(iops) => PlaceError::NodeCapacity { iops },
+            None => PlaceError::UnlimitedOnCapped,
+        });
     }
     fit.sort_by_key(|id| (!up.contains(id), groups.get(id).copied().unwrap_or(0), *id));
     let want = size.min(fit.len());
@@ -370,26 +379,33 @@ mod tests {
         ]);
         let up: BTreeSet<u64> = [1, 2, 3, 4].into();
         let none = BTreeSet::new();
-        let h = choose_heads(&st, &none, &up, 3, 0).unwrap();
+        let h = choose_heads(&st, &none, &up, 3, Some(0)).unwrap();
         let d: BTreeSet<_> = h
             .iter()
             .map(|i| st.nodes[i].domain.clone().unwrap())
             .collect();
         assert_eq!(d.len(), 3, "{h:?}");
         // Node 3 cannot take 2000 IOPS: the group avoids it.
-        let h = choose_heads(&st, &none, &up, 3, 2000).unwrap();
+        let h = choose_heads(&st, &none, &up, 3, Some(2000)).unwrap();
         assert!(!h.contains(&3), "{h:?}");
         let small = state(&[(1, None, Some(10))]);
         assert_eq!(
-            choose_heads(&small, &none, &[1].into(), 3, 11),
+            choose_heads(&small, &none, &[1].into(), 3, Some(11)),
             Err(PlaceError::NodeCapacity { iops: 11 })
         );
         assert_eq!(
-            choose_heads(&small, &none, &BTreeSet::new(), 3, 0),
+            choose_heads(&small, &none, &BTreeSet::new(), 3, Some(0)),
             Err(PlaceError::NoHeads)
         );
+        // A volume without a baseline only goes where there is no capacity to protect.
+        let h = choose_heads(&st, &none, &up, 3, None).unwrap();
+        assert!(!h.contains(&3), "{h:?}");
+        assert_eq!(
+            choose_heads(&small, &none, &[1].into(), 3, None),
+            Err(PlaceError::UnlimitedOnCapped)
+        );
         // A voter that has not registered yet is a target; the group starts on an up node.
-        let h = choose_heads(&small, &[1, 7, 8].into(), &[1].into(), 3, 0).unwrap();
+        let h = choose_heads(&small, &[1, 7, 8].into(), &[1].into(), 3, Some(0)).unwrap();
         assert_eq!(h[0], 1);
         assert_eq!(h.len(), 3, "{h:?}");
     }
@@ -401,7 +417,7 @@ mod tests {
         let none = BTreeSet::new();
         let mut first = Vec::new();
         for i in 0..6u128 {
-            let h = choose_heads(&st, &none, &up, 3, 0).unwrap();
+            let h = choose_heads(&st, &none, &up, 3, Some(0)).unwrap();
             assert_eq!(h.len(), 3);
             first.push(h[0]);
             st.groups.insert(
@@ -420,7 +436,7 @@ mod tests {
         }
         assert_eq!(first, vec![1, 2, 3, 1, 2, 3]);
         // A node that is down does not start one, however few it started.
-        let h = choose_heads(&st, &none, &[1, 2].into(), 3, 0).unwrap();
+        let h = choose_heads(&st, &none, &[1, 2].into(), 3, Some(0)).unwrap();
         assert_ne!(h[0], 3, "{h:?}");
     }
 

@@ -316,7 +316,8 @@ impl ClusterState {
             nodes.sort_unstable();
             nodes.dedup();
             for n in nodes {
-                *m.entry(n).or_insert(0) += b;
+                let e = m.entry(n).or_insert(0);
+                *e = e.saturating_add(b);
             }
         }
         m
