@@ -115,7 +115,14 @@ impl EventsConfig {
                 .collect::<Result<Vec<_>, _>>()
         };
         let watch = patterns("watch", &self.watch)?;
-        let ignore = patterns("ignore", &self.ignore)?;
+        let mut ignore = patterns("ignore", &self.ignore)?;
+        // The engine's own metrics (scraped with the rest of this node's) would only ever
+        // correlate with its own activity.
+        ignore.push(
+            "stockade_events_*"
+                .parse::<Pattern>()
+                .map_err(|e| bad("ignore", e))?,
+        );
         let anomaly_z = match self.anomaly_z {
             Some(z) => Some(z),
             None if watch.is_empty() => Some(3.0),

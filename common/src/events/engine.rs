@@ -576,6 +576,10 @@ impl Engine {
             for j in i + 1..cands.len() {
                 let (ka, sa) = cands[i];
                 let (kb, sb) = cands[j];
+                // Parts of one histogram or summary are correlated by construction.
+                if ka.family() == kb.family() {
+                    continue;
+                }
                 let pair = (ka.clone(), kb.clone());
                 if self.cooldowns.contains_key(&pair) {
                     continue;

@@ -10,6 +10,9 @@ use std::sync::Arc;
 pub struct SeriesKey {
     text: Arc<str>,
     name_len: usize,
+    /// The metric family: the name without a histogram's or summary's `_bucket`, `_sum` or
+    /// `_count`, and the labels without `le` and `quantile`.
+    family: Arc<str>,
 }
 
 impl SeriesKey {
@@ -39,10 +42,34 @@ impl SeriesKey {
             }
             text.push('}');
         }
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|sfx| name.strip_suffix(sfx))
+            .unwrap_or(name);
+        let family = if base.len() == name.len()
+            && !sorted.iter().any(|(k, _)| k == "le" || k == "quantile")
+        {
+            text.clone()
+        } else {
+            let rest: Vec<(String, String)> = sorted
+                .iter()
+                .filter(|(k, _)| k != "le" && k != "quantile")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            Self::new(base, &rest).text.to_string()
+        };
         Self {
             text: text.into(),
             name_len: name.len(),
+            family: family.into(),
         }
+    }
+
+    /// The metric family this series is part of (the series itself, unless it is a
+    /// histogram's or summary's bucket, quantile, sum or count): series of one family move
+    /// together by construction, so they are never paired.
+    pub fn family(&self) -> &str {
+        &self.family
     }
 
     /// A key for a series without labels.

@@ -689,3 +689,51 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn parts_of_one_histogram_are_never_paired_with_each_other() {
+    let mut e = Engine::new(EngineConfig {
+        cooldown: Duration::ZERO,
+        ..cfg()
+    })
+    .unwrap();
+    let lbl = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    };
+    let inf = SeriesKey::new("h_bucket", &lbl(&[("le", "+Inf"), ("op", "read")]));
+    let small = SeriesKey::new("h_bucket", &lbl(&[("le", "0.1"), ("op", "read")]));
+    let count = SeriesKey::new("h_count", &lbl(&[("op", "read")]));
+    let sum = SeriesKey::new("h_sum", &lbl(&[("op", "read")]));
+    // Another label value is another series of the family's metric: it may be paired.
+    let other = SeriesKey::new("h_count", &lbl(&[("op", "write")]));
+    assert_eq!(inf.family(), count.family());
+    assert_eq!(sum.family(), small.family());
+    assert_ne!(count.family(), other.family());
+    let mut events = Vec::new();
+    for sec in 0..30u64 {
+        let x = (sec % 7) as f64;
+        for (key, v) in [
+            (&inf, x),
+            (&small, x / 2.0),
+            (&count, x),
+            (&sum, x * 3.0),
+            (&other, x),
+        ] {
+            e.ingest(sec * S, key, ValueKind::Gauge, v);
+        }
+        events.extend(e.evaluate(sec * S));
+    }
+    // Only pairs with the other op's count: four of them per round once enough samples align.
+    assert!(!events.is_empty());
+    for ev in &events {
+        assert!(
+            ev.a.key == other.to_string() || ev.b.key == other.to_string(),
+            "a pair within one histogram: {} ~ {}",
+            ev.a.key,
+            ev.b.key
+        );
+    }
+}
