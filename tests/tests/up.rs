@@ -213,6 +213,30 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
         let log = std::fs::read_to_string(dir.path().join(format!("data/{name}/log"))).unwrap();
         assert!(stopped_cleanly(&log), "{name} did not stop cleanly:\n{log}");
     }
+    // In order: every head node had stopped before any sled was asked to.
+    let stamp = |name: &str, message: &str| -> String {
+        let log = std::fs::read_to_string(dir.path().join(format!("data/{name}/log"))).unwrap();
+        let line = log
+            .lines()
+            .rfind(|l| l.contains(&format!("\"message\":\"{message}\"")))
+            .unwrap_or_else(|| panic!("{name} never logged {message:?}"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["timestamp"].as_str().unwrap().to_string()
+    };
+    let heads_done = ["head-1", "head-2", "head-3"]
+        .iter()
+        .map(|h| stamp(h, "stopped"))
+        .max()
+        .unwrap();
+    let sleds_asked = ["sled-1", "sled-2"]
+        .iter()
+        .map(|s| stamp(s, "shutting down"))
+        .min()
+        .unwrap();
+    assert!(
+        heads_done <= sleds_asked,
+        "a sled was stopped ({sleds_asked}) before the head nodes were ({heads_done})"
+    );
 
     // Again: same addresses, same devices (not reformatted), same data.
     let (mut p, info) = up(dir.path(), "up2");

@@ -336,25 +336,34 @@ fn wait_ready(m: &mut Member, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// Stops the cluster in order: the head nodes first (they answer their clients and write back to
+/// the sleds while they stop), then the sleds. A child that has already exited (and been reaped)
+/// is not signalled: its pid may belong to another process by now.
 fn stop_all(members: &mut [Member]) {
-    for m in members.iter().rev() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(m.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for m in members.iter_mut().rev() {
-        loop {
-            match m.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() > deadline => {
-                    eprintln!("{} did not stop in time; killing it", m.name);
-                    let _ = m.child.kill();
-                    let _ = m.child.wait();
-                    break;
+    for role in ["head", "sled"] {
+        let mut group: Vec<&mut Member> =
+            members.iter_mut().filter(|m| m.info_role == role).collect();
+        for m in group.iter_mut() {
+            if let Ok(None) = m.child.try_wait() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(m.child.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for m in group {
+            loop {
+                match m.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        eprintln!("{} did not stop in time; killing it", m.name);
+                        let _ = m.child.kill();
+                        let _ = m.child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
                 }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
     }
