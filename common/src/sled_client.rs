@@ -12,8 +12,8 @@ use crate::cred::{ClusterKey, HandshakeRole, nonce};
 use crate::ids::{ChunkIndex, NodeId, SledId, VolumeId};
 use crate::sled_proto::{
     CACHED_WRITES_VERSION, ErrorCode, KIND_REQUEST, KIND_RESPONSE, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, ProtoError, Request, Response, SledStat, VolumeStat, WireError, encode_frame,
-    read_frame, read_handshake_frame, write_frame,
+    PROTOCOL_VERSION, ProtoError, RETIRE_VERSION, Request, Response, SledStat, VolumeStat,
+    WireError, encode_frame, read_frame, read_handshake_frame, write_frame,
 };
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -56,6 +56,16 @@ pub enum ClientError {
     /// The call took too long.
     #[error("sled {0} did not answer in time")]
     Timeout(SocketAddr),
+    /// The sled speaks an older protocol without this request.
+    #[error("the sled speaks protocol version {version}; {what} needs version {needs}")]
+    TooOld {
+        /// The request.
+        what: &'static str,
+        /// The negotiated version.
+        version: u16,
+        /// The version the request needs.
+        needs: u16,
+    },
 }
 
 impl ClientError {
@@ -543,6 +553,20 @@ impl SledClient {
         let r = self
             .call(&Request::Free { cred: *cred, chunk }, None)
             .await?;
+        Self::expect_ok(r)
+    }
+
+    /// Retires a volume that holds no chunk on this sled any more (it was deleted): its fence
+    /// records become tombstones (see [`Request::Retire`]).
+    pub async fn retire(&self, cred: &Credential) -> Result<(), ClientError> {
+        if self.version < RETIRE_VERSION {
+            return Err(ClientError::TooOld {
+                what: "retire",
+                version: self.version,
+                needs: RETIRE_VERSION,
+            });
+        }
+        let r = self.call(&Request::Retire { cred: *cred }, None).await?;
         Self::expect_ok(r)
     }
 

@@ -24,7 +24,7 @@
 //! message set is negotiated at hello (the highest version both sides speak, between
 //! [`MIN_PROTOCOL_VERSION`] and [`PROTOCOL_VERSION`]). Version 2 added [`Request::WriteCached`]
 //! and made [`Request::Flush`] mean something; a client talking to a version 1 sled sends
-//! durable writes instead (see `SledClient::write_cached`).
+//! durable writes instead (see `SledClient::write_cached`). Version 3 added [`Request::Retire`].
 //!
 //! Postcard encodes enum variants by their position: variants of [`Request`], [`Response`] and
 //! [`ErrorCode`] are append-only. The golden-bytes tests below pin the encoding.
@@ -39,9 +39,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Frame magic.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"STKS");
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The first version with [`Request::WriteCached`] (and a `Flush` that does something).
 pub const CACHED_WRITES_VERSION: u16 = 2;
+/// The first version with [`Request::Retire`].
+pub const RETIRE_VERSION: u16 = 3;
 /// The oldest protocol version this build accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// The layout of frames (the header below), independent of the message set.
@@ -451,6 +453,14 @@ pub enum Request {
         /// Byte offset within the chunk (4 KiB aligned).
         offset: u64,
     },
+    /// The volume is gone (deleted): replace its fencing record on every device by a tombstone
+    /// that no claim, write or free can pass, and whose place in the fence table a new volume
+    /// may take when the table is full. Refused unless the credential holds the current claim
+    /// and the volume holds no chunk here any more. Since protocol version [`RETIRE_VERSION`].
+    Retire {
+        /// The current holder's credential.
+        cred: Credential,
+    },
 }
 
 impl Request {
@@ -471,6 +481,7 @@ impl Request {
             Request::VolumeStat { .. } => "volume_stat",
             Request::Supersede => "supersede",
             Request::WriteCached { .. } => "write_cached",
+            Request::Retire { .. } => "retire",
         }
     }
 }
@@ -543,6 +554,8 @@ pub enum ErrorCode {
     NotClaimed,
     /// The fence table of a device is full.
     FenceTableFull,
+    /// The volume still holds chunks (a retire before every chunk was freed).
+    NotEmpty,
 }
 
 /// An error reply.

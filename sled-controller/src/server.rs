@@ -82,6 +82,7 @@ pub fn wire_error(e: &SledError) -> WireError {
             }
             DevError::NoSpace => (ErrorCode::NoSpace, None),
             DevError::FenceTableFull => (ErrorCode::FenceTableFull, None),
+            DevError::NotEmpty { .. } => (ErrorCode::NotEmpty, None),
             DevError::OutOfRange { .. } => (ErrorCode::OutOfRange, None),
             DevError::Unaligned { .. } => (ErrorCode::Unaligned, None),
             DevError::Checksum { .. } => (ErrorCode::Checksum, None),
@@ -461,6 +462,7 @@ enum Control {
     Allocate(Credential, ChunkIndex),
     Free(Credential, ChunkIndex),
     Claim(Credential),
+    Retire(Credential),
     Stat,
     VolumeStat(VolumeId),
     Flush,
@@ -680,6 +682,7 @@ impl Reader {
             }
             Request::Free { cred, chunk } => self.control(t, Control::Free(cred, chunk)).await,
             Request::Claim { cred } => self.control(t, Control::Claim(cred)).await,
+            Request::Retire { cred } => self.control(t, Control::Retire(cred)).await,
             Request::Stat => self.control(t, Control::Stat).await,
             Request::VolumeStat { volume } => self.control(t, Control::VolumeStat(volume)).await,
             Request::Supersede => {
@@ -827,6 +830,7 @@ async fn control(sled: &Sled, c: Control) -> Response {
             },
             Err(e) => Response::Error(wire_error(&e)),
         },
+        Control::Retire(cred) => done(sled.retire(&cred).await),
         Control::Stat => Response::Stat(sled.stat().await),
         Control::Flush => done(sled.flush().await),
         Control::VolumeStat(volume) => Response::VolumeStat(sled.volume_stat(volume).await),

@@ -388,6 +388,38 @@ impl Sled {
         Ok(result?)
     }
 
+    /// Retires the volume on every device (see [`Request::Retire`](common::sled_proto::Request)):
+    /// its fence records become tombstones. Done when all are durable.
+    pub async fn retire(&self, cred: &Credential) -> Result<(), SledError> {
+        let fence = self.verify(cred)?;
+        let volume = cred.volume;
+        let mut waits = Vec::new();
+        for d in &self.devices {
+            let (tx, rx) = oneshot::channel();
+            d.handle
+                .send(DevRequest::Retire {
+                    volume,
+                    fence,
+                    reply: tx,
+                })
+                .await;
+            waits.push(rx);
+        }
+        let mut result = Ok(());
+        for rx in waits {
+            if let Err(e) = rx.await.unwrap_or(Err(DevError::ShuttingDown))
+                && result.is_ok()
+            {
+                result = Err(e);
+            }
+        }
+        if result.is_ok() {
+            let mut cat = self.catalog();
+            cat.where_.retain(|(v, _), _| *v != volume);
+        }
+        Ok(result?)
+    }
+
     /// Makes every cached write acknowledged so far durable, on every device.
     pub async fn flush(&self) -> Result<(), SledError> {
         let mut waits = Vec::new();

@@ -132,6 +132,34 @@ fn a_volume_lives_through_the_cli() {
             .all(|s| s.devices.iter().all(|d| d.allocated_chunks == 0))
             .then_some(())
     });
+    // And retired on every sled: its fence records are tombstones (no holder can write, and
+    // a full fence table gives their places to new volumes).
+    let id: common::ids::VolumeId = created.volume.id.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for s in &c.sleds {
+        let st = rt.block_on(async {
+            common::sled_client::SledClient::connect(
+                s.ready.listen,
+                &c.key,
+                common::ids::NodeId(99),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap()
+            .volume_stat(id)
+            .await
+            .unwrap()
+        });
+        assert_eq!(
+            st.fence,
+            Some((common::ids::Epoch(u64::MAX), common::ids::NodeId(0))),
+            "sled {} did not retire the deleted volume",
+            s.ready.listen
+        );
+    }
 }
 
 /// A volume's description carries the placement of every chunk, which for more than ~1,100

@@ -647,7 +647,7 @@ fn cached_writes_are_fenced_readable_and_flushed() {
     let r = rt();
     r.block_on(async {
         let c = client(f.sled.ready.listen, &f.key, 1).await;
-        assert_eq!(c.version(), common::sled_proto::CACHED_WRITES_VERSION);
+        assert!(c.version() >= common::sled_proto::CACHED_WRITES_VERSION);
         // Nothing cached yet: a flush is answered at once.
         c.flush().await.unwrap();
         let e2 = f.key.mint(V, Epoch(2), NodeId(1));

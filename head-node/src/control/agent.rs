@@ -204,6 +204,13 @@ impl ControlPlane {
                 let Some(spec) = st.spec.clone() else {
                     return GroupReply::Ok;
                 };
+                // A retried delete that had got as far as retiring the volume on the sleds:
+                // they refuse everything for it now, and there is nothing left to free.
+                if let Some(store) = h.status().store
+                    && store.retired_everywhere().await
+                {
+                    return GroupReply::Ok;
+                }
                 let zero = EntryHeader::Zero {
                     offset: 0,
                     len: spec.size.div_ceil(crate::volume::BLOCK) * crate::volume::BLOCK,
@@ -219,11 +226,21 @@ impl ControlPlane {
                 match self.wait_flushed_to(&h, index).await {
                     // Write-back skips a stale sled: its chunks are freed by its resync, once
                     // it is back. Until then the volume's space is not all free.
-                    GroupReply::Ok => match h.status().store.map(|s| s.stale()) {
-                        Some(stale) if !stale.is_empty() => {
-                            GroupReply::Stale(stale.into_iter().collect())
+                    GroupReply::Ok => match h.status().store {
+                        Some(store) if !store.stale().is_empty() => {
+                            GroupReply::Stale(store.stale().into_iter().collect())
                         }
-                        _ => GroupReply::Ok,
+                        Some(store) => {
+                            // Every chunk is freed: the sleds may give the volume's places in
+                            // their fence tables to new volumes.
+                            for (sled, e) in store.retire().await {
+                                tracing::warn!(volume = %spec.name, sled_id = %sled, error = %e,
+                                    "retiring the deleted volume on a sled failed; its fence \
+                                     record stays (safe, but its place is not reclaimed)");
+                            }
+                            GroupReply::Ok
+                        }
+                        None => GroupReply::Ok,
                     },
                     other => other,
                 }

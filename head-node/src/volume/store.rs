@@ -727,6 +727,48 @@ impl SledStore {
         u.entry(c.id()).or_insert((c.sled_id(), 0)).1 += 1;
     }
 
+    /// True when every sled of the placement holds the volume retired (a tombstone, no chunk):
+    /// a delete that already got that far and is being retried is done.
+    pub async fn retired_everywhere(&self) -> bool {
+        let spec = self.spec();
+        for sled in spec.sleds() {
+            let r = async {
+                let conn = self.conn(sled).await.ok()?;
+                let client = conn.client().await.ok()?;
+                client.volume_stat(spec.id).await.ok()
+            }
+            .await;
+            let retired = r.is_some_and(|st| {
+                st.chunks.is_empty() && st.fence == Some((Epoch(u64::MAX), NodeId(0)))
+            });
+            if !retired {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Retires the volume on every sled of its placement once it is deleted (its chunks all
+    /// freed): each sled's fence records become tombstones whose fence-table places new volumes
+    /// may take. Best effort: returns the sleds that did not (a sled too old to know how, one
+    /// that is away); their records stay as they were, which is safe, only not reclaimable.
+    pub async fn retire(&self) -> Vec<(SledId, String)> {
+        let cred = self.credential();
+        let mut failed = Vec::new();
+        for sled in self.spec().sleds() {
+            let r = async {
+                let conn = self.conn(sled).await.map_err(|e| e.to_string())?;
+                let client = conn.client().await.map_err(|e| e.to_string())?;
+                client.retire(&cred).await.map_err(|e| e.to_string())
+            }
+            .await;
+            if let Err(e) = r {
+                failed.push((sled, e));
+            }
+        }
+        failed
+    }
+
     /// Makes every write done so far durable on every sled that may have received it: the
     /// current ones and those being resynchronised (stale sleds get no writes). Returns the
     /// sleds that failed, with why; empty when every one is flushed.

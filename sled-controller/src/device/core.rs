@@ -530,6 +530,14 @@ impl<E: IoEngine> DeviceCore<E> {
                 self.claim(volume, fence, reply);
                 return;
             }
+            DevRequest::Retire {
+                volume,
+                fence,
+                reply,
+            } => {
+                self.retire(volume, fence, reply);
+                return;
+            }
             DevRequest::Status { reply } => {
                 let _ = reply.send(self.status());
                 return;

@@ -87,6 +87,12 @@ pub struct Holder {
     pub node: NodeId,
 }
 
+/// The claim a retired volume's record holds: above every epoch, held by no head node.
+pub const TOMBSTONE: Holder = Holder {
+    epoch: Epoch(u64::MAX),
+    node: NodeId(0),
+};
+
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "epoch {} holder {}", self.epoch, self.node)
@@ -180,6 +186,15 @@ pub enum DevRequest {
         /// The record now stored (durable).
         reply: Once<Holder>,
     },
+    /// Replace the volume's fence record by a tombstone (the volume is gone).
+    Retire {
+        /// Volume.
+        volume: VolumeId,
+        /// The current claim (the retiring holder's).
+        fence: Holder,
+        /// Done (durable).
+        reply: Once<Holder>,
+    },
     /// What the device holds.
     Status {
         /// Result.
@@ -197,7 +212,9 @@ impl DevRequest {
             | DevRequest::Allocate { reply, .. }
             | DevRequest::Free { reply, .. }
             | DevRequest::Flush { reply } => reply.send(Err(e)),
-            DevRequest::Claim { reply, .. } => drop(reply.send(Err(e))),
+            DevRequest::Claim { reply, .. } | DevRequest::Retire { reply, .. } => {
+                drop(reply.send(Err(e)))
+            }
             DevRequest::Status { .. } => {}
         }
     }
@@ -226,6 +243,14 @@ pub enum DevError {
     /// The fence table is full.
     #[error("fence table full")]
     FenceTableFull,
+    /// A retire of a volume that still holds chunks here.
+    #[error(
+        "the volume still holds {chunks} chunk(s) on this device; free them before retiring it"
+    )]
+    NotEmpty {
+        /// Chunks it holds.
+        chunks: u64,
+    },
     /// Offset or length outside the chunk.
     #[error("range {offset}+{len} is outside the {chunk_size}-byte chunk")]
     OutOfRange {

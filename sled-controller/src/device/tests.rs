@@ -853,3 +853,81 @@ fn requests_queued_behind_a_free_find_the_chunk_again() {
     assert_ne!(t.core.physical(V, ChunkIndex(1)), Some(a));
     assert!(all(&t.read(v2, 3, 0, 4096).unwrap(), 0x77));
 }
+
+#[test]
+fn a_retired_volume_is_fenced_for_good_and_its_fence_slot_is_reused_when_the_table_is_full() {
+    let mut t = H::new(None);
+    let retire = |t: &mut H, v: VolumeId, f: Holder| {
+        let rx = t.send(|reply| DevRequest::Retire {
+            volume: v,
+            fence: f,
+            reply,
+        });
+        t.wait(rx)
+    };
+    t.claim(V, h(3, 1)).unwrap();
+    t.write(V, h(3, 1), 0, 0, filled(4096, 1)).unwrap();
+    // Only the current holder, and only once no chunk is left.
+    assert!(matches!(
+        retire(&mut t, V, h(2, 1)),
+        Err(DevError::Fenced { .. })
+    ));
+    assert_eq!(
+        retire(&mut t, V, h(3, 1)),
+        Err(DevError::NotEmpty { chunks: 1 })
+    );
+    t.free(V, h(3, 1), 0).unwrap();
+    retire(&mut t, V, h(3, 1)).unwrap();
+    // A retry is fine; nothing passes the tombstone any more.
+    retire(&mut t, V, h(3, 1)).unwrap();
+    assert!(matches!(
+        t.write(V, h(3, 1), 0, 0, filled(4096, 2)),
+        Err(DevError::Fenced { .. })
+    ));
+    assert!(matches!(t.claim(V, h(9, 2)), Err(DevError::Fenced { .. })));
+    // A volume never claimed here retires at once.
+    retire(&mut t, VolumeId(0x1234), h(1, 1)).unwrap();
+
+    // Fill the fence table (the retired volume holds one slot).
+    let mut n = 0u128;
+    let full = loop {
+        match t.claim(VolumeId(0x10_000 + n), h(1, 1)) {
+            Ok(_) => n += 1,
+            Err(e) => break e,
+        }
+        assert!(n < 100_000, "the fence table never filled");
+    };
+    assert_eq!(full, DevError::FenceTableFull);
+    // On the way, the retired volume's slot went to a new volume: its tombstone is gone (a
+    // claim of it now needs a slot like any new volume).
+    assert_eq!(t.claim(V, h(9, 2)), Err(DevError::FenceTableFull));
+    // Retiring another gives its slot to the next new volume, and only to one.
+    retire(&mut t, VolumeId(0x10_000), h(1, 1)).unwrap();
+    t.claim(VolumeId(0x99_999), h(1, 1)).unwrap();
+    assert_eq!(
+        t.claim(VolumeId(0x99_998), h(1, 1)),
+        Err(DevError::FenceTableFull)
+    );
+    retire(&mut t, VolumeId(0x10_001), h(1, 1)).unwrap();
+    t.claim(VolumeId(0x99_998), h(1, 1)).unwrap();
+    // All of it durable: reopened, the new claims hold and the retired volume stays fenced.
+    let image = t.image.clone();
+    drop(t);
+    let mut t = H::open(image, None, Durability::Dsync);
+    for v in [0x99_999u128, 0x99_998] {
+        assert!(matches!(
+            t.claim(VolumeId(v), h(0, 1)),
+            Err(DevError::Fenced { .. })
+        ));
+        t.claim(VolumeId(v), h(1, 1)).unwrap();
+    }
+    // The still-claimed ones are as they were; the retired ones lost their place.
+    assert!(matches!(
+        t.claim(VolumeId(0x10_002), h(0, 1)),
+        Err(DevError::Fenced { .. })
+    ));
+    assert_eq!(
+        t.claim(VolumeId(0x10_000), h(2, 1)),
+        Err(DevError::FenceTableFull)
+    );
+}

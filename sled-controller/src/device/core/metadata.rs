@@ -1,6 +1,7 @@
 //! Chunk allocation, freeing and claims, and the metadata lane that makes them durable.
 
 use super::*;
+use crate::device::TOMBSTONE;
 
 impl<E: IoEngine> DeviceCore<E> {
     // ----------------------------------------------------------------------------- allocation
@@ -100,6 +101,36 @@ impl<E: IoEngine> DeviceCore<E> {
 
     // ----------------------------------------------------------------------------- claims
 
+    /// Retires a volume: its fence record becomes a tombstone, a claim no holder can pass,
+    /// whose slot a new volume may take when the table is full. Only by the current holder, and
+    /// only once the volume holds no chunk here.
+    pub(super) fn retire(&mut self, volume: VolumeId, h: Holder, reply: Once<Holder>) {
+        if !self.fences.contains_key(&volume) {
+            // Never claimed here: nothing to retire.
+            let _ = reply.send(Ok(TOMBSTONE));
+            return;
+        }
+        if let Err(e) = self.check_fence(volume, h) {
+            if self.fences.get(&volume).and_then(|r| r.durable) == Some(TOMBSTONE) {
+                // Retired already (a retry).
+                let _ = reply.send(Ok(TOMBSTONE));
+                return;
+            }
+            self.fence_refused(volume, h, &e);
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let chunks = self.owners.keys().filter(|(v, _)| *v == volume).count() as u64;
+        if chunks > 0 {
+            let _ = reply.send(Err(DevError::NotEmpty { chunks }));
+            return;
+        }
+        tracing::info!(volume_id = %volume, device = %self.path, "retiring volume");
+        // The highest claim there can be: it waits for the volume's mutations in flight like
+        // any claim, and nothing older can pass it afterwards.
+        self.claim(volume, TOMBSTONE, reply);
+    }
+
     pub(super) fn claim(&mut self, volume: VolumeId, h: Holder, reply: Once<Holder>) {
         let rec = self.fences.entry(volume).or_default();
         let effective = rec.pending.as_ref().map(|p| p.holder).or(rec.durable);
@@ -159,13 +190,41 @@ impl<E: IoEngine> DeviceCore<E> {
                     s
                 }
                 None => {
-                    let p = rec.pending.take().expect("checked");
-                    for w in p.waiters {
-                        let _ = w.send(Err(DevError::FenceTableFull));
+                    // A full table: a retired volume's tombstone gives its place up.
+                    let victim = self
+                        .fences
+                        .iter()
+                        .find(|(v, r)| {
+                            **v != volume && r.pending.is_none() && r.durable == Some(TOMBSTONE)
+                        })
+                        .and_then(|(v, r)| Some((*v, r.slot?)));
+                    let Some(rec) = self.fences.get_mut(&volume) else {
+                        return;
+                    };
+                    match victim {
+                        Some((gone, s)) => {
+                            rec.slot = Some(s);
+                            self.fences.remove(&gone);
+                            tracing::info!(volume_id = %volume, retired = %gone, slot = s,
+                                device = %self.path, "fence table full: reusing a retired volume's slot");
+                            s
+                        }
+                        None => {
+                            let p = rec.pending.take().expect("checked");
+                            for w in p.waiters {
+                                let _ = w.send(Err(DevError::FenceTableFull));
+                            }
+                            return;
+                        }
                     }
-                    return;
                 }
             },
+        };
+        let Some(rec) = self.fences.get_mut(&volume) else {
+            return;
+        };
+        let Some(p) = rec.pending.as_mut() else {
+            return;
         };
         p.writing = true;
         self.tables.fences[slot as usize] = Some(FenceEntry {
