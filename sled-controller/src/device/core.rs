@@ -135,6 +135,8 @@ struct Job {
     started_ns: u64,
     /// A write acknowledged before it is durable (see [`DevRequest::Write`]).
     cached: bool,
+    /// A free's chunk-table entry before it: put back if the free cannot be made durable.
+    undo: Option<ChunkEntry>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -568,6 +570,7 @@ impl<E: IoEngine> DeviceCore<E> {
             entries: Vec::new(),
             started_ns: now,
             cached,
+            undo: None,
         };
         if let Err(e) = self.validate(&job) {
             self.finish(job, Err(e));

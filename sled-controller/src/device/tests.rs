@@ -931,3 +931,44 @@ fn a_retired_volume_is_fenced_for_good_and_its_fence_slot_is_reused_when_the_tab
         Err(DevError::FenceTableFull)
     );
 }
+
+#[test]
+fn a_free_that_cannot_be_made_durable_is_undone() {
+    let image = H::new(None).image.clone();
+    let mut t = H::open(image.clone(), None, Durability::BatchFsync);
+    t.claim(V, h(1, 1)).unwrap();
+    let cached_write = |t: &mut H, chunk: u64, byte: u8| {
+        let rx = t.send(|reply| DevRequest::Write {
+            fence: h(1, 1),
+            volume: V,
+            chunk: ChunkIndex(chunk),
+            offset: 0,
+            data: filled(4096, byte),
+            cached: true,
+            reply,
+        });
+        t.wait(rx)
+    };
+    let flush = |t: &mut H| {
+        let rx = t.send(|reply| DevRequest::Flush { reply });
+        t.wait(rx)
+    };
+    cached_write(&mut t, 0, 0x11).unwrap();
+    flush(&mut t).unwrap();
+    // The free's table write fails: the free is refused...
+    image.fail_dsync_writes(1);
+    assert!(t.free(V, h(1, 1), 0).is_err());
+    // ...and undone: the chunk is still the volume's, through later table writes (a new chunk's
+    // allocation rewrites the same table page) and a restart.
+    cached_write(&mut t, 0, 0x55).unwrap();
+    cached_write(&mut t, 1, 0x66).unwrap();
+    flush(&mut t).unwrap();
+    t.clean();
+    drop(t);
+    let mut t = H::open(image, None, Durability::BatchFsync);
+    assert!(
+        all(&t.read(V, 0, 0, 4096).unwrap(), 0x55),
+        "the chunk was lost"
+    );
+    assert!(all(&t.read(V, 1, 0, 4096).unwrap(), 0x66));
+}

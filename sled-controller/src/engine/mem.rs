@@ -44,6 +44,8 @@ struct ImageState {
     rng: Option<ChaCha8Rng>,
     /// Fsyncs still to fail (fault injection), leaving what they covered volatile.
     failing_fsyncs: u32,
+    /// `RWF_DSYNC` writes still to fail (fault injection; table pages are always written so).
+    failing_dsync_writes: u32,
 }
 
 /// A sparse in-memory device image shared by engines.
@@ -70,6 +72,11 @@ impl MemImage {
         let mut out = vec![0u8; len];
         read_into(&st, offset, &mut out);
         out
+    }
+
+    /// Makes the next `n` writes with `RWF_DSYNC` fail with `EIO`, writing nothing.
+    pub fn fail_dsync_writes(&self, n: u32) {
+        self.lock().failing_dsync_writes = n;
     }
 
     /// Makes the next `n` fsyncs fail with `EIO` (what they would cover stays volatile).
@@ -213,6 +220,12 @@ impl MemEngine {
                     read_into(st, offset, &mut buf);
                     (Ok(buf.len()), Some(buf))
                 }
+            }
+            OpKind::Write {
+                buf, dsync: true, ..
+            } if st.failing_dsync_writes > 0 => {
+                st.failing_dsync_writes -= 1;
+                (Err(io::Error::from_raw_os_error(libc::EIO)), Some(buf))
             }
             OpKind::Write { buf, offset, dsync } => {
                 if offset + buf.len() as u64 > st.size {

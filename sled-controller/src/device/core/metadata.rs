@@ -71,6 +71,7 @@ impl<E: IoEngine> DeviceCore<E> {
         }
         *self.mutations.entry(job.volume).or_default() += 1;
         job.counted = true;
+        job.undo = Some(self.tables.chunks[slot as usize]);
         self.tables.chunks[slot as usize] = ChunkEntry {
             alloc_gen: self.tables.chunks[slot as usize].alloc_gen,
             ..ChunkEntry::default()
@@ -303,7 +304,14 @@ impl<E: IoEngine> DeviceCore<E> {
                 self.lane.dirty.insert((key, *p));
             }
             for Waiter::Job(id) in batch.waiters {
-                if let Some(job) = self.jobs.remove(&id) {
+                if let Some(mut job) = self.jobs.remove(&id) {
+                    // A free that failed is undone, not left to the next batch: the chunk
+                    // stays its volume's (its owner entry was never dropped), so the table must
+                    // say so too, or a later batch would make "free" durable under live data.
+                    if let (Some(undo), Some(slot)) = (job.undo.take(), job.slot) {
+                        self.tables.chunks[slot as usize] = undo;
+                        self.lane.touch_chunk(slot);
+                    }
                     self.finish(job, Err(DevError::Io(why.clone())));
                 }
             }
