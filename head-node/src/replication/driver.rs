@@ -221,6 +221,8 @@ enum Input {
     FlushDone {
         term: u64,
         index: u64,
+        /// The rewrite generation the job was queued in.
+        generation: u64,
         result: Result<(), StoreError>,
     },
     /// Claims made; the sleds that could not be reached.
@@ -427,8 +429,39 @@ pub struct SledAccess {
 /// each write in progress makes at most one more attempt (whose outcome is harmless either
 /// way: committed data landing before a newer claim, or refused by one) before giving up.
 struct Flusher {
-    jobs: mpsc::UnboundedSender<(u64, EntryHeader, Bytes)>,
+    jobs: mpsc::UnboundedSender<FlushJob>,
     stopping: watch::Sender<bool>,
+    /// The latest rewrite of the unflushed tail (shared with the write-back task).
+    rewrite: Arc<std::sync::Mutex<Rewrite>>,
+}
+
+/// One committed entry to write back, queued in rewrite generation `generation`.
+type FlushJob = (u64, EntryHeader, Bytes, u64);
+
+/// The latest rewrite of the unflushed tail (a sled may have lost cached writes): every entry
+/// above `from` was queued again in generation `generation`, so copies of an older generation
+/// above `from` are stale — not written if still queued, and not counted if already written.
+#[derive(Debug, Clone, Copy, Default)]
+struct Rewrite {
+    generation: u64,
+    from: u64,
+}
+
+impl Rewrite {
+    /// Whether a job of generation `generation` for entry `index` was superseded.
+    fn superseded(&self, generation: u64, index: u64) -> bool {
+        generation < self.generation && index > self.from
+    }
+}
+
+impl Flusher {
+    fn rewrite_state(&self) -> Rewrite {
+        *self.rewrite.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn generation(&self) -> u64 {
+        self.rewrite_state().generation
+    }
 }
 
 impl Drop for Flusher {
@@ -673,9 +706,19 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             Input::FlushDone {
                 term,
                 index,
+                generation,
                 result,
             } => {
                 if self.serving != Some(term) {
+                    return;
+                }
+                // A copy written before the latest rewrite of the tail: it may have landed on
+                // a sled that lost it since; only the rewritten copy counts.
+                if self
+                    .flusher
+                    .as_ref()
+                    .is_some_and(|f| f.rewrite_state().superseded(generation, index))
+                {
                     return;
                 }
                 match result {
@@ -1048,7 +1091,10 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                             .entries_after(index - 1)
                             .find(|(k, _)| *k == index)
                     {
-                        let _ = f.jobs.send((index, e.header.clone(), e.data.clone()));
+                        let generation = f.generation();
+                        let _ = f
+                            .jobs
+                            .send((index, e.header.clone(), e.data.clone(), generation));
                     }
                 }
                 Event::StateChanged | Event::SnapshotApplied { .. } => {
@@ -1180,13 +1226,15 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         self.flush_data_max = 0;
         // Unbounded in type only: every job is an entry of the overlay, sharing its bytes, and
         // the overlay is bounded by the unflushed-bytes limit (proposals wait above it). A
-        // rewrite after a sled restart queues the overlay's entries once more, no more.
+        // rewrite after a sled restart queues the overlay's entries once more; the copies it
+        // supersedes are skipped when they come up, not written again.
         let (jobs, rx) = mpsc::unbounded_channel();
         // Re-flush the whole unflushed tail: the previous leader may not have finished it.
         for (index, e) in self.core.overlay.entries_after(self.core.state.flushed) {
-            let _ = jobs.send((index, e.header.clone(), e.data.clone()));
+            let _ = jobs.send((index, e.header.clone(), e.data.clone(), 0));
         }
         let (stopping, stop_rx) = watch::channel(false);
+        let rewrite = Arc::new(std::sync::Mutex::new(Rewrite::default()));
         tokio::spawn(flusher(
             term,
             store,
@@ -1197,8 +1245,13 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 stale_after: self.cfg.stale_after,
             },
             stop_rx,
+            rewrite.clone(),
         ));
-        self.flusher = Some(Flusher { jobs, stopping });
+        self.flusher = Some(Flusher {
+            jobs,
+            stopping,
+            rewrite,
+        });
     }
 
     fn stop_serving(&mut self) {

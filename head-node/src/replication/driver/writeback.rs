@@ -65,9 +65,19 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             return;
         };
         let from = self.flush_reported;
+        // A new generation: copies still queued from before are skipped, and copies already
+        // written do not count (their sled may have lost them).
+        let generation = {
+            let mut r = f.rewrite.lock().unwrap_or_else(|p| p.into_inner());
+            r.generation += 1;
+            r.from = from;
+            r.generation
+        };
         let mut n = 0u64;
         for (index, e) in self.core.overlay.entries_after(from) {
-            let _ = f.jobs.send((index, e.header.clone(), e.data.clone()));
+            let _ = f
+                .jobs
+                .send((index, e.header.clone(), e.data.clone(), generation));
             n += 1;
         }
         tracing::warn!(group = %self.group, sled_id = %sled, from_index = from, entries = n,
@@ -126,10 +136,11 @@ pub(super) struct FlushLimits {
 pub(super) async fn flusher(
     term: u64,
     store: Arc<SledStore>,
-    mut jobs: mpsc::UnboundedReceiver<(u64, EntryHeader, Bytes)>,
+    mut jobs: mpsc::UnboundedReceiver<FlushJob>,
     done: mpsc::Sender<Input>,
     limits: FlushLimits,
     stopping: watch::Receiver<bool>,
+    rewrite: Arc<std::sync::Mutex<Rewrite>>,
 ) {
     let window = limits.window;
     let locks = RangeLock::new();
@@ -138,7 +149,15 @@ pub(super) async fn flusher(
     let started = tokio::time::Instant::now();
     let window = Arc::new(Semaphore::new(window.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    while let Some((index, header, data)) = jobs.recv().await {
+    while let Some((index, header, data, generation)) = jobs.recv().await {
+        // Queued again by a later rewrite of the tail: that copy is the one to write.
+        if rewrite
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .superseded(generation, index)
+        {
+            continue;
+        }
         let (offset, len) = match &header {
             EntryHeader::Write { offset, len } => (*offset, u64::from(*len)),
             EntryHeader::Zero { offset, len, .. } => (*offset, *len),
@@ -208,6 +227,7 @@ pub(super) async fn flusher(
                 .send(Input::FlushDone {
                     term,
                     index,
+                    generation,
                     result,
                 })
                 .await;
@@ -222,6 +242,21 @@ pub(super) async fn flusher(
 mod tests {
     use super::*;
     use common::ids::Uuid128;
+
+    #[test]
+    fn only_copies_older_than_the_latest_rewrite_of_their_entry_are_superseded() {
+        let r = Rewrite {
+            generation: 2,
+            from: 10,
+        };
+        // Written before the rewrite, above its start: superseded.
+        assert!(r.superseded(0, 11));
+        assert!(r.superseded(1, 11));
+        // At or below the start (flushed already), or of the latest generation: they count.
+        assert!(!r.superseded(0, 10));
+        assert!(!r.superseded(2, 11));
+        assert!(!Rewrite::default().superseded(0, 1));
+    }
 
     #[test]
     fn a_full_sled_is_blamed_like_a_failing_one() {
