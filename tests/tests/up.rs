@@ -304,6 +304,29 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
     assert!(!reshaped.status.success());
     let err = String::from_utf8_lossy(&reshaped.stderr);
     assert!(err.contains("holds a cluster of 1 head node"), "{err}");
+    // Shapes that cannot work are refused before anything starts, saying why.
+    for (args, why) in [
+        (
+            &["--sleds", "1", "--replicas", "3"][..],
+            "needs at least as many sleds",
+        ),
+        (&["--pool-size", "65"][..], "65"),
+    ] {
+        let o = std::process::Command::new(bin("stockade"))
+            .arg("up")
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path().join("data3"))
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(why), "{args:?}: {err}");
+        assert!(
+            !dir.path().join("data3/sled-1").exists(),
+            "{args:?} started a sled"
+        );
+    }
     // Detached: `stockade up --detach` leaves once the cluster is ready, and its children keep
     // the data directory locked, so a second `stockade up` cannot start sleds on their devices.
     let run_up = |extra: &[&str]| {

@@ -30,11 +30,12 @@ pub struct UpArgs {
     pub heads: usize,
     /// Ready Raft groups the control plane keeps for fast creates (0: every create starts a
     /// one-member group that grows while serving).
-    #[arg(long, default_value_t = 2)]
-    pub pool_size: usize,
-    /// Sled copies of each chunk of new volumes (at most the number of sleds).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=16))]
-    pub replicas: u8,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=64))]
+    pub pool_size: u8,
+    /// Sled copies of each chunk of new volumes, at most the number of sleds [default: 3, or
+    /// every sled when there are fewer].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub replicas: Option<u8>,
     /// Size of each sled's device file (sparse: only written data takes disk space).
     #[arg(long, default_value = "20GiB")]
     pub sled_size: ByteSize,
@@ -537,6 +538,17 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
     if args.heads == 0 || args.heads > 7 {
         bail!("--heads must be between 1 and 7");
     }
+    if let Some(r) = args.replicas
+        && usize::from(r) > args.sleds
+    {
+        bail!(
+            "--replicas {r} needs at least as many sleds (--sleds {}): each copy of a chunk lives on another sled",
+            args.sleds
+        );
+    }
+    let replicas = args
+        .replicas
+        .unwrap_or_else(|| u8::try_from(args.sleds.min(3)).unwrap_or(3));
     let dir = data_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -608,8 +620,8 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
                     &key,
                     &token,
                     &hdir.join("state"),
-                    args.pool_size,
-                    args.replicas,
+                    usize::from(args.pool_size),
+                    replicas,
                 ),
             )?;
             let a = vec!["--config".to_string(), cfg.display().to_string()];
