@@ -737,6 +737,11 @@ impl<E: IoEngine> DeviceCore<E> {
                             if let Some(a) = self.allocs.get_mut(&slot) {
                                 a.waiters.push(id);
                             }
+                            // The allocation is a mutation of the volume: a higher claim waits
+                            // for it, so no chunk of an older epoch appears after the claim
+                            // was acknowledged.
+                            *self.mutations.entry(job.volume).or_default() += 1;
+                            job.counted = true;
                             Park::Wait
                         }
                         Err(e) => Park::Done(Err(e)),
@@ -884,8 +889,10 @@ impl<E: IoEngine> DeviceCore<E> {
                 self.fence_refused(job.volume, fence, &e);
                 return Park::Done(Err(e));
             }
-            *self.mutations.entry(job.volume).or_default() += 1;
-            job.counted = true;
+            if !job.counted {
+                *self.mutations.entry(job.volume).or_default() += 1;
+                job.counted = true;
+            }
             for r in regions_of(job.offset, job.len) {
                 self.regions.entry((slot, r)).or_default().writes_in_flight += 1;
             }

@@ -972,3 +972,47 @@ fn a_free_that_cannot_be_made_durable_is_undone() {
     );
     assert!(all(&t.read(V, 1, 0, 4096).unwrap(), 0x66));
 }
+
+#[test]
+fn a_claim_waits_for_an_older_epochs_allocation_and_no_chunk_of_it_appears_after() {
+    for seed in 0..30 {
+        let mut t = H::new(Some(seed));
+        t.claim(V, h(1, 1)).unwrap();
+        // A write to a chunk not allocated yet: it allocates (zeroes a slot, commits the table).
+        let write = t.send(|reply| DevRequest::Write {
+            fence: h(1, 1),
+            volume: V,
+            chunk: ChunkIndex(5),
+            offset: 0,
+            data: filled(4096, 0x42),
+            cached: false,
+            reply,
+        });
+        let claim = t.send(|reply| DevRequest::Claim {
+            volume: V,
+            fence: h(2, 2),
+            reply,
+        });
+        t.wait(claim).unwrap();
+        // At the claim's acknowledgement the older write has answered, and what the device
+        // holds for the volume no longer changes under the old epoch.
+        let mut write = write;
+        let outcome = write
+            .try_recv()
+            .unwrap_or_else(|e| panic!("seed {seed}: the write is still pending: {e:?}"));
+        let held = t.core.physical(V, ChunkIndex(5)).is_some();
+        for _ in 0..50 {
+            t.pump();
+        }
+        assert_eq!(
+            t.core.physical(V, ChunkIndex(5)).is_some(),
+            held,
+            "seed {seed}: a chunk of the old epoch appeared after the claim"
+        );
+        match outcome {
+            Ok(()) => assert!(all(&t.read(V, 5, 0, 4096).unwrap(), 0x42)),
+            Err(DevError::Fenced { .. } | DevError::NotClaimed { .. }) => {}
+            Err(e) => panic!("seed {seed}: {e}"),
+        }
+    }
+}
