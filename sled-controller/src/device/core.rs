@@ -181,6 +181,10 @@ struct Region {
     /// The fsync sequence number that makes its cached writes durable: its checksums may not be
     /// written back before (they would describe data a power cut can still take away).
     needs_sync: u64,
+    /// A write or zero in it failed: some of its blocks hold what nobody knows. Its checksums
+    /// are never written back (reads of those blocks fail their checksum, and a head node
+    /// reads another replica), so it stays durably dirty and a restart recomputes it.
+    failed: bool,
 }
 
 #[derive(Debug)]
@@ -1166,7 +1170,17 @@ impl<E: IoEngine> DeviceCore<E> {
         self.metrics.io_errors.inc();
         tracing::error!(device = %self.path, error = %e, "device I/O failed");
         if let Some(job) = self.jobs.remove(&id) {
+            self.mark_failed(&job);
             self.finish(job, Err(DevError::Io(e.to_string())));
+        }
+    }
+
+    /// Keeps the regions of a failed mutation dirty until the device is opened again.
+    fn mark_failed(&mut self, job: &Job) {
+        if let (true, Some(slot)) = (job.kind.mutates() && job.kind != JobKind::Free, job.slot) {
+            for r in regions_of(job.offset, job.len.max(1)) {
+                self.regions.entry((slot, r)).or_default().failed = true;
+            }
         }
     }
 
@@ -1178,6 +1192,7 @@ impl<E: IoEngine> DeviceCore<E> {
         if let Err(e) = c.result {
             self.metrics.io_errors.inc();
             tracing::error!(device = %self.path, error = %e, "device I/O failed");
+            self.mark_failed(&job);
             self.finish(job, Err(DevError::Io(e.to_string())));
             return;
         }

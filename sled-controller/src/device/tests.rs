@@ -1016,3 +1016,28 @@ fn a_claim_waits_for_an_older_epochs_allocation_and_no_chunk_of_it_appears_after
         }
     }
 }
+
+#[test]
+fn a_torn_failed_write_leaves_its_region_to_be_recomputed_not_corrupt() {
+    let mut t = H::new(None);
+    t.claim(V, h(1, 1)).unwrap();
+    t.write(V, h(1, 1), 0, 0, filled(8192, 0x11)).unwrap();
+    // The next write lands its first block, then the device fails it.
+    t.image.tear_dsync_writes(1);
+    assert!(t.write(V, h(1, 1), 0, 0, filled(8192, 0x22)).is_err());
+    // What the torn block holds is unknown here: a read of it fails (another replica serves it)
+    // rather than returning it as good; the untouched block reads as before.
+    assert!(matches!(
+        t.read(V, 0, 0, 4096),
+        Err(DevError::Checksum { .. })
+    ));
+    assert!(all(&t.read(V, 0, 4096, 4096).unwrap(), 0x11));
+    // The cleaner must not write the old checksums back as if they were right: opened again,
+    // the region is recomputed from what the device holds, and nothing reads as corrupt.
+    t.clean();
+    let image = t.image.clone();
+    drop(t);
+    let mut t = H::open(image, None, Durability::Dsync);
+    let b = t.read(V, 0, 0, 8192).unwrap();
+    assert!(all(&b[..4096], 0x22) && all(&b[4096..], 0x11));
+}

@@ -46,6 +46,8 @@ struct ImageState {
     failing_fsyncs: u32,
     /// `RWF_DSYNC` writes still to fail (fault injection; table pages are always written so).
     failing_dsync_writes: u32,
+    /// `RWF_DSYNC` writes still to tear: the first 4 KiB lands, then the write fails.
+    tearing_dsync_writes: u32,
 }
 
 /// A sparse in-memory device image shared by engines.
@@ -72,6 +74,12 @@ impl MemImage {
         let mut out = vec![0u8; len];
         read_into(&st, offset, &mut out);
         out
+    }
+
+    /// Makes the next `n` writes with `RWF_DSYNC` land their first 4 KiB only, then fail with
+    /// `EIO` (a device error in the middle of a write).
+    pub fn tear_dsync_writes(&self, n: u32) {
+        self.lock().tearing_dsync_writes = n;
     }
 
     /// Makes the next `n` writes with `RWF_DSYNC` fail with `EIO`, writing nothing.
@@ -225,6 +233,16 @@ impl MemEngine {
                 buf, dsync: true, ..
             } if st.failing_dsync_writes > 0 => {
                 st.failing_dsync_writes -= 1;
+                (Err(io::Error::from_raw_os_error(libc::EIO)), Some(buf))
+            }
+            OpKind::Write {
+                buf,
+                offset,
+                dsync: true,
+            } if st.tearing_dsync_writes > 0 && offset + buf.len() as u64 <= st.size => {
+                st.tearing_dsync_writes -= 1;
+                let first = buf.len().min(BLOCK as usize);
+                apply_write(st, offset, &buf[..first], true);
                 (Err(io::Error::from_raw_os_error(libc::EIO)), Some(buf))
             }
             OpKind::Write { buf, offset, dsync } => {
