@@ -43,6 +43,17 @@ struct Cluster {
 }
 
 async fn cluster(volume_size: u64) -> Cluster {
+    cluster_with(
+        volume_size,
+        DriverConfig {
+            tick: Duration::from_millis(20),
+            ..DriverConfig::default()
+        },
+    )
+    .await
+}
+
+async fn cluster_with(volume_size: u64, cfg: DriverConfig) -> Cluster {
     let dir = scratch();
     let key_path = dir.path().join("cluster.key");
     let key = common::ClusterKey::load_or_create(&key_path).unwrap();
@@ -71,10 +82,6 @@ async fn cluster(volume_size: u64) -> Cluster {
     }
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let mut nodes = HashMap::new();
-    let cfg = DriverConfig {
-        tick: Duration::from_millis(20),
-        ..DriverConfig::default()
-    };
     for (i, listener) in listeners.into_iter().enumerate() {
         let id = i as u64 + 1;
         let peers = (0..3)
@@ -241,5 +248,82 @@ async fn a_new_leader_serves_every_acknowledged_write_after_the_old_one_dies() {
                 "node {id}: write at {off} lost"
             );
         }
+    }
+}
+
+/// While the sleds cannot take write-back, writes wait once the leader holds `max_unflushed`
+/// bytes it has not written back: proposed-but-not-applied writes count too (they used to be let
+/// through until applied, so three times the bound could pile up), and everything lands once the
+/// sleds are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unflushed_data_stays_within_its_bound_while_the_sleds_are_away() {
+    const MAX: u64 = 2 << 20;
+    let mut c = cluster_with(
+        64 << 20,
+        DriverConfig {
+            tick: Duration::from_millis(20),
+            max_unflushed_bytes: MAX,
+            stale_after: Duration::from_secs(600),
+            ..DriverConfig::default()
+        },
+    )
+    .await;
+    let leader = c.leader(Duration::from_secs(20)).await;
+    let v = c.nodes[&leader].2.clone();
+    v.write(0, buf(65536, 1), false).await.unwrap();
+    // The sleds go away: write-back fails and retries, nothing gets flushed.
+    let mut cfgs = Vec::new();
+    for s in std::mem::take(&mut c.sleds) {
+        cfgs.push(s.listen);
+        s.stop().await;
+    }
+    // Four times the bound in 64 KiB writes, all at once.
+    let mut writers = Vec::new();
+    for i in 0..128u64 {
+        let v = v.clone();
+        writers.push(tokio::spawn(async move {
+            v.write(i * 65536, buf(65536, (i % 250) as u8 + 2), false)
+                .await
+                .unwrap();
+        }));
+    }
+    let mut peak = 0;
+    for _ in 0..100 {
+        peak = peak.max(v.handle().status().unflushed_bytes);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(peak > 0, "nothing was accepted");
+    // One entry may cross the bound (it is checked before each proposal).
+    assert!(
+        peak <= MAX + 65536,
+        "{peak} unflushed bytes held against a bound of {MAX}"
+    );
+    assert!(writers.iter().any(|w| !w.is_finished()), "no write waited");
+    // Back: every write lands.
+    for (i, listen) in cfgs.into_iter().enumerate() {
+        let mut cfg = sled_controller::config::SledConfig::new(c._dir.path().join("cluster.key"));
+        cfg.listen = listen;
+        cfg.metrics_listen = "127.0.0.1:0".parse().unwrap();
+        cfg.chunk_size = common::ByteSize(8 << 20);
+        cfg.device = vec![
+            format!("{}:512M", c._dir.path().join(format!("s{i}.img")).display())
+                .parse()
+                .unwrap(),
+        ];
+        c.sleds.push(
+            sled_controller::app::start(cfg, prometheus::Registry::new())
+                .await
+                .unwrap(),
+        );
+    }
+    for w in writers {
+        tokio::time::timeout(Duration::from_secs(60), w)
+            .await
+            .expect("a write never finished")
+            .unwrap();
+    }
+    for i in 0..128u64 {
+        let b = v.read(i * 65536, 65536).await.unwrap();
+        assert!(b.iter().all(|&x| x == (i % 250) as u8 + 2), "write {i}");
     }
 }

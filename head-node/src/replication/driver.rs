@@ -490,6 +490,10 @@ struct Driver<L: RaftLog, T: Transport> {
     serving: Option<u64>,
     claiming: Option<u64>,
     proposals: HashMap<u64, ProposeReply>,
+    /// Data bytes of client writes proposed and not yet applied (or dropped), by tag: with the
+    /// overlay, what counts against the unflushed-data bound.
+    proposed: HashMap<u64, u64>,
+    proposed_bytes: u64,
     /// Proposals held back above the unflushed bound; bounded by [`GroupHandle`]'s
     /// `proposing` budget.
     deferred: VecDeque<(EntryHeader, Bytes, ProposeReply)>,
@@ -577,6 +581,8 @@ pub fn spawn<L: RaftLog, T: Transport>(
         serving: None,
         claiming: None,
         proposals: HashMap::new(),
+        proposed: HashMap::new(),
+        proposed_bytes: 0,
         deferred: VecDeque::new(),
         read_next: Vec::new(),
         read_inflight: None,
@@ -934,15 +940,24 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 self.mark_stale(sled, "it lacks chunks its fellow replicas hold");
             }
         }
-        // Proposals, within the unflushed-data bound.
+        // Proposals, within the unflushed-data bound: what the overlay holds plus what is
+        // proposed and not applied yet (it lands in the overlay when applied).
         while self.serving.is_some()
-            && self.core.overlay.bytes() < self.cfg.max_unflushed_bytes
+            && self
+                .core
+                .overlay
+                .bytes()
+                .saturating_add(self.proposed_bytes)
+                < self.cfg.max_unflushed_bytes
             && let Some((header, data, reply)) = self.deferred.pop_front()
         {
             let tag = self.next_tag();
+            let len = data.len() as u64;
             match self.core.propose(tag, &header, data) {
                 Ok(_) => {
                     self.proposals.insert(tag, reply);
+                    self.proposed.insert(tag, len);
+                    self.proposed_bytes += len;
                 }
                 Err(e) => {
                     let _ = reply.send(Err(group_error(e)));
@@ -1037,11 +1052,13 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         for ev in events {
             match ev {
                 Event::Applied { tag, index } => {
+                    self.unpropose(tag);
                     if let Some(r) = self.proposals.remove(&tag) {
                         let _ = r.send(Ok(index));
                     }
                 }
                 Event::Dropped { tag } => {
+                    self.unpropose(tag);
                     if let Some(r) = self.proposals.remove(&tag) {
                         let _ = r.send(Err(self.not_leader()));
                     }
@@ -1140,6 +1157,12 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             for (_, r) in self.proposals.drain() {
                 let _ = r.send(Err(e.clone()));
             }
+        }
+        // Every proposal ends applied or dropped; with none left, nothing waits outside the
+        // overlay (should one ever be lost, its bytes must not hold the bound shut for good).
+        if self.proposals.is_empty() {
+            self.proposed.clear();
+            self.proposed_bytes = 0;
         }
     }
 
@@ -1252,6 +1275,13 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             stopping,
             rewrite,
         });
+    }
+
+    /// A proposal was applied or dropped: its bytes no longer wait outside the overlay.
+    fn unpropose(&mut self, tag: u64) {
+        if let Some(n) = self.proposed.remove(&tag) {
+            self.proposed_bytes = self.proposed_bytes.saturating_sub(n);
+        }
     }
 
     fn stop_serving(&mut self) {
