@@ -361,19 +361,44 @@ impl Sled {
     pub async fn claim(&self, cred: &Credential) -> Result<Holder, SledError> {
         let fence = self.verify(cred)?;
         let volume = cred.volume;
+        self.on_every_fence(|reply| DevRequest::Claim {
+            volume,
+            fence,
+            reply,
+        })
+        .await?;
+        Ok(fence)
+    }
+
+    /// Retires the volume on every device (see [`Request::Retire`](common::sled_proto::Request)):
+    /// its fence records become tombstones. Done when all are durable.
+    pub async fn retire(&self, cred: &Credential) -> Result<(), SledError> {
+        let fence = self.verify(cred)?;
+        let volume = cred.volume;
+        self.on_every_fence(|reply| DevRequest::Retire {
+            volume,
+            fence,
+            reply,
+        })
+        .await?;
+        let mut cat = self.catalog();
+        cat.where_.retain(|(v, _), _| *v != volume);
+        Ok(())
+    }
+
+    /// Sends a fence-record request to every device (the records are replicated on all of them)
+    /// and waits for all: `Fenced` from any wins over other errors.
+    async fn on_every_fence(
+        &self,
+        req: impl Fn(oneshot::Sender<Result<Holder, DevError>>) -> DevRequest,
+    ) -> Result<(), SledError> {
         let mut waits = Vec::new();
         for d in &self.devices {
             let (tx, rx) = oneshot::channel();
-            d.handle
-                .send(DevRequest::Claim {
-                    volume,
-                    fence,
-                    reply: tx,
-                })
-                .await;
+            d.handle.send(req(tx)).await;
             waits.push(rx);
         }
-        let mut result = Ok(fence);
+        let mut result = Ok(());
         for rx in waits {
             match rx.await.unwrap_or(Err(DevError::ShuttingDown)) {
                 Ok(_) => {}
@@ -384,38 +409,6 @@ impl Sled {
                     }
                 }
             }
-        }
-        Ok(result?)
-    }
-
-    /// Retires the volume on every device (see [`Request::Retire`](common::sled_proto::Request)):
-    /// its fence records become tombstones. Done when all are durable.
-    pub async fn retire(&self, cred: &Credential) -> Result<(), SledError> {
-        let fence = self.verify(cred)?;
-        let volume = cred.volume;
-        let mut waits = Vec::new();
-        for d in &self.devices {
-            let (tx, rx) = oneshot::channel();
-            d.handle
-                .send(DevRequest::Retire {
-                    volume,
-                    fence,
-                    reply: tx,
-                })
-                .await;
-            waits.push(rx);
-        }
-        let mut result = Ok(());
-        for rx in waits {
-            if let Err(e) = rx.await.unwrap_or(Err(DevError::ShuttingDown))
-                && result.is_ok()
-            {
-                result = Err(e);
-            }
-        }
-        if result.is_ok() {
-            let mut cat = self.catalog();
-            cat.where_.retain(|(v, _), _| *v != volume);
         }
         Ok(result?)
     }

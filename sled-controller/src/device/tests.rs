@@ -174,6 +174,25 @@ impl H {
         self.wait(rx)
     }
 
+    /// A cached write of one block of `byte` at the start of `chunk` (under `h(1, 1)`).
+    fn cached_write(&mut self, chunk: u64, byte: u8) -> Result<(), DevError> {
+        let rx = self.send(|reply| DevRequest::Write {
+            fence: h(1, 1),
+            volume: V,
+            chunk: ChunkIndex(chunk),
+            offset: 0,
+            data: filled(4096, byte),
+            cached: true,
+            reply,
+        });
+        self.wait(rx)
+    }
+
+    fn flush(&mut self) -> Result<(), DevError> {
+        let rx = self.send(|reply| DevRequest::Flush { reply });
+        self.wait(rx)
+    }
+
     /// Lets the cleaner write back checksums of idle regions.
     fn clean(&mut self) {
         self.clock.advance(Duration::from_secs(1));
@@ -761,37 +780,21 @@ fn a_failed_fsync_fails_every_later_flush_until_the_device_is_reopened() {
     let image = H::new(None).image.clone();
     let mut t2 = H::open(image.clone(), None, Durability::BatchFsync);
     t2.claim(V, h(1, 1)).unwrap();
-    let cached_write = |t: &mut H, byte: u8| {
-        let rx = t.send(|reply| DevRequest::Write {
-            fence: h(1, 1),
-            volume: V,
-            chunk: ChunkIndex(0),
-            offset: 0,
-            data: filled(4096, byte),
-            cached: true,
-            reply,
-        });
-        t.wait(rx)
-    };
-    let flush = |t: &mut H| {
-        let rx = t.send(|reply| DevRequest::Flush { reply });
-        t.wait(rx)
-    };
-    cached_write(&mut t2, 1).unwrap();
+    t2.cached_write(0, 1).unwrap();
     image.fail_fsyncs(1);
-    assert!(flush(&mut t2).is_err(), "the failing fsync's flush");
+    assert!(t2.flush().is_err(), "the failing fsync's flush");
     // The retry must not be answered durable: the first write was never made durable.
-    let again = flush(&mut t2).unwrap_err();
+    let again = t2.flush().unwrap_err();
     assert!(again.to_string().contains("earlier fsync"), "{again}");
     // Nor after new writes, nor for writes waiting on a group fsync.
-    cached_write(&mut t2, 2).unwrap();
-    assert!(flush(&mut t2).is_err());
+    t2.cached_write(0, 2).unwrap();
+    assert!(t2.flush().is_err());
     assert!(t2.write(V, h(1, 1), 0, 4096, filled(4096, 3)).is_err());
     // Opened again (the sled restarted), the device answers flushes again.
     drop(t2);
     let mut t3 = H::open(image, None, Durability::BatchFsync);
-    cached_write(&mut t3, 4).unwrap();
-    flush(&mut t3).unwrap();
+    t3.cached_write(0, 4).unwrap();
+    t3.flush().unwrap();
 }
 
 #[test]
@@ -937,32 +940,16 @@ fn a_free_that_cannot_be_made_durable_is_undone() {
     let image = H::new(None).image.clone();
     let mut t = H::open(image.clone(), None, Durability::BatchFsync);
     t.claim(V, h(1, 1)).unwrap();
-    let cached_write = |t: &mut H, chunk: u64, byte: u8| {
-        let rx = t.send(|reply| DevRequest::Write {
-            fence: h(1, 1),
-            volume: V,
-            chunk: ChunkIndex(chunk),
-            offset: 0,
-            data: filled(4096, byte),
-            cached: true,
-            reply,
-        });
-        t.wait(rx)
-    };
-    let flush = |t: &mut H| {
-        let rx = t.send(|reply| DevRequest::Flush { reply });
-        t.wait(rx)
-    };
-    cached_write(&mut t, 0, 0x11).unwrap();
-    flush(&mut t).unwrap();
+    t.cached_write(0, 0x11).unwrap();
+    t.flush().unwrap();
     // The free's table write fails: the free is refused...
     image.fail_dsync_writes(1);
     assert!(t.free(V, h(1, 1), 0).is_err());
     // ...and undone: the chunk is still the volume's, through later table writes (a new chunk's
     // allocation rewrites the same table page) and a restart.
-    cached_write(&mut t, 0, 0x55).unwrap();
-    cached_write(&mut t, 1, 0x66).unwrap();
-    flush(&mut t).unwrap();
+    t.cached_write(0, 0x55).unwrap();
+    t.cached_write(1, 0x66).unwrap();
+    t.flush().unwrap();
     t.clean();
     drop(t);
     let mut t = H::open(image, None, Durability::BatchFsync);
