@@ -185,6 +185,15 @@ pub(super) async fn flusher(
             let mut attempts = 0u32;
             let result = loop {
                 let attempt = tokio::time::Instant::now();
+                // The store is shared across terms: once this node leads again under a newer
+                // term, this task's writes would carry the new credential while not ordered
+                // with the new term's write-back. Its term is over: stop.
+                if store.epoch() != Epoch(term) {
+                    break Err(StoreError::Io(format!(
+                        "write-back of term {term} ended: the store writes under epoch {} now",
+                        store.epoch().0
+                    )));
+                }
                 let r = match &header {
                     EntryHeader::Write { .. } => store.write(offset, data.clone()).await,
                     EntryHeader::Zero { free, .. } => store.zero(offset, len, *free).await,
