@@ -743,9 +743,12 @@ impl<E: IoEngine> DeviceCore<E> {
                             }
                             // The allocation is a mutation of the volume: a higher claim waits
                             // for it, so no chunk of an older epoch appears after the claim
-                            // was acknowledged.
-                            *self.mutations.entry(job.volume).or_default() += 1;
-                            job.counted = true;
+                            // was acknowledged. Counted once per job: a job that lost its chunk
+                            // to a free and allocates again is still one mutation.
+                            if !job.counted {
+                                *self.mutations.entry(job.volume).or_default() += 1;
+                                job.counted = true;
+                            }
                             Park::Wait
                         }
                         Err(e) => Park::Done(Err(e)),
