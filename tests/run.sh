@@ -29,6 +29,9 @@ fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+# A fresh checkout gains nothing from incremental compilation, and its caches are the largest
+# part of target/ (about 1.5 GB): CI disks can be small.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

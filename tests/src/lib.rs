@@ -67,13 +67,18 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// Builds every binary of the workspace once per test process.
+///
+/// `--tests` is there so that the build selects the same targets as `cargo test --workspace`:
+/// with the version 2 feature resolver, a build without test targets resolves the dependencies'
+/// features differently and compiles a second copy of every library (minutes of CPU and about a
+/// gigabyte of disk, enough to fill a small CI disk).
 pub fn ensure_built() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let release = bin_dir().file_name().is_some_and(|n| n == "release");
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.current_dir(workspace())
-            .args(["build", "--workspace", "--bins", "--quiet"]);
+            .args(["build", "--workspace", "--bins", "--tests", "--quiet"]);
         if release {
             cmd.arg("--release");
         }
