@@ -1,4 +1,4 @@
-//! The head-node ↔ sled-controller wire protocol, version 2.
+//! The head-node ↔ sled-controller wire protocol, version 3.
 //!
 //! Every frame is a fixed 32-byte little-endian header, a control part (a postcard-encoded
 //! [`Request`] or [`Response`]) and a raw data part (block payloads are never serialized: they are
@@ -17,8 +17,12 @@
 //! ```
 //!
 //! Requests are tagged, so many can be in flight on one connection and responses may come back in
-//! any order. A frame that is too large, malformed or fails its checksum is answered with an
-//! error and the connection is closed.
+//! any order. As in NBD, requests in flight together are not ordered with respect to each other:
+//! a requester that needs one applied before another (a write after a free, a claim or a retire
+//! of its volume; two overlapping writes) waits for the first one's response before sending the
+//! second. A flush covers every cached write whose response came before the flush was sent. A
+//! frame that is too large, malformed or fails its checksum is answered with an error and the
+//! connection is closed.
 //!
 //! Versions: the frame layout has its own version ([`FRAME_VERSION`], in every header); the
 //! message set is negotiated at hello (the highest version both sides speak, between

@@ -12,8 +12,9 @@
 //! the entry and written its reply.
 
 use crate::device::DevError;
+use crate::sled::Routed;
 use common::AlignedBuf;
-use common::ids::{ChunkIndex, VolumeId};
+use common::ids::VolumeId;
 use common::sled_proto::Response;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,8 +38,8 @@ pub struct Ticket {
     pub volume: VolumeId,
     /// Payload bytes of a read or write (for per-volume metrics).
     pub len: u64,
-    /// A write that pinned a new chunk to device `.0`: undone if the device refuses it.
-    pub pinned: Option<(usize, ChunkIndex)>,
+    /// A write routed to a device: the sled's catalog hears how it ended.
+    pub routed: Option<Routed>,
 }
 
 /// How a request ended.

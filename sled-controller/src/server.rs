@@ -525,7 +525,7 @@ impl Reader {
                 kib,
                 volume: VolumeId(0),
                 len: 0,
-                pinned: None,
+                routed: None,
             };
             let frame = match read_body_with(rd, header, |n| self.sled.alloc(n)).await {
                 Ok(f) => f,
@@ -614,11 +614,11 @@ impl Reader {
                 let volume = cred.volume;
                 t.volume = volume;
                 t.len = u64::from(frame.header.data_len);
-                let (dev, pinned) = self.sled.route_write(volume, chunk);
-                t.pinned = pinned.then_some((dev, chunk));
+                let routed = self.sled.route_write(volume, chunk);
+                t.routed = Some(routed);
                 let reply = self.reply_to(t);
                 self.queue_for(
-                    dev,
+                    routed.dev,
                     DevRequest::Write {
                         fence,
                         volume,
@@ -773,7 +773,7 @@ impl Reader {
             kib: 0,
             volume: VolumeId(0),
             len: 0,
-            pinned: None,
+            routed: None,
         };
         self.reply(t, resp);
     }
@@ -900,16 +900,14 @@ async fn write_replies(
 
 /// The reply to a finished request.
 fn answer(sled: &Sled, t: &Ticket, outcome: Outcome) -> (Response, Option<AlignedBuf>) {
+    if let (Some(routed), Outcome::Device(res)) = (t.routed, &outcome) {
+        sled.write_done(t.volume, routed, res.as_ref().map(|_| ()));
+    }
     match outcome {
         Outcome::Ready(resp, data) => (resp, data),
         Outcome::Device(Ok(Some(buf))) => (Response::Data, Some(buf)),
         Outcome::Device(Ok(None)) => (Response::Ok, None),
-        Outcome::Device(Err(e)) => {
-            if let Some((dev, chunk)) = t.pinned {
-                sled.write_failed(t.volume, chunk, dev, &e);
-            }
-            (Response::Error(wire_error(&SledError::Device(e))), None)
-        }
+        Outcome::Device(Err(e)) => (Response::Error(wire_error(&SledError::Device(e))), None),
     }
 }
 

@@ -14,6 +14,7 @@ use common::cred::{ClusterKey, Credential, VerifiedCredentials};
 use common::ids::{ChunkIndex, SledId, VolumeId};
 use common::sled_proto::{DeviceStat, SledStat, VolumeStat};
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Mutex;
 use tokio::sync::oneshot;
 
@@ -44,10 +45,64 @@ pub struct Device {
     pub chunks_total: u64,
 }
 
+/// Where a chunk lives, and what is under way on it.
+///
+/// The device thread decides what it holds; the catalog only routes. It may therefore name a
+/// device for a chunk the device no longer holds (harmless: reads there see zeros, writes allocate
+/// there), but it must never forget a chunk a device holds, or reads would go elsewhere and a
+/// write would allocate it a second time on another device. So an entry is dropped only when
+/// nothing can have allocated the chunk since: no mutation routed to it is unanswered, and none
+/// was answered since the drop was decided on.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    dev: usize,
+    /// Writes and allocations routed here and not answered yet.
+    pending: u32,
+    /// Writes and allocations answered so far.
+    answered: u64,
+    /// The device may hold the chunk: it said so at start, or a write or allocation succeeded or
+    /// ended in a way that leaves it unknown (an I/O error, a shutdown).
+    held: bool,
+}
+
+impl Place {
+    fn new(dev: usize, held: bool) -> Self {
+        Self {
+            dev,
+            pending: 0,
+            answered: 0,
+            held,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Catalog {
-    where_: HashMap<(VolumeId, ChunkIndex), usize>,
+    where_: HashMap<(VolumeId, ChunkIndex), Place>,
     used: Vec<u64>,
+}
+
+impl Catalog {
+    fn forget(&mut self, key: (VolumeId, ChunkIndex)) {
+        if let Some(p) = self.where_.remove(&key) {
+            self.used[p.dev] = self.used[p.dev].saturating_sub(1);
+        }
+    }
+}
+
+/// A write or allocation routed to a device ([`Sled::route_write`]); hand it back to
+/// [`Sled::write_done`] with its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routed {
+    /// The device.
+    pub dev: usize,
+    /// The chunk.
+    pub chunk: ChunkIndex,
+}
+
+/// Whether a write or allocation that ended with `res` may have left its chunk allocated.
+fn may_hold(res: Result<(), &DevError>) -> bool {
+    matches!(res, Ok(()) | Err(DevError::Io(_) | DevError::ShuttingDown))
 }
 
 /// The sled.
@@ -88,7 +143,7 @@ impl Sled {
             if let Ok(st) = rx.await {
                 catalog.used[i] = st.chunks.len() as u64;
                 for k in st.chunks {
-                    catalog.where_.insert(k, i);
+                    catalog.where_.insert(k, Place::new(i, true));
                 }
             }
         }
@@ -172,40 +227,45 @@ impl Sled {
 
     /// The device to send a write of a chunk to. A chunk no device holds yet is pinned to the
     /// device with the most free chunks, so concurrent first writes to it all go to the same
-    /// device (which allocates it once); the result says whether this call pinned it, in which
-    /// case [`Sled::write_failed`] must hear about a refusal.
-    pub fn route_write(&self, volume: VolumeId, chunk: ChunkIndex) -> (usize, bool) {
-        if let Some(dev) = self.locate(volume, chunk) {
-            return (dev, false);
-        }
-        let order = self.placement_order();
+    /// device (which allocates it once). Every routed write must be handed back to
+    /// [`Sled::write_done`] with its result.
+    pub fn route_write(&self, volume: VolumeId, chunk: ChunkIndex) -> Routed {
         let mut cat = self.catalog();
-        if let Some(d) = cat.where_.get(&(volume, chunk)) {
-            (*d, false)
-        } else {
-            let d = order[0];
-            cat.where_.insert((volume, chunk), d);
-            cat.used[d] += 1;
-            (d, true)
+        let cat = &mut *cat;
+        let place = match cat.where_.entry((volume, chunk)) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let dev = self.most_free(&cat.used);
+                cat.used[dev] += 1;
+                e.insert(Place::new(dev, false))
+            }
+        };
+        place.pending += 1;
+        Routed {
+            dev: place.dev,
+            chunk,
         }
     }
 
-    /// A write that pinned a new chunk to `dev` ([`Sled::route_write`]) failed with `e`: when the
-    /// device did not allocate the chunk, forget the pin (another device may have room, and a
-    /// client sending refused writes must not grow the catalog or skew placement). Only an I/O
-    /// error or a shutdown leaves it unknown whether the chunk was allocated: the pin stays, so
-    /// later writes go where the chunk may be.
-    pub fn write_failed(&self, volume: VolumeId, chunk: ChunkIndex, dev: usize, e: &DevError) {
-        if matches!(e, DevError::Io(_) | DevError::ShuttingDown) {
-            return;
-        }
+    /// A write or allocation routed by [`Sled::route_write`] was answered with `res`. A pin
+    /// that nothing allocated is dropped once no write to it is under way (another device may
+    /// have room, and a client sending refused writes must not grow the catalog or skew
+    /// placement); a device that ran out of space is counted as full.
+    pub fn write_done(&self, volume: VolumeId, routed: Routed, res: Result<(), &DevError>) {
         let mut cat = self.catalog();
-        if cat.where_.get(&(volume, chunk)) == Some(&dev) {
-            cat.where_.remove(&(volume, chunk));
-            cat.used[dev] = cat.used[dev].saturating_sub(1);
-            if matches!(e, DevError::NoSpace) {
-                cat.used[dev] = self.devices[dev].chunks_total;
+        let key = (volume, routed.chunk);
+        if let Some(place) = cat.where_.get_mut(&key)
+            && place.dev == routed.dev
+        {
+            place.pending = place.pending.saturating_sub(1);
+            place.answered += 1;
+            place.held |= may_hold(res);
+            if place.pending == 0 && !place.held {
+                cat.forget(key);
             }
+        }
+        if matches!(res, Err(DevError::NoSpace)) {
+            cat.used[routed.dev] = self.devices[routed.dev].chunks_total;
         }
     }
 
@@ -221,17 +281,15 @@ impl Sled {
 
     /// The device holding a chunk, if any.
     fn locate(&self, volume: VolumeId, chunk: ChunkIndex) -> Option<usize> {
-        self.catalog().where_.get(&(volume, chunk)).copied()
+        self.catalog().where_.get(&(volume, chunk)).map(|p| p.dev)
     }
 
-    /// Devices to try for a new chunk, most free first.
-    fn placement_order(&self) -> Vec<usize> {
-        let cat = self.catalog();
-        let mut order: Vec<usize> = (0..self.devices.len()).collect();
-        order.sort_by_key(|&i| {
-            std::cmp::Reverse(self.devices[i].chunks_total.saturating_sub(cat.used[i]))
-        });
-        order
+    /// The device for a new chunk: the one with the most free chunks (the first of equals).
+    fn most_free(&self, used: &[u64]) -> usize {
+        (0..self.devices.len())
+            .rev()
+            .max_by_key(|&i| self.devices[i].chunks_total.saturating_sub(used[i]))
+            .unwrap_or(0)
     }
 
     /// Reads; chunks never written read as zeros.
@@ -264,8 +322,8 @@ impl Sled {
     ) -> Result<(), SledError> {
         let fence = self.verify(cred)?;
         let volume = cred.volume;
-        let (dev, pinned) = self.route_write(volume, chunk);
-        let res = ask(&self.devices[dev], |reply| DevRequest::Write {
+        let routed = self.route_write(volume, chunk);
+        let res = ask(&self.devices[routed.dev], |reply| DevRequest::Write {
             fence,
             volume,
             chunk,
@@ -275,9 +333,7 @@ impl Sled {
             reply,
         })
         .await;
-        if pinned && let Err(e) = &res {
-            self.write_failed(volume, chunk, dev, e);
-        }
+        self.write_done(volume, routed, res.as_ref().copied());
         Ok(res?)
     }
 
@@ -304,45 +360,43 @@ impl Sled {
         .await?)
     }
 
-    /// Allocates a chunk ahead of its first write.
+    /// Allocates a chunk ahead of its first write: on the device already holding it, or on the
+    /// device with the most free chunks, then the next when one is full.
     pub async fn allocate(&self, cred: &Credential, chunk: ChunkIndex) -> Result<(), SledError> {
         let fence = self.verify(cred)?;
         let volume = cred.volume;
-        for dev in self.placement_order() {
-            let dev = self.locate(volume, chunk).unwrap_or(dev);
-            {
-                let mut cat = self.catalog();
-                if let std::collections::hash_map::Entry::Vacant(e) =
-                    cat.where_.entry((volume, chunk))
-                {
-                    e.insert(dev);
-                    cat.used[dev] += 1;
-                }
-            }
-            match ask(&self.devices[dev], |reply| DevRequest::Allocate {
+        for _ in 0..self.devices.len() {
+            let routed = self.route_write(volume, chunk);
+            let res = ask(&self.devices[routed.dev], |reply| DevRequest::Allocate {
                 fence,
                 volume,
                 chunk,
                 reply,
             })
-            .await
-            {
-                Err(DevError::NoSpace) => {
-                    let mut cat = self.catalog();
-                    cat.where_.remove(&(volume, chunk));
-                    cat.used[dev] = self.devices[dev].chunks_total;
-                }
+            .await;
+            self.write_done(volume, routed, res.as_ref().copied());
+            match res {
+                // Full: write_done counted the device as full, so the next route avoids it.
+                Err(DevError::NoSpace) => continue,
                 other => return Ok(other?),
             }
         }
         Err(DevError::NoSpace.into())
     }
 
-    /// Frees a chunk.
+    /// Frees a chunk. Its catalog entry goes only when no write to the chunk was under way or
+    /// answered while the free was: such a write may have been queued behind the free on the
+    /// device and allocated the chunk again there.
     pub async fn free(&self, cred: &Credential, chunk: ChunkIndex) -> Result<(), SledError> {
         let fence = self.verify(cred)?;
         let volume = cred.volume;
-        let dev = self.locate(volume, chunk).unwrap_or(0);
+        let key = (volume, chunk);
+        let (dev, answered) = {
+            let cat = self.catalog();
+            cat.where_
+                .get(&key)
+                .map_or((0, None), |p| (p.dev, Some(p.answered)))
+        };
         ask(&self.devices[dev], |reply| DevRequest::Free {
             fence,
             volume,
@@ -351,8 +405,12 @@ impl Sled {
         })
         .await?;
         let mut cat = self.catalog();
-        if cat.where_.remove(&(volume, chunk)).is_some() {
-            cat.used[dev] = cat.used[dev].saturating_sub(1);
+        if let Some(p) = cat.where_.get(&key)
+            && p.dev == dev
+            && p.pending == 0
+            && Some(p.answered) == answered
+        {
+            cat.forget(key);
         }
         Ok(())
     }
@@ -382,7 +440,15 @@ impl Sled {
         })
         .await?;
         let mut cat = self.catalog();
-        cat.where_.retain(|(v, _), _| *v != volume);
+        let gone: Vec<_> = cat
+            .where_
+            .keys()
+            .filter(|(v, _)| *v == volume)
+            .copied()
+            .collect();
+        for key in gone {
+            cat.forget(key);
+        }
         Ok(())
     }
 
@@ -532,6 +598,70 @@ mod tests {
         let metrics = SledMetrics::new(&prometheus::Registry::new()).expect("metrics");
         let key = ClusterKey::from_bytes([7; 32]);
         Sled::new(Uuid128(1), key, CHUNK, devices, metrics, None).await
+    }
+
+    /// A write queued on the device behind a free of its chunk allocates the chunk again there.
+    /// The free must not then drop the chunk from the catalog: reads would go to the other
+    /// device and see zeros, and the next write would allocate the chunk a second time there.
+    #[tokio::test]
+    async fn a_write_queued_behind_a_free_keeps_its_chunk_where_it_is() {
+        let sled = two_device_sled().await;
+        let cred = sled.key().mint(V, Epoch(1), NodeId(1));
+        sled.claim(&cred).await.expect("claim");
+        // Chunk 100 takes device 0, so the chunks below go to device 1.
+        sled.write(
+            &cred,
+            ChunkIndex(100),
+            0,
+            crate::engine::mem::filled(4096, 1),
+        )
+        .await
+        .expect("write");
+        let mut raced = 0;
+        for c in 0..5 {
+            let chunk = ChunkIndex(c);
+            sled.write(&cred, chunk, 0, crate::engine::mem::filled(4096, 2))
+                .await
+                .expect("first write");
+            assert_eq!(sled.locate(V, chunk), Some(1));
+            let free = sled.free(&cred, chunk);
+            tokio::pin!(free);
+            // One poll queues the free on device 1; it then waits for the device's answer.
+            let pending = tokio::select! {
+                biased;
+                r = &mut free => { r.expect("free"); false }
+                () = std::future::ready(()) => true,
+            };
+            sled.write(&cred, chunk, 4096, crate::engine::mem::filled(4096, 3))
+                .await
+                .expect("write behind the free");
+            if pending {
+                free.await.expect("free");
+                raced += 1;
+            }
+            let read = sled.read(V, chunk, 0, 8192).await.expect("read");
+            assert!(read[..4096].iter().all(|&b| b == 0), "freed data is gone");
+            assert!(
+                read[4096..].iter().all(|&b| b == 3),
+                "the later write reads back"
+            );
+            assert_eq!(sled.locate(V, chunk), Some(1));
+            let statuses = sled.statuses().await;
+            let holders: Vec<usize> = (0..2)
+                .filter(|&d| statuses[d].chunks.contains(&(V, chunk)))
+                .collect();
+            assert_eq!(
+                holders,
+                [1],
+                "the chunk is held once, where the catalog says"
+            );
+            // Leave device 1 with the most free chunks for the next round.
+            sled.free(&cred, chunk).await.expect("free");
+        }
+        assert!(
+            raced > 0,
+            "no free was ever still queued when the write was sent"
+        );
     }
 
     /// A first write to a chunk pins it to a device before the device answers; a refusal that
