@@ -185,6 +185,10 @@ pub struct EventsView {
     pub threshold: f64,
     /// Rounds run.
     pub rounds: u64,
+    /// Rounds skipped because their slot on the interval grid was already done (a late timer).
+    pub rounds_skipped: u64,
+    /// Candidate series left out of evaluations by `max_candidates`, since the start.
+    pub candidates_dropped: u64,
     /// Sources read in the last round.
     pub sources_ok: usize,
     /// Sources that failed in the last round.
@@ -231,10 +235,12 @@ pub fn start(
         runner
             .run(stop, |round| {
                 let mut v = shared.lock().unwrap_or_else(|p| p.into_inner());
-                v.rounds += 1;
                 if round.skipped {
+                    v.rounds_skipped += 1;
                     return ControlFlow::Continue(());
                 }
+                v.rounds += 1;
+                v.candidates_dropped += round.candidates_dropped;
                 v.sources_ok = round.sources_ok;
                 v.sources_failed = round.sources_failed;
                 v.values = round.values;

@@ -308,8 +308,16 @@ pub async fn run_with(
         let round = runner.tick().await;
         let _ = print(&round, &mut out);
         let stats = runner.engine().stats();
+        let dropped = if round.candidates_dropped > 0 {
+            format!(
+                " ({} more left out by --max-candidates {})",
+                round.candidates_dropped, args.max_candidates
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "read {} of {} source(s): {} values, {} series tracked, {} candidate(s), {} event(s)",
+            "read {} of {} source(s): {} values, {} series tracked, {} candidate(s){dropped}, {} event(s)",
             round.sources_ok,
             round.sources_ok + round.sources_failed,
             round.values,

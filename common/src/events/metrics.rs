@@ -6,6 +6,7 @@
 //! | `stockade_events_series_tracked` | gauge | | Series held in sliding windows. |
 //! | `stockade_events_series_refused_total` | counter | | Values of new series refused because the series bound was reached. |
 //! | `stockade_events_candidates` | gauge | | Series paired at the last evaluation (watched or flagged). |
+//! | `stockade_events_candidates_dropped_total` | counter | | Candidate series left out of evaluations by the `max_candidates` bound. |
 //! | `stockade_events_anomalies_total` | counter | | Series newly flagged by the z-score rule. |
 //! | `stockade_events_raised_total` | counter | | Correlated events raised. |
 //! | `stockade_events_webhook_deliveries_total` | counter | result | Webhook deliveries: `ok`, `failed` (after every retry) or `dropped` (queue full). |
@@ -20,6 +21,7 @@ pub struct EventsMetrics {
     pub(crate) series: IntGauge,
     pub(crate) refused: IntCounter,
     pub(crate) candidates: IntGauge,
+    pub(crate) candidates_dropped: IntCounter,
     pub(crate) anomalies: IntCounter,
     pub(crate) raised: IntCounter,
     pub(crate) webhook: IntCounterVec,
@@ -49,6 +51,11 @@ impl EventsMetrics {
                 registry,
                 "stockade_events_candidates",
                 "Series paired at the last evaluation (watched or flagged).",
+            )?,
+            candidates_dropped: counter(
+                registry,
+                "stockade_events_candidates_dropped_total",
+                "Candidate series left out of evaluations by the max_candidates bound.",
             )?,
             anomalies: counter(
                 registry,

@@ -112,6 +112,9 @@ pub struct Round {
     pub values: usize,
     /// Events raised.
     pub events: Vec<Event>,
+    /// Candidates left out of this round's evaluation by `max_candidates` (their pairs were not
+    /// correlated).
+    pub candidates_dropped: u64,
 }
 
 /// Milliseconds since the Unix epoch now, minus the clock's reading: add the clock's reading
@@ -140,6 +143,7 @@ pub struct Runner {
     last_stats: EngineStats,
     warn_sources: RateLimit,
     warn_flags: RateLimit,
+    warn_dropped: RateLimit,
 }
 
 impl Runner {
@@ -180,6 +184,7 @@ impl Runner {
             last_stats: EngineStats::default(),
             warn_sources: RateLimit::new(Duration::from_secs(10)),
             warn_flags: RateLimit::new(Duration::from_secs(1)),
+            warn_dropped: RateLimit::new(Duration::from_secs(60)),
         })
     }
 
@@ -220,7 +225,7 @@ impl Runner {
         }
         round.events = self.engine.evaluate(t);
         self.respond(&round.events);
-        self.update_metrics(&round);
+        self.update_metrics(&mut round);
         round
     }
 
@@ -440,8 +445,20 @@ impl Runner {
         }
     }
 
-    fn update_metrics(&mut self, round: &Round) {
+    fn update_metrics(&mut self, round: &mut Round) {
         let stats = self.engine.stats();
+        round.candidates_dropped = stats.candidates_dropped - self.last_stats.candidates_dropped;
+        if round.candidates_dropped > 0
+            && let Some(suppressed) = self.warn_dropped.check(self.clock.now_ns())
+        {
+            tracing::warn!(
+                dropped = round.candidates_dropped,
+                paired = stats.candidates,
+                suppressed,
+                "more candidate series than max_candidates: the rest were not correlated \
+                 (raise max_candidates or narrow the watch patterns)"
+            );
+        }
         if let Some(m) = &self.metrics {
             m.scrapes
                 .with_label_values(&["ok"])
@@ -452,6 +469,7 @@ impl Runner {
                 .inc_by(stats.series_refused - self.last_stats.series_refused);
             m.anomalies.inc_by(stats.flagged - self.last_stats.flagged);
             m.raised.inc_by(stats.events - self.last_stats.events);
+            m.candidates_dropped.inc_by(round.candidates_dropped);
         }
         self.last_stats = stats;
     }

@@ -166,6 +166,46 @@ async fn scrapes_a_changing_target_and_raises_one_event_with_a_webhook() {
 }
 
 #[tokio::test]
+async fn candidates_beyond_the_bound_are_reported_per_round_and_counted() {
+    let text = Arc::new(Mutex::new(String::new()));
+    let t2 = text.clone();
+    let target = TestServer::start(move |_| ok("text/plain", &t2.lock().unwrap())).await;
+    let registry = crate::metrics::new_registry();
+    let (clock, shared) = clocks();
+    let mut runner = Runner::new(
+        Engine::new(EngineConfig {
+            watch: vec![Pattern::new("stockade_*").unwrap()],
+            anomaly_z: None,
+            max_candidates: 2,
+            ..EngineConfig::default()
+        })
+        .unwrap(),
+        RunnerConfig {
+            targets: vec![target.url("/metrics")],
+            ..RunnerConfig::default()
+        },
+        shared,
+        BASE_MS,
+        Some(EventsMetrics::new(&registry).unwrap()),
+    )
+    .unwrap();
+    let mut ops = 0;
+    let mut dropped = Vec::new();
+    for i in 0..5u64 {
+        *text.lock().unwrap() = exposition(i, &mut ops);
+        clock.advance(Duration::from_secs(1));
+        dropped.push(runner.tick().await.candidates_dropped);
+    }
+    // Four watched series, two paired: two left out of every round once the counter has a rate.
+    assert_eq!(dropped[1..], [2, 2, 2, 2], "{dropped:?}");
+    assert_eq!(runner.engine().stats().candidates, 2);
+    let total: u64 = dropped.iter().sum();
+    let text = crate::metrics::render(&registry);
+    let line = format!("stockade_events_candidates_dropped_total {total}");
+    assert!(text.contains(&line), "{line} missing from\n{text}");
+}
+
+#[tokio::test]
 async fn instance_labels_are_kept_apart() {
     let target = TestServer::start(|_| ok("text/plain", "up{instance=\"inner\"} 1\n")).await;
     let (clock, shared) = clocks();
