@@ -4,8 +4,10 @@
 //! The client knows several endpoints (one per head node; any of them answers any request) and
 //! tries them in order, moving to the next only when a connection cannot be made (the request
 //! was never sent, so even a `POST` is safe to send elsewhere). The endpoint that answered is
-//! tried first next time. A `503 unavailable` (no metadata leader during an election) is retried
-//! with a short backoff, bounded by [`RetryPolicy`].
+//! tried first next time. A `503` that says nothing was done (`no_leader`: no metadata leader,
+//! during an election) is retried with a short backoff, bounded by [`RetryPolicy`]; any other
+//! `503` only for requests that are safe to repeat (reads, and creates that carry their volume
+//! id), since the cluster may have carried out part of the first one.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), tools::admin_client::AdminError> {
@@ -202,6 +204,9 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Bound on the sum of the waits.
     pub max_total: Duration,
+    /// No retry starts once this long has passed since the first try (the tries themselves
+    /// take time: the server waits up to 5 s for a leader before it answers `no_leader`).
+    pub max_elapsed: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -211,6 +216,7 @@ impl Default for RetryPolicy {
             first_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(2),
             max_total: Duration::from_secs(10),
+            max_elapsed: Duration::from_secs(30),
         }
     }
 }
@@ -221,6 +227,7 @@ impl RetryPolicy {
         first_backoff: Duration::ZERO,
         max_backoff: Duration::ZERO,
         max_total: Duration::ZERO,
+        max_elapsed: Duration::ZERO,
     };
 
     /// The waits before each retry, in order.
@@ -330,7 +337,14 @@ impl AdminClient {
 
     /// `POST /v1/volumes`: answers once the volume serves.
     pub async fn create_volume(&self, req: &CreateVolume) -> Result<Created, AdminError> {
-        self.call(Method::Post, "/volumes", Some(json(req)?)).await
+        // With an id, a create sent twice is answered as done the second time.
+        let repeat = if req.id.is_some() {
+            Repeat::Safe
+        } else {
+            Repeat::IfNothingDone
+        };
+        self.call_with(Method::Post, "/volumes", Some(json(req)?), repeat)
+            .await
     }
 
     /// `GET /v1/volumes/{name}`.
@@ -358,7 +372,9 @@ impl AdminClient {
             timeout: self.limits.timeout.max(DELETE_TIMEOUT),
             ..self.limits
         };
-        let (url, resp) = self.send(Method::Delete, &path, None, limits).await?;
+        let (url, resp) = self
+            .send(Method::Delete, &path, None, limits, Repeat::IfNothingDone)
+            .await?;
         match resp.status {
             202 => Ok(Some(
                 serde_json::from_slice::<common::admin::DeletePending>(&resp.body)
@@ -391,15 +407,31 @@ impl AdminClient {
             .await
     }
 
-    /// Sends and decodes a 2xx answer as `T`.
+    /// Sends and decodes a 2xx answer as `T`; a `GET` is always safe to repeat, anything else
+    /// only when nothing was done.
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, AdminError> {
+        let repeat = if method == Method::Get {
+            Repeat::Safe
+        } else {
+            Repeat::IfNothingDone
+        };
+        self.call_with(method, path, body, repeat).await
+    }
+
+    async fn call_with<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        repeat: Repeat,
+    ) -> Result<T, AdminError> {
         let (url, resp) = self
-            .send(method, path, body.as_deref(), self.limits)
+            .send(method, path, body.as_deref(), self.limits, repeat)
             .await?;
         if !resp.is_success() {
             return Err(error_answer(&url, &resp));
@@ -411,19 +443,24 @@ impl AdminClient {
         })
     }
 
-    /// Sends `method /v1{path}`, retrying `503 unavailable`; answers the endpoint that answered
-    /// and its answer (any status but 503, or 503 once the retries are spent).
+    /// Sends `method /v1{path}`, retrying a `503` that `repeat` allows; answers the endpoint
+    /// that answered and its answer. The retries stop when the policy's waits are spent or
+    /// once its `max_elapsed` has passed since the first try, however long each try took.
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<&[u8]>,
         limits: Limits,
+        repeat: Repeat,
     ) -> Result<(String, http::Response), AdminError> {
         let mut delays = self.retry.delays();
+        let started = tokio::time::Instant::now();
         loop {
             let (url, resp) = self.send_once(method, path, body, limits).await?;
             if resp.status == 503
+                && repeat.allows(&resp)
+                && started.elapsed() < self.retry.max_elapsed
                 && let Some(d) = delays.next()
             {
                 let delay_ms = d.as_millis() as u64;
@@ -487,6 +524,23 @@ impl AdminClient {
 }
 
 /// An endpoint as users wrote it (without a trailing `/`).
+/// Which `503` answers a request may be sent again after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    /// Any: doing it twice is doing it once.
+    Safe,
+    /// Only `no_leader`, which says nothing was done.
+    IfNothingDone,
+}
+
+impl Repeat {
+    fn allows(self, resp: &http::Response) -> bool {
+        self == Repeat::Safe
+            || serde_json::from_slice::<ErrorBody>(&resp.body)
+                .is_ok_and(|b| b.error.code == "no_leader")
+    }
+}
+
 fn endpoint_name(u: &HttpUrl) -> String {
     u.to_string().trim_end_matches('/').to_string()
 }

@@ -215,11 +215,21 @@ pub fn describe(e: &AdminError, token_note: Option<&str>) -> String {
         ),
         AdminError::Api {
             status: 503,
+            code,
             message,
-            ..
-        } => format!(
+        } if code == "no_leader" => format!(
             "{message} (HTTP 503: the cluster has no metadata leader now, probably an election; retry in a few seconds)"
         ),
+        AdminError::Api {
+            status: 503,
+            message,
+            ..
+        } => format!("{message} (HTTP 503)"),
+        AdminError::Api {
+            status: 504,
+            message,
+            ..
+        } => format!("{message} (HTTP 504)"),
         AdminError::Api {
             status: 500,
             message,

@@ -117,6 +117,36 @@ pub enum AdminRequest {
 }
 
 impl AdminRequest {
+    /// Whether carrying the request out twice is the same as once: reads, reports, and the
+    /// requests made idempotent by design (`Ensure`; a create that names its volume id).
+    /// Only these are sent to the metadata leader again after a lost answer.
+    pub fn repeatable(&self) -> bool {
+        match self {
+            AdminRequest::Cluster
+            | AdminRequest::Nodes
+            | AdminRequest::Sleds
+            | AdminRequest::Volumes
+            | AdminRequest::Volume { .. }
+            | AdminRequest::Heartbeat(_)
+            | AdminRequest::Ensure { .. } => true,
+            AdminRequest::Create(c) => c.id.is_some(),
+            AdminRequest::Delete { .. }
+            | AdminRequest::Resize { .. }
+            | AdminRequest::Attach { .. }
+            | AdminRequest::Detach { .. }
+            | AdminRequest::Qos { .. } => false,
+        }
+    }
+
+    /// How long the metadata leader may take to answer it when forwarded: a delete waits for
+    /// exports to close (30 s per member), a flush (30 s) and the trim of its chunks (120 s).
+    fn forward_timeout(&self) -> Duration {
+        match self {
+            AdminRequest::Delete { .. } => Duration::from_secs(280),
+            _ => Duration::from_secs(120),
+        }
+    }
+
     /// A short name for metrics and logs.
     pub fn op(&self) -> &'static str {
         match self {
@@ -171,6 +201,14 @@ pub enum AdminError {
     /// 503.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 `no_leader`: no metadata leader took the request, so nothing was done; sending it
+    /// again is always safe (the one 503 the CLI retries for every request).
+    #[error("{0}")]
+    NoLeader(String),
+    /// 504: the request went to the metadata leader, which did not answer; it may or may not
+    /// have been carried out, so it is not sent again.
+    #[error("{0}")]
+    OutcomeUnknown(String),
     /// 500.
     #[error("{0}")]
     Internal(String),
@@ -185,7 +223,8 @@ impl AdminError {
             AdminError::NotFound(_) => 404,
             AdminError::Conflict(_) => 409,
             AdminError::Capacity(_) => 507,
-            AdminError::Unavailable(_) => 503,
+            AdminError::Unavailable(_) | AdminError::NoLeader(_) => 503,
+            AdminError::OutcomeUnknown(_) => 504,
             AdminError::Internal(_) => 500,
         }
     }
@@ -199,6 +238,8 @@ impl AdminError {
             AdminError::Conflict(_) => "conflict",
             AdminError::Capacity(_) => "insufficient_capacity",
             AdminError::Unavailable(_) => "unavailable",
+            AdminError::NoLeader(_) => "no_leader",
+            AdminError::OutcomeUnknown(_) => "outcome_unknown",
             AdminError::Internal(_) => "internal",
         }
     }
@@ -467,7 +508,7 @@ impl ControlPlane {
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return AdminError::Unavailable(
+                return AdminError::NoLeader(
                     "the metadata group has no leader right now (an election, or too few head nodes are up); retry shortly".into(),
                 )
                 .reply();
@@ -488,7 +529,7 @@ impl ControlPlane {
         let data = Arc::new(AlignedBuf::from_slice(&body));
         match self
             .transport
-            .call(to, ctl, Some(data), Duration::from_secs(120))
+            .call(to, ctl, Some(data), req.forward_timeout())
             .await
         {
             Ok((ctl, data)) => match postcard::from_bytes::<VolumeRpcReply>(&ctl) {
@@ -508,6 +549,16 @@ impl ControlPlane {
             Err(TransportError::UnknownPeer(p)) => Err(AdminError::Internal(format!(
                 "the metadata leader {p} is not among this node's peers"
             ))),
+            Err(e @ (TransportError::Timeout(_) | TransportError::Disconnected(_)))
+                if !req.repeatable() =>
+            {
+                // It reached the leader, or may have: sending it again could do it twice.
+                tracing::warn!(to = to.0, op = req.op(), error = %e, "lost the metadata leader's answer");
+                Err(AdminError::OutcomeUnknown(format!(
+                    "the request went to the metadata leader (head node {}) but its answer was lost ({e}); it may or may not have been carried out: look before retrying (`stockade volume show`)",
+                    to.0
+                )))
+            }
             Err(e) => {
                 tracing::debug!(to = to.0, error = %e, "forwarding an admin request failed; retrying");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -605,6 +656,42 @@ mod tests {
         let b: ErrorBody = serde_json::from_value(r.body).unwrap();
         assert_eq!(b.error.code, "conflict");
         assert_eq!(AdminError::Capacity("x".into()).status(), 507);
+        let e = AdminError::NoLeader("x".into());
+        assert_eq!((e.status(), e.code()), (503, "no_leader"));
+        let e = AdminError::OutcomeUnknown("x".into());
+        assert_eq!((e.status(), e.code()), (504, "outcome_unknown"));
+    }
+
+    #[test]
+    fn only_repeatable_requests_are_forwarded_twice() {
+        let create = |id: Option<&str>| {
+            AdminRequest::Create(CreateVolume {
+                name: "a".into(),
+                size: 4096,
+                qos: None,
+                id: id.map(str::to_string),
+            })
+        };
+        assert!(AdminRequest::Volumes.repeatable());
+        assert!(create(Some("0123456789abcdef0123456789abcdef")).repeatable());
+        assert!(!create(None).repeatable());
+        let name = "a".to_string();
+        for r in [
+            AdminRequest::Delete {
+                name: name.clone(),
+                force: false,
+            },
+            AdminRequest::Resize {
+                name: name.clone(),
+                size: 8192,
+            },
+        ] {
+            assert!(!r.repeatable(), "{r:?}");
+        }
+        assert!(
+            AdminRequest::Delete { name, force: false }.forward_timeout()
+                > Duration::from_secs(240)
+        );
     }
 
     #[test]

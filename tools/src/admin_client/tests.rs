@@ -142,6 +142,7 @@ fn fast_retry() -> RetryPolicy {
         first_backoff: Duration::from_millis(1),
         max_backoff: Duration::from_millis(4),
         max_total: Duration::from_millis(20),
+        max_elapsed: Duration::from_secs(30),
     }
 }
 
@@ -263,6 +264,56 @@ async fn error_answers_are_typed() {
     }
     let e = c.delete("nope", false).await.unwrap_err();
     assert_eq!(e.code(), Some("not_found"));
+}
+
+/// A `503` other than `no_leader` may come after part of a change was made: only requests
+/// that are safe to repeat are sent again; `no_leader` says nothing was done, so any is.
+#[tokio::test]
+async fn only_what_is_safe_to_repeat_is_retried_after_a_503() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let code = Arc::new(Mutex::new("unavailable"));
+    let (c2, code2) = (calls.clone(), code.clone());
+    let srv = Raw::start(move |_| {
+        c2.fetch_add(1, Ordering::SeqCst);
+        api_error(503, *code2.lock().unwrap(), "busy")
+    })
+    .await;
+    let c = client(vec![srv.url()]);
+    let retried = fast_retry().delays().count();
+    let create = |id: Option<&str>| CreateVolume {
+        name: "v".into(),
+        size: 4096,
+        qos: None,
+        id: id.map(str::to_string),
+    };
+    let id = Some("0123456789abcdef0123456789abcdef");
+    let cases: Vec<(&str, bool)> = vec![
+        ("resize", false),
+        ("delete", false),
+        ("create without an id", false),
+        ("create with an id", true),
+        ("list", true),
+    ];
+    for (code_now, any) in [("unavailable", false), ("no_leader", true)] {
+        *code.lock().unwrap() = code_now;
+        for (what, safe) in &cases {
+            calls.store(0, Ordering::SeqCst);
+            let e = match *what {
+                "resize" => c.resize("v", 8192).await.unwrap_err(),
+                "delete" => c.delete("v", false).await.unwrap_err(),
+                "create without an id" => c.create_volume(&create(None)).await.unwrap_err(),
+                "create with an id" => c.create_volume(&create(id)).await.unwrap_err(),
+                _ => c.list_volumes().await.unwrap_err(),
+            };
+            assert_eq!((e.status(), e.code()), (Some(503), Some(code_now)));
+            let want = if *safe || any { 1 + retried } else { 1 };
+            assert_eq!(
+                calls.load(Ordering::SeqCst),
+                want,
+                "{what} after {code_now}"
+            );
+        }
+    }
 }
 
 #[tokio::test]

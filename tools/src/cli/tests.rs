@@ -287,9 +287,14 @@ fn errors_say_what_to_do() {
             "volume \"a\" exists"
         );
     }
-    let e = describe(&api(503, "unavailable", "no metadata leader"), None);
+    let e = describe(&api(503, "no_leader", "no metadata leader"), None);
     assert!(e.starts_with("no metadata leader"), "{e}");
-    assert!(e.contains("retry"), "{e}");
+    assert!(e.contains("election") && e.contains("retry"), "{e}");
+    // Other 503s name their own cause: no election hint.
+    let e = describe(&api(503, "unavailable", "volume group has no leader"), None);
+    assert_eq!(e, "volume group has no leader (HTTP 503)");
+    let e = describe(&api(504, "outcome_unknown", "answer lost"), None);
+    assert_eq!(e, "answer lost (HTTP 504)");
     let e = describe(&api(500, "internal", "disk on fire"), None);
     assert!(e.contains("disk on fire") && e.contains("500"), "{e}");
 
