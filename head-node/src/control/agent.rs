@@ -132,19 +132,11 @@ impl ControlPlane {
                 let Some(spec) = st.spec.clone() else {
                     return GroupReply::Failed("the group has no volume".into());
                 };
-                if spec.size >= size {
-                    return GroupReply::Ok;
-                }
-                let mut grown = crate::volume::VolumeSpec::clone(&spec);
-                grown.placement.extend(extra);
-                grown.size = size;
-                if grown.chunks() != size.div_ceil(spec.chunk_size) {
-                    return GroupReply::Failed(format!(
-                        "growth placement covers {} chunks; {size} bytes need {}",
-                        grown.chunks(),
-                        size.div_ceil(spec.chunk_size)
-                    ));
-                }
+                let grown = match spec.grown(size, &extra) {
+                    Ok(Some(g)) => g,
+                    Ok(None) => return GroupReply::Ok,
+                    Err(m) => return GroupReply::Failed(m),
+                };
                 match h
                     .propose(EntryHeader::Spec(grown), bytes::Bytes::new())
                     .await
@@ -187,15 +179,19 @@ impl ControlPlane {
             GroupOp::CloseExport => {
                 for v in self.volumes.remove_group(group) {
                     v.detach();
-                    if tokio::time::timeout(Duration::from_secs(30), v.drained())
+                }
+                // Wait on the group's volume even when it was no longer exported: a close
+                // sent again after one that timed out waits for the same requests.
+                if let Some(v) = self.repl.volume(group)
+                    && v.is_detached()
+                    && tokio::time::timeout(Duration::from_secs(30), v.drained())
                         .await
                         .is_err()
-                    {
-                        return GroupReply::Failed(format!(
-                            "{} requests still in flight after 30 s",
-                            v.inflight()
-                        ));
-                    }
+                {
+                    return GroupReply::Failed(format!(
+                        "{} requests of the detached clients still in flight after 30 s",
+                        v.inflight()
+                    ));
                 }
                 GroupReply::Ok
             }
@@ -452,6 +448,13 @@ impl ControlPlane {
                 continue;
             }
             if let Some(v) = self.repl.volume(gid) {
+                // Requests of the clients a detach cut off are still running: a new client
+                // must not write beside them. Open once they are done (a later round).
+                if v.is_detached() && v.inflight() > 0 {
+                    tracing::info!(volume = %name, inflight = v.inflight(),
+                        "export waits for the requests of detached clients");
+                    continue;
+                }
                 v.attach();
                 self.volumes.insert(&name, v);
                 tracing::info!(volume = %name, "export opened");

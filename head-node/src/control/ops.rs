@@ -686,22 +686,31 @@ impl ControlPlane {
 
     /// Closes the volume's export on every member of its group, then waits until its
     /// committed data is on the sleds.
+    /// A member that answers but cannot close (its detached clients' requests still run after
+    /// 30 s) fails the call: the caller must not report the volume closed. A member that does
+    /// not answer has no connections; its export closes when it comes back and reconciles.
     async fn close_everywhere(&self, g: &GroupRecord) -> Result<(), AdminError> {
-        let mut errors = Vec::new();
+        let mut unreached = Vec::new();
+        let mut failed = Vec::new();
         for n in g.runners() {
             match self
-                .group_call(n, g.id, &GroupOp::CloseExport, Duration::from_secs(30))
+                .group_call(n, g.id, &GroupOp::CloseExport, Duration::from_secs(35))
                 .await
             {
                 Ok(GroupReply::Ok | GroupReply::NoGroup) => {}
-                Ok(other) => errors.push(format!("head node {n}: {other:?}")),
-                Err(e) => errors.push(format!("head node {n}: {e}")),
+                Ok(GroupReply::Failed(m)) => failed.push(format!("head node {n}: {m}")),
+                Ok(other) => unreached.push(format!("head node {n}: {other:?}")),
+                Err(e) => unreached.push(format!("head node {n}: {e}")),
             }
         }
-        if !errors.is_empty() {
-            // A node that is down has no connections; its export closes when it comes back
-            // and reconciles.
-            tracing::warn!(group = %g.id, errors = ?errors, "closing the export did not reach every member");
+        if !unreached.is_empty() {
+            tracing::warn!(group = %g.id, errors = ?unreached, "closing the export did not reach every member");
+        }
+        if !failed.is_empty() {
+            return Err(AdminError::Unavailable(format!(
+                "the export is not closed yet: {}; no new client is let in until they finish; send the request again to wait for them",
+                failed.join("; ")
+            )));
         }
         self.leader_call(g, &GroupOp::Flush, Duration::from_secs(30))
             .await
@@ -713,6 +722,15 @@ impl ControlPlane {
             let st = self.state();
             let v = st.volumes.get(name).ok_or_else(|| not_found(name))?;
             if v.attachments.is_empty() {
+                // Nothing to remove; but a detach sent again after one that could not close
+                // every export (or flush) finishes that work before it answers.
+                let g = st.groups.get(&v.group).cloned();
+                drop(st);
+                if let Some(g) = g {
+                    let _closing = Closing::enter(self, name);
+                    drop(_lock);
+                    self.close_everywhere(&g).await?;
+                }
                 return self.volume_info(name);
             }
             let mut v = v.clone();

@@ -108,6 +108,30 @@ impl VolumeSpec {
         Ok(())
     }
 
+    /// This spec grown to `size` with `extra`, the placement the control plane chose for the
+    /// chunks past *its* record of the size. `Ok(None)` when already that large. The record may
+    /// be behind the group (an earlier resize grew the group, then failed to record it): then
+    /// `extra` covers more chunks than are missing, and the missing ones are its tail.
+    pub fn grown(&self, size: u64, extra: &[Vec<SledId>]) -> Result<Option<Self>, String> {
+        if self.size >= size {
+            return Ok(None);
+        }
+        let need = size.div_ceil(self.chunk_size);
+        let missing = need.saturating_sub(self.chunks()) as usize;
+        if extra.len() < missing {
+            return Err(format!(
+                "growth placement covers {} chunks; {size} bytes need {missing} more",
+                extra.len()
+            ));
+        }
+        let mut grown = self.clone();
+        grown
+            .placement
+            .extend_from_slice(&extra[extra.len() - missing..]);
+        grown.size = size;
+        Ok(Some(grown))
+    }
+
     /// Number of chunks.
     pub fn chunks(&self) -> u64 {
         self.placement.len() as u64
@@ -164,6 +188,32 @@ mod tests {
 
     fn sleds(n: u128) -> Vec<SledId> {
         (1..=n).map(Uuid128).collect()
+    }
+
+    #[test]
+    fn growth_takes_the_missing_tail_of_the_placement() {
+        let chunk = 64 << 20;
+        let s = VolumeSpec::place(VolumeId(7), "v", 2 * chunk, chunk, &sleds(3), 3).unwrap();
+        let set = |n: u128| vec![Uuid128(n); 3];
+        assert_eq!(s.grown(2 * chunk, &[]), Ok(None));
+        let g = s.grown(3 * chunk, &[set(9)]).unwrap().unwrap();
+        assert_eq!((g.size, g.chunks()), (3 * chunk, 3));
+        assert_eq!(g.placement[2], set(9));
+        // The control plane's record said 2 chunks while the group had 3: a resize to 5
+        // chunks places 3; the group takes the last 2.
+        let g5 = g
+            .grown(5 * chunk, &[set(1), set(2), set(3)])
+            .unwrap()
+            .unwrap();
+        assert_eq!(g5.chunks(), 5);
+        assert_eq!(g5.placement[..3], g.placement[..]);
+        assert_eq!(g5.placement[3..], [set(2), set(3)]);
+        assert!(g.grown(5 * chunk, &[set(1)]).is_err(), "too few");
+        // A size inside the last chunk needs no new chunk.
+        let odd =
+            VolumeSpec::place(VolumeId(7), "v", 2 * chunk + 4096, chunk, &sleds(3), 3).unwrap();
+        let g = odd.grown(3 * chunk, &[]).unwrap().unwrap();
+        assert_eq!((g.size, g.chunks()), (3 * chunk, 3));
     }
 
     #[test]
