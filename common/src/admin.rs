@@ -135,8 +135,12 @@ pub struct SetQos {
         deserialize_with = "present"
     )]
     pub burst_iops: Option<Option<u64>>,
-    /// Burst credit maximum, ops.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Burst credit maximum, ops. A size rather than a limit: `null` is refused.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "not_null"
+    )]
     pub burst_credits: Option<u64>,
     /// Bandwidth, bytes per second.
     #[serde(
@@ -154,6 +158,16 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(d).map(Some)
+}
+
+/// A field that, when present, must hold a value: `Some(value)`; `null` is an error (absent
+/// fields get the default).
+fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 impl SetQos {
@@ -407,6 +421,16 @@ mod tests {
         assert_eq!(q.burst_iops, Some(300));
         assert_eq!(q.burst_credits, 1000);
         assert_eq!(q.bandwidth, None);
+    }
+
+    #[test]
+    fn burst_credits_cannot_be_null() {
+        let e = serde_json::from_str::<SetQos>(r#"{"burst_credits":null}"#).unwrap_err();
+        assert!(e.to_string().contains("null"), "{e}");
+        let s: SetQos = serde_json::from_str(r#"{"burst_credits":5}"#).unwrap();
+        assert_eq!(s.burst_credits, Some(5));
+        let s: SetQos = serde_json::from_str(r#"{"iops":5}"#).unwrap();
+        assert_eq!(s.burst_credits, None);
     }
 
     #[test]

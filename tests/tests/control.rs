@@ -496,6 +496,13 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     }
     let (status, _) = http_request(admin, "GET", "/v1/volumes", &[], b"").unwrap();
     assert_eq!(status, 401);
+    // The scheme is case-insensitive; a wrong token is still refused.
+    let lower = format!("Authorization: bearer {ADMIN_TOKEN}");
+    let (status, text) = http_request(admin, "GET", "/v1/volumes", &[&lower], b"").unwrap();
+    assert_eq!(status, 200, "{text}");
+    let wrong = "Authorization: bearer not-the-token";
+    let (status, _) = http_request(admin, "GET", "/v1/volumes", &[wrong], b"").unwrap();
+    assert_eq!(status, 401);
     let big = vec![b'x'; 100 << 10];
     let (status, text) = http_request(admin, "POST", "/v1/volumes", &[&auth], &big).unwrap();
     assert_eq!(status, 413);

@@ -50,8 +50,10 @@ fn authorize(cp: &ControlPlane, headers: &HeaderMap) -> Result<(), AdminError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.trim_start().split_once(' '))
+        // The scheme is case-insensitive (RFC 9110, section 11.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
     match given {
         None => Err(AdminError::Unauthorized(
             "missing admin token: send `Authorization: Bearer <token>` with the content of the cluster's admin token file (the CLI takes --token-file or STOCKADE_TOKEN_FILE)".into(),
