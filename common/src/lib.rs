@@ -6,6 +6,7 @@ pub mod aligned;
 pub mod clock;
 pub mod cred;
 pub mod events;
+pub mod http_server;
 pub mod ids;
 pub mod logging;
 pub mod metrics;

@@ -153,15 +153,14 @@ pub fn router(registry: Registry) -> Router {
         .with_state(registry)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves.
+/// Serves `router` on `listener` until `shutdown` resolves, within the bounds of
+/// [`crate::http_server`] (connections, header time, shutdown grace).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    crate::http_server::serve(listener, router, shutdown).await
 }
 
 #[cfg(test)]
