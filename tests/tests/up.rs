@@ -384,3 +384,77 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
     }
     assert!(p.stop(Duration::from_secs(60)));
 }
+
+/// Pids of live processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) && alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Ctrl-C while `stockade up --detach` is still starting: it stops what it started (detached
+/// children included) and says so, instead of dying and leaving them running with the lock.
+#[test]
+fn a_signal_during_the_start_stops_what_had_started() {
+    let dir = scratch("up-interrupted");
+    let data = dir.path().join("data");
+    let args: Vec<String> = [
+        "up",
+        "--detach",
+        "--data-dir",
+        &data.display().to_string(),
+        "--sled-size",
+        "4GiB",
+        "--chunk-size",
+        "8MiB",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut p = Proc::spawn("up-int", &bin("stockade"), &args, dir.path());
+    // The first sled is ready: the head nodes and the default volume are still to come.
+    let sled_ready = data.join("sled-1/ready.json");
+    eventually(Duration::from_secs(60), "the first sled ready", || {
+        assert!(p.is_running(), "stockade up exited:\n{}", p.log_tail(30));
+        sled_ready.exists().then_some(())
+    });
+    let needle = data.display().to_string();
+    assert!(!processes_mentioning(&needle).is_empty(), "no child found");
+    let pid = p.pid().expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    eventually(Duration::from_secs(60), "stockade up to exit", || {
+        (!p.is_running()).then_some(())
+    });
+    let log = p.log_text();
+    assert!(
+        !log.contains("Stockade is up"),
+        "the signal came too late:\n{log}"
+    );
+    assert!(
+        log.contains("interrupted before the cluster was up; stopped what had started"),
+        "{log}"
+    );
+    let left = processes_mentioning(&needle);
+    assert!(left.is_empty(), "children left running: {left:?}");
+    assert!(!data.join("cluster.json").exists());
+    // Nothing holds the directory: it starts again at once.
+    let (mut p2, info) = up(dir.path(), "up-int2");
+    assert_eq!(info.processes.len(), 6);
+    assert!(p2.stop(Duration::from_secs(60)), "{}", p2.log_tail(30));
+}

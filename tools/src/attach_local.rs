@@ -369,7 +369,13 @@ pub async fn serve_local(
     cfg: LocalConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AttachError> {
-    let ep = LocalEndpoint::start(cfg).await?;
+    tokio::pin!(shutdown);
+    // A signal while the endpoint is still starting (it retries the head nodes for a while)
+    // ends it at once.
+    let ep = tokio::select! {
+        r = LocalEndpoint::start(cfg) => r?,
+        () = &mut shutdown => return Ok(()),
+    };
     // Nothing useful can be done when stdout is gone; the endpoint serves anyway.
     let _ = print_uri(&ep);
     shutdown.await;

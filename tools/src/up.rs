@@ -310,11 +310,18 @@ fn spawn(
     })
 }
 
-fn wait_ready(m: &mut Member, timeout: Duration) -> anyhow::Result<()> {
+fn wait_ready(
+    m: &mut Member,
+    timeout: Duration,
+    signalled: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
         if m.ready_file.exists() {
             return Ok(());
+        }
+        if *signalled.borrow() {
+            bail!(INTERRUPTED);
         }
         if let Some(status) = m.child.try_wait()? {
             let tail = std::fs::read_to_string(&m.log).unwrap_or_default();
@@ -531,6 +538,9 @@ async fn prepare(
 /// Runs `stockade up`.
 /// Runs `stockade up` on `data_dir` (where the cluster keeps its state: created on the first
 /// run, reused afterwards).
+/// The error of a run stopped by Ctrl-C/SIGTERM before the cluster was up.
+const INTERRUPTED: &str = "interrupted before the cluster was up; stopped what had started";
+
 pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
     if args.sleds == 0 {
         bail!("--sleds must be at least 1");
@@ -574,6 +584,25 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
     let sled_bin = sibling_binary("sled-controller")?;
     let head_bin = sibling_binary("head-node")?;
 
+    // Signals are caught before anything starts: a Ctrl-C (or SIGTERM) during the start stops
+    // what has started, heads before sleds, instead of killing this process and leaving
+    // detached children running. One worker runs the watcher while this thread starts.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (signal_tx, signalled) = tokio::sync::watch::channel(false);
+    {
+        let mut shutdown = {
+            let _in_rt = rt.enter();
+            common::signals::Shutdown::catch()
+        };
+        rt.spawn(async move {
+            shutdown.wait().await;
+            let _ = signal_tx.send(true);
+        });
+    }
+
     let mut members: Vec<Member> = Vec::new();
     let mut configs: BTreeMap<String, PathBuf> = BTreeMap::new();
     let started = (|| -> anyhow::Result<()> {
@@ -597,7 +626,7 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
             configs.insert(name.clone(), cfg);
         }
         for m in &mut members {
-            wait_ready(m, Duration::from_secs(120))?;
+            wait_ready(m, Duration::from_secs(120), &signalled)?;
         }
         let sled_addrs: Vec<SocketAddr> = sled_names.iter().map(|n| ports[n].listen).collect();
         let peers: Vec<(usize, SocketAddr)> = head_names
@@ -629,7 +658,7 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
             configs.insert(name.clone(), cfg);
         }
         for m in members.iter_mut().filter(|m| m.info_role == "head") {
-            wait_ready(m, Duration::from_secs(120))?;
+            wait_ready(m, Duration::from_secs(120), &signalled)?;
         }
         Ok(())
     })();
@@ -641,21 +670,19 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
         .iter()
         .map(|n| format!("http://{}", ports[n].metrics))
         .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let uri = {
         let endpoints = crate::admin_client::AdminClient::parse_endpoints(&admin_endpoints)?;
         let client = crate::admin_client::AdminClient::new(
             endpoints,
             Some(crate::admin_client::AdminToken::read(&token)?),
         )?;
-        match rt.block_on(prepare(
-            &client,
-            args.heads,
-            args.sleds,
-            Duration::from_secs(120),
-        )) {
+        let mut signal = signalled.clone();
+        match rt.block_on(async {
+            tokio::select! {
+                r = prepare(&client, args.heads, args.sleds, Duration::from_secs(120)) => r,
+                _ = signal.wait_for(|s| *s) => Err(anyhow::anyhow!(INTERRUPTED)),
+            }
+        }) {
             Ok(u) => u,
             Err(e) => {
                 stop_all(&mut members);
@@ -697,7 +724,8 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
 
     rt.block_on(async {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
-        let stop = common::signals::wait_for_shutdown();
+        let mut signal = signalled.clone();
+        let stop = signal.wait_for(|s| *s);
         tokio::pin!(stop);
         // try_wait keeps returning the exit status of a child that has exited: say it once.
         let mut reported = vec![false; members.len()];

@@ -315,9 +315,13 @@ async fn attach_local(client: &AdminClient, a: &AttachArgs) -> Result<Output, Cl
     if req.client.is_none() {
         req.client = Some(format!("attach --local pid {}", std::process::id()));
     }
+    // Catch Ctrl-C/SIGTERM before attaching: one that comes while the attach or the endpoint's
+    // start is under way must still end in the detach below, not kill the process and leave
+    // the volume attached. The attach itself is let finish (its answer names the attachment).
+    let mut shutdown = common::signals::Shutdown::catch();
     let att = client.attach(&a.name, &req).await?;
     let cfg = a.local.config(a.name.clone(), att.endpoints.clone());
-    let served = crate::attach_local::serve_local(cfg, common::signals::wait_for_shutdown()).await;
+    let served = crate::attach_local::serve_local(cfg, async move { shutdown.wait().await }).await;
     let detach = DetachVolume {
         attachment: Some(att.attachment.id),
     };
