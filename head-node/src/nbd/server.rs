@@ -71,9 +71,15 @@ pub struct ServerConfig {
     /// While the server waits on a client (replies it has not read, a write payload it has not
     /// finished sending), the client must make some progress within this time or its
     /// connection is closed, giving back the in-flight bytes it holds, which all connections
-    /// share (see `nbd::stall`). A connection idle between requests is never timed out.
+    /// share (see `nbd::stall`). A connection idle between requests is never timed out; a
+    /// peer that is gone (its machine died, the network split) is found by TCP keepalive
+    /// (probes after 60 s idle, every 10 s, 6 unanswered end it: about 2 minutes).
     #[serde(with = "common::units::duration")]
     pub stall_timeout: Duration,
+    /// Bytes per second a client the server waits on must average: one that falls more than
+    /// `stall-timeout` behind this rate over a wait is disconnected too, however often it
+    /// makes a little progress.
+    pub stall_min_rate: common::ByteSize,
     /// Time connections get to answer in-flight requests after shutdown before being aborted.
     #[serde(with = "common::units::duration")]
     pub shutdown_grace: Duration,
@@ -92,6 +98,7 @@ impl Default for ServerConfig {
             max_options: 1024,
             handshake_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(60),
+            stall_min_rate: common::ByteSize(256 << 10),
             shutdown_grace: Duration::from_secs(30),
             max_connections: 1024,
         }
@@ -146,10 +153,24 @@ impl ServerConfig {
         {
             return err("stall-timeout", "must be between 100ms and 1 day");
         }
+        if self.stall_min_rate.bytes() < 1024 || self.stall_min_rate.bytes() > 1 << 40 {
+            return err(
+                "stall-min-rate",
+                "must be between 1 KiB and 1 TiB (per second)",
+            );
+        }
         if self.max_options == 0 || self.max_connections == 0 {
             return err("max-options/max-connections", "must be positive");
         }
         Ok(())
+    }
+
+    /// How long a client may keep the server waiting.
+    pub(crate) fn stall(&self) -> super::stall::Stall {
+        super::stall::Stall {
+            limit: self.stall_timeout,
+            min_rate: self.stall_min_rate.bytes(),
+        }
     }
 
     pub(crate) fn max_payload(&self) -> u32 {
@@ -357,14 +378,34 @@ async fn accept(
     Ok((stream, peer, slot))
 }
 
+/// Keepalive probes start after this long without traffic.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Time between keepalive probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes that end a connection.
+const KEEPALIVE_PROBES: u32 = 6;
+
+/// Socket options of an accepted connection: no Nagle (the specification asks both ends to
+/// disable it), and TCP keepalive, so that a client that vanished while idle (kernel clients
+/// keep idle connections for days) does not hold its connection slot and buffers for good.
+fn tune_socket(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        debug!(error = %e, "could not enable TCP keepalive");
+    }
+}
+
 async fn handle_connection<E: Exports>(
     shared: Arc<Shared<E>>,
     stream: TcpStream,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
-    // The specification asks both ends to disable Nagle.
-    let _ = stream.set_nodelay(true);
+    tune_socket(&stream);
     debug!(%peer, "NBD connection accepted");
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(128 << 10, rd);
@@ -461,16 +502,23 @@ pub(crate) fn block_limits(info: &ExportInfo, max_payload: u32) -> BlockLimits {
         1
     };
     let floor = min.max(512);
+    let max = info.max_block.min(max_payload);
+    let max = max - max % min;
     let preferred = info
         .preferred_block
         .max(floor)
-        .min(max_payload)
         .checked_next_power_of_two()
-        .unwrap_or(floor)
-        .min(1 << 25)
-        .max(floor);
-    let max = info.max_block.min(max_payload);
-    let max = (max - max % min).max(preferred);
+        .unwrap_or(1 << 25)
+        .min(1 << 25);
+    // Never above the maximum (which never exceeds the server's payload limit): rounded up
+    // past it, the preferred size becomes the largest power of two that fits.
+    let preferred = if preferred > max && max >= floor {
+        1 << (31 - max.leading_zeros())
+    } else {
+        preferred
+    };
+    // Only a nonsensical backend maximum (below 512 bytes) is raised to the preferred size.
+    let max = max.max(preferred);
     BlockLimits {
         min,
         preferred,
@@ -836,6 +884,21 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn accepted_connections_have_keepalive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        tune_socket(&stream);
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert!(stream.nodelay().unwrap());
+    }
+
     #[test]
     fn block_limits_are_sanitised() {
         let l = |min, pref, max| {
@@ -875,6 +938,11 @@ mod tests {
         );
         assert_eq!(l(512, 4096, 0), (512, 4096, 4096), "max at least preferred");
         assert_eq!(l(0, 0, u32::MAX), (1, 512, 32 << 20));
+        // A payload limit that is not a power of two: the preferred size stays under it.
+        let b = block_limits(&info(512, 4 << 20, 64 << 20), 3 << 20);
+        assert_eq!((b.min, b.preferred, b.max), (512, 2 << 20, 3 << 20));
+        let b = block_limits(&info(512, 1 << 30, 64 << 20), 32 << 20);
+        assert_eq!((b.preferred, b.max), (32 << 20, 32 << 20));
     }
 
     #[test]

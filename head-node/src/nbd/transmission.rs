@@ -408,7 +408,7 @@ pub(crate) async fn run<E, V: Volume>(
     let (tx, rx) = mpsc::channel::<Reply>(cfg.max_inflight_requests as usize + 1);
     let mut writer = tokio::spawn(write_replies(
         rx,
-        BufWriter::with_capacity(256 << 10, StallGuard::new(wr, cfg.stall_timeout)),
+        BufWriter::with_capacity(256 << 10, StallGuard::new(wr, cfg.stall())),
         WriterCtx {
             style,
             metrics: metrics.clone(),
@@ -511,7 +511,7 @@ pub(crate) async fn run<E, V: Volume>(
             }
             Err(refusal) => {
                 if payload > 0
-                    && let Err(e) = stall::drain(&mut rd, payload, cfg.stall_timeout).await
+                    && let Err(e) = stall::drain(&mut rd, payload, cfg.stall()).await
                 {
                     debug!(%peer, error = %e, "draining a refused payload failed");
                     break if stall::is_stall(&e) {
@@ -546,7 +546,7 @@ pub(crate) async fn run<E, V: Volume>(
         };
         let data = if let Op::Write { len, .. } = op {
             let mut buf = AlignedBuf::zeroed(len as usize);
-            if let Err(e) = stall::read_exact(&mut rd, &mut buf, cfg.stall_timeout).await {
+            if let Err(e) = stall::read_exact(&mut rd, &mut buf, cfg.stall()).await {
                 break if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     CloseReason::Violation("connection closed inside a write payload".into())
                 } else if stall::is_stall(&e) {
@@ -586,11 +586,24 @@ pub(crate) async fn run<E, V: Volume>(
         writer.abort();
         return reason;
     }
-    // Every request task holds a sender: the writer ends once the last reply is written.
+    // Every request task holds a sender: the writer ends once the last reply is written. A
+    // client may still be sending (requests it sent before it saw the end): that input is read
+    // and dropped, because closing a socket with unread input makes the kernel reset the
+    // connection and discard the replies it has not sent yet.
+    let graceful = matches!(
+        reason,
+        CloseReason::ExportClosed | CloseReason::Shutdown | CloseReason::Disconnect
+    );
     let written = match writer_done {
         Some(res) => res,
+        None if graceful => discard_input_until(&mut rd, &mut writer).await,
         None => writer.await,
     };
+    if graceful && matches!(written, Ok(Ok(()))) {
+        // The replies and the end of stream are queued: wait (bounded) for the client to
+        // read them and close its side, still dropping what it sends.
+        let _ = tokio::time::timeout(LINGER, discard_input(&mut rd, LINGER_BYTES)).await;
+    }
     match written {
         Ok(Ok(())) => reason,
         // A client that left cannot be written to; that is not a separate failure.
@@ -599,6 +612,36 @@ pub(crate) async fn run<E, V: Volume>(
         Ok(Err(e)) => CloseReason::WriteFailed(e),
         Err(e) => CloseReason::WriteFailed(std::io::Error::other(e)),
     }
+}
+
+/// How long a gracefully closed connection waits for the client to close its side after the
+/// last reply.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most input dropped while lingering.
+const LINGER_BYTES: u64 = 64 << 20;
+
+/// Reads and drops input until `writer` ends (or the input does); answers the writer's result.
+async fn discard_input_until<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    writer: &mut tokio::task::JoinHandle<std::io::Result<()>>,
+) -> Result<std::io::Result<()>, tokio::task::JoinError> {
+    let mut scratch = vec![0u8; 64 << 10];
+    loop {
+        tokio::select! {
+            res = &mut *writer => return res,
+            r = rd.read(&mut scratch) => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    return writer.await;
+                }
+            }
+        }
+    }
+}
+
+/// Reads and drops input until the end of stream, an error, or `limit` bytes.
+async fn discard_input<R: AsyncRead + Unpin>(rd: &mut R, limit: u64) {
+    let mut sink = tokio::io::sink();
+    let _ = tokio::io::copy(&mut rd.take(limit), &mut sink).await;
 }
 
 /// Takes `n` permits, counting a back-pressure wait when none are free right away. `None` only
