@@ -589,6 +589,34 @@ async fn in_flight_bytes_are_bounded_across_connections() {
     }
 }
 
+/// A block status reply can hold 1 MiB of descriptors: it counts against the in-flight bytes
+/// like a read of that size.
+#[tokio::test]
+async fn block_status_replies_count_against_the_in_flight_bytes() {
+    let cfg = ServerConfig {
+        max_payload_bytes: common::ByteSize(MIB),
+        max_inflight_bytes: common::ByteSize(MIB),
+        max_server_inflight_bytes: common::ByteSize(MIB),
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start_with(cfg, vec![vol("a")]).await;
+    let v = srv.vol("a");
+    let mut c = open(srv.addr, "a", Mode::Extended).await;
+    v.pause();
+    for cookie in [1, 2] {
+        c.send(Cmd::BlockStatus.wire(), 0, cookie, 0, MIB, &[])
+            .await;
+    }
+    eventually("one block status in flight, one waiting", || {
+        v.pending() == 1 && srv.metric("stockade_nbd_backpressure_waits_total{volume=\"a\"}") >= 1.0
+    })
+    .await;
+    tokio::task::yield_now().await;
+    assert_eq!(v.pending(), 1);
+    v.resume();
+    assert_eq!(futures_recv(&mut c, 2).await, [1, 2].into_iter().collect());
+}
+
 /// A client that stops reading its replies holds the server-wide in-flight bytes its reads
 /// took; one that stops sending a write's payload holds its share too. Each is closed after
 /// the stall timeout, and everyone else goes on.

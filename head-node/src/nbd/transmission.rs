@@ -37,6 +37,8 @@ use super::stall::{self, StallGuard};
 /// Most descriptors in one block status reply (the specification suggests at most 2^20; the
 /// client asks again for the rest).
 pub(crate) const MAX_DESCRIPTORS: usize = 1 << 16;
+/// Bytes of one block status descriptor in the larger (extended) form.
+const DESCRIPTOR_BYTES: u32 = 16;
 /// Replies the writer encodes before flushing the socket.
 const WRITE_BATCH: usize = 64;
 
@@ -112,10 +114,14 @@ pub(crate) enum Op {
 }
 
 impl Op {
-    /// Payload bytes this request keeps in memory while in flight.
+    /// Payload bytes this request keeps in memory while in flight. A block status reply is
+    /// counted at its largest ([`MAX_DESCRIPTORS`] descriptors of 16 bytes, 1 MiB), or clients
+    /// could hold that much per request outside every bound.
     fn payload_bytes(&self) -> u32 {
         match *self {
             Op::Read { len, .. } | Op::Write { len, .. } => len,
+            Op::BlockStatus { req_one: true, .. } => DESCRIPTOR_BYTES,
+            Op::BlockStatus { req_one: false, .. } => MAX_DESCRIPTORS as u32 * DESCRIPTOR_BYTES,
             _ => 0,
         }
     }
