@@ -578,9 +578,17 @@ impl RemoteVolume {
                 self.metrics.retried.with_label_values(&[op]).inc();
             }
             let t0 = Instant::now();
+            // After a failure, no attempt runs past the retry deadline: a head that accepts
+            // the request and never answers must not stretch it by a whole request timeout.
+            let limit = match first_failure {
+                Some(_) => self
+                    .cfg
+                    .request_timeout
+                    .min(deadline.saturating_duration_since(t0)),
+                None => self.cfg.request_timeout,
+            };
             let counted = Counted::new(&self.metrics.in_flight);
-            let result =
-                tokio::time::timeout(self.cfg.request_timeout, attempt(conn.client.clone())).await;
+            let result = tokio::time::timeout(limit, attempt(conn.client.clone())).await;
             drop(counted);
             self.metrics
                 .duration

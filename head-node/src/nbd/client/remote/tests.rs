@@ -323,6 +323,36 @@ async fn a_hung_head_is_left_after_the_request_timeout() {
     assert_eq!(&rv.read(4096, 4096).await.unwrap()[..], &block(2, 4096)[..]);
 }
 
+/// Heads that take requests and never answer: after the first timeout, the retries end at the
+/// retry deadline, not a whole request timeout later.
+#[tokio::test]
+async fn hung_heads_fail_a_request_at_the_retry_deadline() {
+    let vol = Arc::new(MemVolume::new("vol", 16 * MIB));
+    let (ga, gb) = (Gate::new(vol.clone()), Gate::new(vol.clone()));
+    let (a, _sa) = serve(ga.clone()).await;
+    let (b, _sb) = serve(gb.clone()).await;
+    let cfg = RemoteConfig {
+        request_timeout: Duration::from_millis(1000),
+        retry_deadline: Duration::from_millis(300),
+        ..quick(vec![a, b])
+    };
+    let rv = within(RemoteVolume::connect(cfg, &Registry::new()))
+        .await
+        .unwrap();
+    ga.set(Mode::Hang);
+    gb.set(Mode::Hang);
+    let t0 = Instant::now();
+    match within(rv.write(0, block(3, 4096), false)).await {
+        Err(e @ VolumeError::Io { .. }) => assert!(e.to_string().contains("retry deadline"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // The first attempt times out at 1 s, the retries end 300 ms later; without the cap the
+    // second attempt ran its whole second (2 s in all).
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(1250), "{took:?}");
+    assert!(took < Duration::from_millis(1800), "{took:?}");
+}
+
 #[tokio::test]
 async fn eshutdown_moves_on_and_eio_is_retried_once_per_head() {
     let vol = Arc::new(MemVolume::new("vol", 16 * MIB));
