@@ -309,15 +309,16 @@ async fn write_piece(
 
 /// Copies FILE into the first `len(FILE)` bytes of volume `name`.
 pub async fn import(client: &AdminClient, name: &str, path: &Path) -> Result<Copied, ImageError> {
-    let mut file = File::open(path).map_err(file_err(path))?;
-    let meta = file.metadata().map_err(file_err(path))?;
+    // Looked at before it is opened: opening a FIFO would wait for a writer, forever.
+    let meta = std::fs::metadata(path).map_err(file_err(path))?;
     if !meta.is_file() {
         return Err(ImageError::Refused(format!(
             "{}: not a regular file (import takes a raw image file)",
             path.display()
         )));
     }
-    let len = meta.len();
+    let mut file = File::open(path).map_err(file_err(path))?;
+    let len = file.metadata().map_err(file_err(path))?.len();
     let info = idle_volume(client, name, "importing").await?;
     if len > info.size {
         return Err(ImageError::Refused(format!(
@@ -363,7 +364,20 @@ async fn import_data(
     let mut pending = futures_util::stream::FuturesUnordered::new();
     for (off, n) in pieces(len) {
         let mut buf = AlignedBuf::zeroed(n as usize);
-        file.read_exact(&mut buf[..]).map_err(file_err(path))?;
+        if let Err(e) = file.read_exact(&mut buf[..]) {
+            let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "the file ended before byte {}, its size when the import started: it changed while it was read; volume {name} holds part of it now, import it again",
+                        off + n
+                    ),
+                )
+            } else {
+                e
+            };
+            return Err(file_err(path)(e));
+        }
         h.update(&buf[..]);
         pending.push(write_piece(remote, name, off, buf));
         if pending.len() >= IN_FLIGHT
@@ -403,7 +417,8 @@ pub async fn export(
     path: &Path,
     force: bool,
 ) -> Result<Copied, ImageError> {
-    if !force && path.exists() {
+    // symlink_metadata: a dangling symbolic link is a name in use too.
+    if !force && std::fs::symlink_metadata(path).is_ok() {
         return Err(ImageError::Refused(format!(
             "{} exists; pass --force to replace it",
             path.display()
@@ -435,13 +450,12 @@ pub async fn export(
             return Err(e);
         }
     };
-    // Without --force, never replace a file, even one created while the copy ran: a hard
-    // link fails if the name exists (a rename would silently replace it).
     let placed = if force {
         std::fs::rename(&tmp, path)
     } else {
-        std::fs::hard_link(&tmp, path).and_then(|()| std::fs::remove_file(&tmp))
-    };
+        place_new(&tmp, path)
+    }
+    .and_then(|()| sync_parent(path));
     placed.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -460,6 +474,45 @@ pub async fn export(
         sha256: hex(&sha),
         verified: true,
     })
+}
+
+/// Moves `tmp` to `path` unless `path` exists, even if it appeared while the copy ran: an
+/// atomic no-replace rename; on file systems without it, a hard link (which fails if the name
+/// exists); on those without hard links either (vfat, exFAT, some FUSE and network file
+/// systems), a check then a rename, with the small window that leaves.
+fn place_new(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    use nix::errno::Errno;
+    match nix::fcntl::renameat2(
+        None,
+        tmp,
+        None,
+        path,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    ) {
+        Ok(()) => return Ok(()),
+        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match std::fs::hard_link(tmp, path) {
+        Ok(()) => return std::fs::remove_file(tmp),
+        Err(e) if !matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => {
+            return Err(e);
+        }
+        Err(_) => {}
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(std::io::ErrorKind::AlreadyExists.into());
+    }
+    std::fs::rename(tmp, path)
+}
+
+/// Makes the new name durable: the directory entry is written when its directory is synced.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
 }
 
 async fn export_data(
@@ -529,5 +582,49 @@ mod tests {
     #[test]
     fn hex_is_lowercase_two_digits_per_byte() {
         assert_eq!(hex(&[0, 0xab, 0x0f]), "00ab0f");
+    }
+
+    fn nowhere() -> AdminClient {
+        AdminClient::new(vec!["http://127.0.0.1:9".parse().unwrap()], None).unwrap()
+    }
+
+    /// A FIFO is refused at once: opening it first would wait for a writer forever.
+    #[tokio::test]
+    async fn importing_a_fifo_is_refused_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            import(&nowhere(), "v", &fifo),
+        )
+        .await
+        .expect("no wait");
+        assert!(matches!(r, Err(ImageError::Refused(_))), "{r:?}");
+    }
+
+    /// Without --force a name in use is never replaced, a dangling symbolic link included; the
+    /// file lands whole under its name otherwise.
+    #[tokio::test]
+    async fn an_export_never_replaces_a_name_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("missing"), &link).unwrap();
+        let r = export(&nowhere(), "v", &link, false).await;
+        assert!(
+            matches!(&r, Err(ImageError::Refused(m)) if m.contains("exists")),
+            "{r:?}"
+        );
+        let (tmp, to) = (dir.path().join("tmp"), dir.path().join("out"));
+        std::fs::write(&tmp, b"data").unwrap();
+        std::fs::write(&to, b"old").unwrap();
+        let e = place_new(&tmp, &to).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&to).unwrap(), b"old");
+        std::fs::remove_file(&to).unwrap();
+        place_new(&tmp, &to).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"data");
+        assert!(!tmp.exists());
+        sync_parent(&to).unwrap();
     }
 }
