@@ -554,15 +554,19 @@ async fn in_flight_requests_and_bytes_are_bounded() {
     assert_eq!(futures_recv(&mut c, 3).await, (300..303).collect());
 }
 
-#[tokio::test]
-async fn in_flight_bytes_are_bounded_across_connections() {
-    let cfg = ServerConfig {
+/// 1 MiB payloads, and 1 MiB in flight per connection and server-wide.
+fn one_mib_in_flight() -> ServerConfig {
+    ServerConfig {
         max_payload_bytes: common::ByteSize(MIB),
         max_inflight_bytes: common::ByteSize(MIB),
         max_server_inflight_bytes: common::ByteSize(MIB),
         ..ServerConfig::default()
-    };
-    let srv = TestServer::start_with(cfg, vec![vol("a")]).await;
+    }
+}
+
+#[tokio::test]
+async fn in_flight_bytes_are_bounded_across_connections() {
+    let srv = TestServer::start_with(one_mib_in_flight(), vec![vol("a")]).await;
     let v = srv.vol("a");
     let mut clients = Vec::new();
     for _ in 0..3 {
@@ -593,13 +597,7 @@ async fn in_flight_bytes_are_bounded_across_connections() {
 /// like a read of that size.
 #[tokio::test]
 async fn block_status_replies_count_against_the_in_flight_bytes() {
-    let cfg = ServerConfig {
-        max_payload_bytes: common::ByteSize(MIB),
-        max_inflight_bytes: common::ByteSize(MIB),
-        max_server_inflight_bytes: common::ByteSize(MIB),
-        ..ServerConfig::default()
-    };
-    let srv = TestServer::start_with(cfg, vec![vol("a")]).await;
+    let srv = TestServer::start_with(one_mib_in_flight(), vec![vol("a")]).await;
     let v = srv.vol("a");
     let mut c = open(srv.addr, "a", Mode::Extended).await;
     v.pause();
