@@ -730,15 +730,18 @@ async fn detaching_an_export_ends_its_connections_gracefully() {
     eventually("10 reads in flight", || v.pending() == 10).await;
     srv.exports.remove("a");
     v.close();
-    // Sent after the detach: not taken.
+    // Sent after the detach: not taken, answered ESHUTDOWN (the earlier reads are still in
+    // flight, so the connection is still open to answer it).
     c.send(Cmd::Read.wire(), 0, 99, 0, 4096, &[]).await;
+    let r = c.recv().await;
+    assert_eq!((r.cookie, r.error), (99, proto::ESHUTDOWN));
     v.resume();
     for _ in 0..10 {
         let r = c.recv().await;
         assert!((50..60).contains(&r.cookie));
         assert_eq!(r.data, [6; 4096]);
     }
-    // No reply to the read sent after the detach: the connection just ends.
+    // Then the connection ends.
     assert!(closed_without_more(&mut c.s).await);
     // New connections no longer find it; other exports are untouched.
     let mut s = handshake(srv.addr).await;
@@ -777,14 +780,18 @@ async fn replies_queued_at_a_detach_reach_a_slow_client() {
     eventually("8 reads in flight", || v.pending() == 8).await;
     srv.exports.remove("a");
     v.close();
-    // Input the server does not take any more.
+    // A request the server does not take any more (answered ESHUTDOWN, below).
     c.send(Cmd::Read.wire(), 0, 999, 0, 4096, &[]).await;
     v.resume();
     // The server writes what the socket buffers hold, then waits for this client.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let mut cookies = HashSet::new();
-    for _ in 0..8 {
+    for _ in 0..9 {
         let r = c.recv().await;
+        if r.cookie == 999 {
+            assert_eq!(r.error, proto::ESHUTDOWN);
+            continue;
+        }
         let fill = (r.cookie - 99) as u8;
         assert_eq!(r.data.len() as u64, LEN, "cookie {}", r.cookie);
         assert!(r.data.iter().all(|&b| b == fill), "cookie {}", r.cookie);

@@ -13,7 +13,10 @@
 //!
 //! Ending: on `NBD_CMD_DISC`, the client closing its side, the export being detached
 //! ([`Volume::closed`]) or server shutdown, the reader stops taking requests, every request in
-//! flight is answered, and the socket is closed. A protocol violation (bad magic, a payload
+//! flight is answered, and the socket is closed. After a detach or shutdown, requests that keep
+//! arriving meanwhile are answered `ESHUTDOWN` (as the specification asks); once the last reply
+//! is out, the client's input is read and dropped until it closes (briefly), because closing
+//! with unread input makes the kernel reset the connection under replies not yet sent. A protocol violation (bad magic, a payload
 //! beyond the maximum with extended headers, a truncated message) disconnects at once; work
 //! already handed to the volume still completes, its replies are dropped.
 
@@ -587,6 +590,21 @@ pub(crate) async fn run<E, V: Volume>(
         });
     };
 
+    if matches!(reason, CloseReason::ExportClosed | CloseReason::Shutdown) && writer_done.is_none()
+    {
+        // Requests the client sent before it saw the end are answered ESHUTDOWN, as the
+        // specification asks, until everything taken before the end has been answered.
+        let late = Late {
+            rules: &rules,
+            header_len,
+            slots: &slots,
+            max_slots: cfg.max_inflight_requests,
+            tx: &tx,
+            metrics: &metrics,
+            stall: cfg.stall(),
+        };
+        late.answer(&mut rd).await;
+    }
     drop(tx);
     if let CloseReason::Violation(_) = reason {
         writer.abort();
@@ -617,6 +635,85 @@ pub(crate) async fn run<E, V: Volume>(
         Ok(Err(e)) if stall::is_stall(&e) => CloseReason::Stalled(e),
         Ok(Err(e)) => CloseReason::WriteFailed(e),
         Err(e) => CloseReason::WriteFailed(std::io::Error::other(e)),
+    }
+}
+
+/// What answering the requests that arrive after a detach or shutdown needs.
+struct Late<'a> {
+    rules: &'a Rules,
+    header_len: usize,
+    slots: &'a Arc<Semaphore>,
+    max_slots: u32,
+    tx: &'a mpsc::Sender<Reply>,
+    metrics: &'a Arc<VolumeMetrics>,
+    stall: stall::Stall,
+}
+
+impl Late<'_> {
+    /// Reads requests and answers each `ESHUTDOWN` (dropping a write's payload) until every
+    /// request taken before the end has been answered, the client sends `NBD_CMD_DISC` or
+    /// closes, or it breaks the protocol.
+    async fn answer<R: AsyncRead + Unpin>(&self, rd: &mut R) {
+        let mut header = [0u8; Request::EXTENDED_LEN];
+        loop {
+            let got = tokio::select! {
+                biased;
+                // Every slot free: every earlier reply has been written.
+                all = self.slots.acquire_many(self.max_slots) => {
+                    drop(all);
+                    return;
+                }
+                r = read_header(rd, &mut header[..self.header_len]) => r,
+            };
+            if !matches!(got, Ok(true)) {
+                return;
+            }
+            let Ok(req) = Request::decode(self.rules.header_style, &header[..self.header_len])
+            else {
+                return;
+            };
+            let cmd = req.cmd();
+            if cmd == Some(Cmd::Disc) {
+                return;
+            }
+            let payload = if cmd == Some(Cmd::Write)
+                || (self.rules.header_style == HeaderStyle::Extended
+                    && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0)
+            {
+                req.length
+            } else {
+                0
+            };
+            if payload > u64::from(self.rules.max_payload)
+                || (payload > 0 && stall::drain(rd, payload, self.stall).await.is_err())
+            {
+                return;
+            }
+            let Some(slot) = acquire(self.slots, 1, self.metrics).await else {
+                return;
+            };
+            let op = op_index(cmd);
+            self.metrics.request(op);
+            let reply = Reply {
+                cookie: req.cookie,
+                offset: req.offset,
+                length: req.length,
+                op,
+                cmd,
+                started: Instant::now(),
+                body: Body::Error {
+                    errno: proto::ESHUTDOWN,
+                    message: Cow::Borrowed("the export is closing"),
+                    offset: None,
+                },
+                _slot: slot,
+                _bytes: None,
+                _in_flight: GaugeGuard::new(&self.metrics.in_flight),
+            };
+            if self.tx.send(reply).await.is_err() {
+                return;
+            }
+        }
     }
 }
 
