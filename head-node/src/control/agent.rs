@@ -312,10 +312,14 @@ impl ControlPlane {
     }
 
     /// Brings this node in line with the cluster state: groups it runs, exports it offers.
-    pub(super) async fn reconcile(&self) {
+    /// Answers whether the state it worked from was caught up (a metadata leader known and
+    /// every commit applied): only such a pass may mark the node ready to serve NBD.
+    pub(super) async fn reconcile(&self) -> bool {
         let meta = self.meta.status();
+        let pass_caught_up =
+            meta.leader.is_some() && meta.cluster.is_some() && meta.applied >= meta.committed;
         let Some(st) = meta.cluster.clone() else {
-            return;
+            return false;
         };
         let me = self.node.0;
         // Groups to run.
@@ -460,6 +464,7 @@ impl ControlPlane {
                 tracing::info!(volume = %name, "export opened");
             }
         }
+        pass_caught_up
     }
 
     /// This node's report to the metadata leader.
@@ -516,8 +521,8 @@ pub(super) async fn reconcile_loop(cp: Arc<ControlPlane>, mut stop: watch::Recei
     let mut meta = cp.meta.watch();
     loop {
         meta.borrow_and_update();
-        cp.reconcile().await;
-        cp.note_reconciled();
+        let caught_up = cp.reconcile().await;
+        cp.note_reconciled(caught_up);
         let meta_stopped = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             r = meta.changed() => r.is_err(),

@@ -433,15 +433,12 @@ impl ControlPlane {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Marks the node caught up when the metadata group is (called after a reconcile pass).
-    fn note_reconciled(&self) {
-        if *self.caught_up.borrow() {
-            return;
-        }
-        let caught_up = self
-            .meta
-            .peek(|s| s.leader.is_some() && s.cluster.is_some() && s.applied >= s.committed);
-        if caught_up {
+    /// Marks the node caught up after a reconcile pass that worked from a caught-up state. The
+    /// state is judged as the pass saw it, not as it is afterwards: a pass that found no state
+    /// yet (or an older one) opened no exports, and marking the node caught up then let
+    /// clients in to be refused an export the next pass would open.
+    fn note_reconciled(&self, pass_caught_up: bool) {
+        if pass_caught_up && !*self.caught_up.borrow() {
             self.caught_up.send_replace(true);
         }
     }
