@@ -179,14 +179,44 @@ impl Cluster {
     }
 }
 
-/// Picks `n` free loopback ports (bound and released; processes bind them right after).
+/// Picks `n` free loopback ports for processes to bind right after (peer addresses every head
+/// node must know before any starts).
+///
+/// They come from below the kernel's ephemeral range, never from a bind to port 0: the kernel
+/// hands ephemeral ports to outgoing connections too, and a head node dialling a peer that is
+/// not listening yet can be given the peer's port as its own source port (on loopback it may
+/// even connect to itself), which then fails that peer's start with "address in use". Each
+/// call in a process takes ports the earlier calls did not.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    ls.iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let low = ephemeral_low.saturating_sub(12_000).max(10_000);
+    let span = ephemeral_low.saturating_sub(low).max(1);
+    // Start somewhere that depends on the process, so test binaries do not retrace each other.
+    let base = std::process::id().wrapping_mul(7919);
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..span {
+        if ports.len() == n {
+            break;
+        }
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (low + base.wrapping_add(k) % span) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            ports.push(port);
+            held.push(l);
+        }
+    }
+    assert_eq!(
+        ports.len(),
+        n,
+        "no {n} free ports below the ephemeral range"
+    );
+    ports
 }
 
 /// Sleds and three head nodes replicating each volume with Raft.
