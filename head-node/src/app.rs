@@ -59,10 +59,26 @@ pub enum StartError {
 /// anyway (see [`ControlPlane::caught_up`]).
 const NBD_CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long after a head node starts its set of exports counts as settling (see
+/// [`Exports::settling`]): the node serves NBD once caught up (at most 10 s), and its view of
+/// the cluster can still be a step behind then (a node restarted while the metadata group had
+/// no leader learns the newest state only once one is elected).
+const EXPORTS_SETTLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The volumes this node serves, by name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct VolumeSet {
     volumes: RwLock<BTreeMap<String, Arc<ReplicatedVolume<TcpTransport>>>>,
+    started: std::time::Instant,
+}
+
+impl Default for VolumeSet {
+    fn default() -> Self {
+        Self {
+            volumes: RwLock::default(),
+            started: std::time::Instant::now(),
+        }
+    }
 }
 
 impl VolumeSet {
@@ -134,6 +150,10 @@ impl VolumeSet {
 
 impl Exports for VolumeSet {
     type V = ReplicatedVolume<TcpTransport>;
+
+    fn settling(&self) -> bool {
+        self.started.elapsed() < EXPORTS_SETTLE
+    }
 
     fn get(&self, name: &str) -> Option<Arc<Self::V>> {
         let vols = self.volumes.read().unwrap_or_else(|p| p.into_inner());

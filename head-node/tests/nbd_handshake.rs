@@ -91,6 +91,37 @@ fn info_flags(r: &[(u32, Vec<u8>)]) -> u16 {
         .expect("NBD_INFO_EXPORT")
 }
 
+/// Just after a head node starts, its exports are still settling: a client asking for one that
+/// is not there yet waits for it a little instead of being refused at once; one that never
+/// comes is refused after the wait.
+#[tokio::test]
+async fn an_export_that_appears_while_the_exports_settle_is_waited_for() {
+    let srv = TestServer::start(vec![vol("a")]).await;
+    srv.exports.set_settling(true);
+    let later = srv.exports.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        later.add(std::sync::Arc::new(vol("b")));
+    });
+    let mut s = handshake(srv.addr).await;
+    assert_eq!(
+        opt_result(&mut s, proto::OPT_INFO, &info_request("b", &[])).await,
+        proto::REP_ACK
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(
+        opt_result(&mut s, proto::OPT_INFO, &info_request("never", &[])).await,
+        proto::REP_ERR_UNKNOWN
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_secs(4));
+    // Settled: an unknown export is refused at once.
+    srv.exports.set_settling(false);
+    assert_eq!(
+        opt_result(&mut s, proto::OPT_INFO, &info_request("never", &[])).await,
+        proto::REP_ERR_UNKNOWN
+    );
+}
+
 #[tokio::test]
 async fn unknown_export_gets_err_unknown() {
     let srv = TestServer::start(vec![vol("a")]).await;

@@ -258,6 +258,13 @@ pub trait Exports: Send + Sync + 'static {
 
     /// Every export, for `NBD_OPT_LIST`.
     fn list(&self) -> Vec<ExportInfo>;
+
+    /// True while the set of exports may still be filling in (a node that has just started):
+    /// a client asking for an export not there yet is then kept waiting a little for it
+    /// instead of being told at once that it does not exist.
+    fn settling(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

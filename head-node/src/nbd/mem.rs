@@ -496,6 +496,7 @@ impl Volume for MemVolume {
 #[derive(Debug, Default)]
 pub struct MemExports {
     volumes: RwLock<BTreeMap<String, Arc<MemVolume>>>,
+    settling: std::sync::atomic::AtomicBool,
 }
 
 impl MemExports {
@@ -510,6 +511,12 @@ impl MemExports {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(volume.name.clone(), volume)
+    }
+
+    /// Makes the registry report that it is settling ([`Exports::settling`]), as a head node
+    /// does just after it starts.
+    pub fn set_settling(&self, settling: bool) {
+        self.settling.store(settling, Ordering::Release);
     }
 
     /// Removes a volume: new connections no longer find it (existing ones carry on until the
@@ -541,6 +548,10 @@ impl Exports for MemExports {
             .values()
             .map(|v| v.info())
             .collect()
+    }
+
+    fn settling(&self) -> bool {
+        self.settling.load(Ordering::Acquire)
     }
 }
 

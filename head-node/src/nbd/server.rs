@@ -637,6 +637,9 @@ async fn handshake<E: Exports>(
             length = h.length,
             "NBD option"
         );
+        if let Some(name) = requested_export(h.option, &data) {
+            wait_for_export(shared, &name).await;
+        }
         let next = handle_option(shared, &mut st, h.option, &data, &mut out)?;
         if !out.is_empty() {
             wr.write_all(&out).await?;
@@ -648,6 +651,40 @@ async fn handshake<E: Exports>(
         }
     }
     Err(ConnError::TooManyOptions(cfg.max_options))
+}
+
+/// Longest wait for an export that is not there yet while the exports settle.
+const SETTLING_WAIT: Duration = Duration::from_secs(5);
+
+/// The export an option names, if it names one (malformed data: none; the option's handler
+/// answers that).
+fn requested_export(opt: u32, data: &[u8]) -> Option<String> {
+    match opt {
+        proto::OPT_EXPORT_NAME => proto::to_string(data, "export name").ok(),
+        proto::OPT_INFO | proto::OPT_GO => proto::InfoRequest::decode(data).ok().map(|r| r.name),
+        proto::OPT_SET_META_CONTEXT | proto::OPT_LIST_META_CONTEXT => {
+            proto::MetaContextRequest::decode(data)
+                .ok()
+                .map(|r| r.export)
+        }
+        _ => None,
+    }
+}
+
+/// While the exports settle (a node that has just started), waits up to [`SETTLING_WAIT`]
+/// for `name` to appear, so a client that connects right after a restart is not refused an
+/// export the node is about to open. Otherwise returns at once.
+async fn wait_for_export<E: Exports>(shared: &Shared<E>, name: &str) {
+    if shared.exports.get(name).is_some() || !shared.exports.settling() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + SETTLING_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if shared.exports.get(name).is_some() {
+            return;
+        }
+    }
 }
 
 fn reply(out: &mut Vec<u8>, option: u32, reply_type: u32, data: &[u8]) -> Result<(), ConnError> {
