@@ -16,9 +16,10 @@
 //! flight is answered, and the socket is closed. After a detach or shutdown, requests that keep
 //! arriving meanwhile are answered `ESHUTDOWN` (as the specification asks); once the last reply
 //! is out, the client's input is read and dropped until it closes (briefly), because closing
-//! with unread input makes the kernel reset the connection under replies not yet sent. A protocol violation (bad magic, a payload
-//! beyond the maximum with extended headers, a truncated message) disconnects at once; work
-//! already handed to the volume still completes, its replies are dropped.
+//! with unread input makes the kernel reset the connection under replies not yet sent. A
+//! protocol violation (bad magic, a payload beyond the maximum with extended headers, a
+//! truncated message) disconnects at once; work already handed to the volume still completes,
+//! its replies are dropped.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -158,6 +159,18 @@ pub(crate) struct Rules {
 }
 
 impl Rules {
+    /// Bytes following a request's header: a write's data, or, with extended headers, any
+    /// payload announced by `NBD_CMD_FLAG_PAYLOAD_LEN`.
+    fn payload_len(&self, req: &Request) -> u64 {
+        let announced = self.header_style == HeaderStyle::Extended
+            && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0;
+        if req.cmd() == Some(Cmd::Write) || announced {
+            req.length
+        } else {
+            0
+        }
+    }
+
     fn of<V>(s: &Session<V>) -> Self {
         Self {
             size: s.size,
@@ -466,16 +479,7 @@ pub(crate) async fn run<E, V: Volume>(
             break CloseReason::Disconnect;
         }
         let started = Instant::now();
-        // Bytes following the header: a write's data, or, with extended headers, any payload
-        // announced by NBD_CMD_FLAG_PAYLOAD_LEN.
-        let payload = if cmd == Some(Cmd::Write)
-            || (rules.header_style == HeaderStyle::Extended
-                && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0)
-        {
-            req.length
-        } else {
-            0
-        };
+        let payload = rules.payload_len(&req);
         if rules.header_style == HeaderStyle::Extended && payload > u64::from(rules.max_payload) {
             break CloseReason::Violation(format!(
                 "payload of {payload} bytes exceeds the maximum {}",
@@ -676,14 +680,7 @@ impl Late<'_> {
             if cmd == Some(Cmd::Disc) {
                 return;
             }
-            let payload = if cmd == Some(Cmd::Write)
-                || (self.rules.header_style == HeaderStyle::Extended
-                    && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0)
-            {
-                req.length
-            } else {
-                0
-            };
+            let payload = self.rules.payload_len(&req);
             if payload > u64::from(self.rules.max_payload)
                 || (payload > 0 && stall::drain(rd, payload, self.stall).await.is_err())
             {
