@@ -278,7 +278,9 @@ impl ControlPlane {
         let up = self.up_nodes(st);
         let known = self.known_nodes(st);
         let want = (st.settings.group_size as usize).min(known.len());
-        let Ok(heads) = placement::choose_heads(st, &known, &up, want, Some(0)) else {
+        let Ok(heads) =
+            placement::choose_heads(st, &known, &up, want, Some(0), &self.reserved.iops())
+        else {
             return Ok(());
         };
         if heads.len() < want || heads.iter().any(|h| !up.contains(h)) {

@@ -17,6 +17,7 @@
 
 mod agent;
 pub mod api;
+mod changes;
 mod leader;
 mod metrics;
 mod ops;
@@ -343,6 +344,10 @@ pub struct ControlPlane {
     in_delete: Mutex<HashMap<String, (bool, Duration)>>,
     /// Volumes whose exports a detach is closing (see `ops::attach`).
     closing: Mutex<std::collections::HashSet<String>>,
+    /// Resizes and QoS changes: one at a time per volume (see `changes`).
+    changes: changes::ChangeLocks,
+    /// Capacity promised to changes whose group call is running (see `changes`).
+    reserved: changes::Reserved,
     metrics: ControlMetrics,
     /// Set once a reconcile pass ran on a metadata state that had caught up with the leader
     /// (see [`ControlPlane::caught_up`]).
@@ -416,6 +421,8 @@ impl ControlPlane {
             in_create: Mutex::new(Default::default()),
             in_delete: Mutex::new(Default::default()),
             closing: Mutex::new(Default::default()),
+            changes: Default::default(),
+            reserved: Default::default(),
             metrics,
             caught_up: tokio::sync::watch::Sender::new(false),
         })

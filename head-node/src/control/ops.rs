@@ -3,7 +3,9 @@
 //! Mutations check the state and propose under one lock (`ops`), so two requests never both
 //! pass a check that only one of them may pass (two creates of one name, two exclusive
 //! attaches, two creates taking the same pool group). Slow work that follows a decision
-//! (binding a group, waiting for exports to close) runs after the lock is released.
+//! (binding a group, waiting for exports to close) runs after the lock is released; a resize or
+//! QoS change calls the volume's group between two short holds of the lock, with the capacity
+//! it promised counted meanwhile (`changes`).
 
 use super::placement::{self, PlaceError};
 use super::rpc::{GroupOp, GroupProbe, GroupReply};
@@ -242,7 +244,8 @@ impl ControlPlane {
         slots.retain(|s| st.sleds.get(&s.id).and_then(|r| r.chunk_size()) == Some(chunk));
         let replicas = (st.settings.replicas as usize).min(slots.len()).max(1);
         let chunks = size.div_ceil(chunk);
-        placement::check_capacity(st, chunks, chunk, replicas).map_err(capacity_error)?;
+        placement::check_capacity(st, chunks, chunk, replicas, self.reserved.bytes())
+            .map_err(capacity_error)?;
         let placement = placement::place_chunks(&mut slots, chunks, replicas, id.0 as u64)
             .map_err(capacity_error)?;
         Ok((
@@ -264,9 +267,12 @@ impl ControlPlane {
         let base = st.node_baselines();
         nodes.iter().all(|n| {
             let cap = st.nodes.get(n).and_then(|r| r.capacity_iops);
-            cap.is_none_or(|c| {
-                iops.is_some_and(|i| base.get(n).copied().unwrap_or(0).saturating_add(i) <= c)
-            })
+            let given = base
+                .get(n)
+                .copied()
+                .unwrap_or(0)
+                .saturating_add(self.reserved.iops_on(*n));
+            cap.is_none_or(|c| iops.is_some_and(|i| given.saturating_add(i) <= c))
         })
     }
 
@@ -338,6 +344,7 @@ impl ControlPlane {
                         &up,
                         st.settings.group_size as usize,
                         iops,
+                        &self.reserved.iops(),
                     )
                     .map_err(capacity_error)?;
                     // Partial provisioning: serve on one member now, grow to the others.
@@ -841,37 +848,48 @@ impl ControlPlane {
 
     async fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo, AdminError> {
         check_size(size)?;
-        let _lock = self.ops.lock().await;
-        let st = self.state();
-        let v = st.volumes.get(name).ok_or_else(|| not_found(name))?;
-        if size < v.size {
-            return Err(AdminError::Conflict(format!(
-                "volume {name:?} is {} bytes; volumes only grow (a smaller size would cut off data)",
-                v.size
-            )));
-        }
-        if size == v.size {
-            drop(_lock);
-            return self.volume_info(name);
-        }
-        if v.phase != Phase::Serving {
-            return Err(AdminError::Conflict(format!(
-                "volume {name:?} is not ready"
-            )));
-        }
-        let g = st
-            .groups
-            .get(&v.group)
-            .cloned()
-            .ok_or_else(|| AdminError::Internal(format!("volume {name:?} has no group")))?;
-        let extra = size.div_ceil(v.chunk_size) - v.size.div_ceil(v.chunk_size);
-        placement::check_capacity(&st, extra, v.chunk_size, v.replicas as usize)
-            .map_err(capacity_error)?;
-        let up = self.up_sleds(&st);
-        let mut slots = placement::sled_slots(&st, &up);
-        slots.retain(|s| st.sleds.get(&s.id).and_then(|r| r.chunk_size()) == Some(v.chunk_size));
-        let placed = placement::place_chunks(&mut slots, extra, v.replicas as usize, v.id.0 as u64)
-            .map_err(capacity_error)?;
+        // One change of this volume at a time; the metadata lock only around the decision and
+        // the record, not the group call between them (see `changes`).
+        let _change = self.changes.lock(name).await;
+        let (id, g, placed, _reserved) = {
+            let _lock = self.ops.lock().await;
+            let st = self.state();
+            let v = st.volumes.get(name).ok_or_else(|| not_found(name))?;
+            if size < v.size {
+                return Err(AdminError::Conflict(format!(
+                    "volume {name:?} is {} bytes; volumes only grow (a smaller size would cut off data)",
+                    v.size
+                )));
+            }
+            if size == v.size {
+                drop(_lock);
+                return self.volume_info(name);
+            }
+            if v.phase != Phase::Serving {
+                return Err(AdminError::Conflict(format!(
+                    "volume {name:?} is not ready"
+                )));
+            }
+            let g = st
+                .groups
+                .get(&v.group)
+                .cloned()
+                .ok_or_else(|| AdminError::Internal(format!("volume {name:?} has no group")))?;
+            let extra = size.div_ceil(v.chunk_size) - v.size.div_ceil(v.chunk_size);
+            let replicas = v.replicas as usize;
+            placement::check_capacity(&st, extra, v.chunk_size, replicas, self.reserved.bytes())
+                .map_err(capacity_error)?;
+            let up = self.up_sleds(&st);
+            let mut slots = placement::sled_slots(&st, &up);
+            slots
+                .retain(|s| st.sleds.get(&s.id).and_then(|r| r.chunk_size()) == Some(v.chunk_size));
+            let placed = placement::place_chunks(&mut slots, extra, replicas, v.id.0 as u64)
+                .map_err(capacity_error)?;
+            let bytes = extra
+                .saturating_mul(v.chunk_size)
+                .saturating_mul(replicas as u64);
+            (v.id, g, placed, self.reserved.take(bytes, 0, &[]))
+        };
         self.leader_call(
             &g,
             &GroupOp::Grow {
@@ -881,7 +899,8 @@ impl ControlPlane {
             Duration::from_secs(30),
         )
         .await?;
-        let mut v = v.clone();
+        let _lock = self.ops.lock().await;
+        let mut v = self.changed_record(name, id, "resized")?;
         v.size = size;
         for (s, n) in placement::per_sled(&placed) {
             *v.sled_chunks.entry(s).or_insert(0) += n;
@@ -892,7 +911,8 @@ impl ControlPlane {
     }
 
     async fn set_qos(&self, name: &str, req: &SetQos) -> Result<VolumeInfo, AdminError> {
-        let _lock = self.ops.lock().await;
+        let _change = self.changes.lock(name).await;
+        let lock = self.ops.lock().await;
         let st = self.state();
         let v = st.volumes.get(name).ok_or_else(|| not_found(name))?;
         let q = req.apply(v.qos);
@@ -904,6 +924,7 @@ impl ControlPlane {
             .cloned()
             .ok_or_else(|| AdminError::Internal(format!("volume {name:?} has no group")))?;
         let nodes: Vec<u64> = g.target.iter().copied().chain(g.runners()).collect();
+        let mut more = 0;
         match q.iops {
             None if !self.heads_fit(&st, &nodes, None) => {
                 return Err(AdminError::Capacity(format!(
@@ -911,7 +932,7 @@ impl ControlPlane {
                 )));
             }
             Some(new) => {
-                let more = new.saturating_sub(v.qos.iops.unwrap_or(0));
+                more = new.saturating_sub(v.qos.iops.unwrap_or(0));
                 if more > 0 && !self.heads_fit(&st, &nodes, Some(more)) {
                     return Err(AdminError::Capacity(format!(
                         "raising the baseline of {name:?} to {new} IOPS would exceed the capacity of one of its head nodes {nodes:?}"
@@ -920,15 +941,42 @@ impl ControlPlane {
             }
             None => {}
         }
-        if v.phase == Phase::Serving {
+        let (id, serving) = (v.id, v.phase == Phase::Serving);
+        drop(st);
+        // A volume still being created takes the QoS from its record when it starts serving
+        // (`finish_create`, under the metadata lock): record it without letting go.
+        let (_reserved, _lock) = if serving {
+            let reserved = self.reserved.take(0, more, &nodes);
+            drop(lock);
             self.leader_call(&g, &GroupOp::SetQos(q), Duration::from_secs(30))
                 .await?;
-        }
-        let mut v = v.clone();
+            (Some(reserved), self.ops.lock().await)
+        } else {
+            (None, lock)
+        };
+        let mut v = self.changed_record(name, id, "given its new QoS")?;
         v.qos = q;
         self.propose(MetaCmd::PutVolume(v)).await?;
         drop(_lock);
         self.volume_info(name)
+    }
+
+    /// The record of volume `name` (id `id`) to write a change into, as it is now: attaches
+    /// and detaches made while the change's group call ran are kept. Refused when the volume
+    /// was deleted (or is being deleted) meanwhile. Call under the metadata lock.
+    fn changed_record(
+        &self,
+        name: &str,
+        id: VolumeId,
+        what: &str,
+    ) -> Result<VolumeRecord, AdminError> {
+        let st = self.state();
+        match st.volumes.get(name) {
+            Some(v) if v.id == id && v.phase != Phase::Deleting => Ok(v.clone()),
+            _ => Err(AdminError::Conflict(format!(
+                "volume {name:?} was deleted while it was being {what}"
+            ))),
+        }
     }
 
     async fn heartbeat(&self, hb: Heartbeat) -> Result<(), AdminError> {

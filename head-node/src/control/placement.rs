@@ -146,17 +146,19 @@ pub fn sled_slots(state: &ClusterState, up: &BTreeSet<SledId>) -> Vec<SledSlot> 
         .collect()
 }
 
-/// Checks that `chunks × chunk_size × replicas` more bytes fit under the overcommit limit.
+/// Checks that `chunks × chunk_size × replicas` more bytes fit under the overcommit limit,
+/// next to what the state records and `reserved` bytes promised to changes not recorded yet.
 pub fn check_capacity(
     state: &ClusterState,
     chunks: u64,
     chunk_size: u64,
     replicas: usize,
+    reserved: u64,
 ) -> Result<(), PlaceError> {
     let capacity = state.capacity();
     let ratio = f64::from(state.settings.overcommit_permille) / 1000.0;
     let limit = (capacity as f64 * ratio) as u64;
-    let provisioned = state.provisioned();
+    let provisioned = state.provisioned().saturating_add(reserved);
     let need = chunks
         .saturating_mul(chunk_size)
         .saturating_mul(replicas as u64);
@@ -179,15 +181,21 @@ pub fn check_capacity(
 /// nodes without a `capacity-iops` can take), nodes that are `up` first, then
 /// fewest groups, distinct domains first. The first one is always up (the group starts
 /// there); the others may be down for now (the group grows onto them when they come up).
+/// `reserved` is baseline promised on each node to changes not recorded in `state` yet.
 pub fn choose_heads(
     state: &ClusterState,
     known: &BTreeSet<u64>,
     up: &BTreeSet<u64>,
     size: usize,
     iops: Option<u64>,
+    reserved: &BTreeMap<u64, u64>,
 ) -> Result<Vec<u64>, PlaceError> {
     let groups = state.node_groups();
-    let baselines = state.node_baselines();
+    let mut baselines = state.node_baselines();
+    for (n, r) in reserved {
+        let e = baselines.entry(*n).or_insert(0);
+        *e = e.saturating_add(*r);
+    }
     let candidates: BTreeSet<u64> = known
         .iter()
         .copied()
@@ -379,33 +387,54 @@ mod tests {
         ]);
         let up: BTreeSet<u64> = [1, 2, 3, 4].into();
         let none = BTreeSet::new();
-        let h = choose_heads(&st, &none, &up, 3, Some(0)).unwrap();
+        let h = choose_heads(&st, &none, &up, 3, Some(0), &BTreeMap::new()).unwrap();
         let d: BTreeSet<_> = h
             .iter()
             .map(|i| st.nodes[i].domain.clone().unwrap())
             .collect();
         assert_eq!(d.len(), 3, "{h:?}");
         // Node 3 cannot take 2000 IOPS: the group avoids it.
-        let h = choose_heads(&st, &none, &up, 3, Some(2000)).unwrap();
+        let h = choose_heads(&st, &none, &up, 3, Some(2000), &BTreeMap::new()).unwrap();
         assert!(!h.contains(&3), "{h:?}");
         let small = state(&[(1, None, Some(10))]);
         assert_eq!(
-            choose_heads(&small, &none, &[1].into(), 3, Some(11)),
+            choose_heads(&small, &none, &[1].into(), 3, Some(11), &BTreeMap::new()),
             Err(PlaceError::NodeCapacity { iops: 11 })
         );
+        // Baseline promised to a change not recorded yet counts as taken.
+        assert!(choose_heads(&small, &none, &[1].into(), 3, Some(6), &BTreeMap::new()).is_ok());
         assert_eq!(
-            choose_heads(&small, &none, &BTreeSet::new(), 3, Some(0)),
+            choose_heads(&small, &none, &[1].into(), 3, Some(6), &[(1, 5)].into()),
+            Err(PlaceError::NodeCapacity { iops: 6 })
+        );
+        assert_eq!(
+            choose_heads(
+                &small,
+                &none,
+                &BTreeSet::new(),
+                3,
+                Some(0),
+                &BTreeMap::new()
+            ),
             Err(PlaceError::NoHeads)
         );
         // A volume without a baseline only goes where there is no capacity to protect.
-        let h = choose_heads(&st, &none, &up, 3, None).unwrap();
+        let h = choose_heads(&st, &none, &up, 3, None, &BTreeMap::new()).unwrap();
         assert!(!h.contains(&3), "{h:?}");
         assert_eq!(
-            choose_heads(&small, &none, &[1].into(), 3, None),
+            choose_heads(&small, &none, &[1].into(), 3, None, &BTreeMap::new()),
             Err(PlaceError::UnlimitedOnCapped)
         );
         // A voter that has not registered yet is a target; the group starts on an up node.
-        let h = choose_heads(&small, &[1, 7, 8].into(), &[1].into(), 3, Some(0)).unwrap();
+        let h = choose_heads(
+            &small,
+            &[1, 7, 8].into(),
+            &[1].into(),
+            3,
+            Some(0),
+            &BTreeMap::new(),
+        )
+        .unwrap();
         assert_eq!(h[0], 1);
         assert_eq!(h.len(), 3, "{h:?}");
     }
@@ -417,7 +446,7 @@ mod tests {
         let none = BTreeSet::new();
         let mut first = Vec::new();
         for i in 0..6u128 {
-            let h = choose_heads(&st, &none, &up, 3, Some(0)).unwrap();
+            let h = choose_heads(&st, &none, &up, 3, Some(0), &BTreeMap::new()).unwrap();
             assert_eq!(h.len(), 3);
             first.push(h[0]);
             st.groups.insert(
@@ -436,7 +465,7 @@ mod tests {
         }
         assert_eq!(first, vec![1, 2, 3, 1, 2, 3]);
         // A node that is down does not start one, however few it started.
-        let h = choose_heads(&st, &none, &[1, 2].into(), 3, Some(0)).unwrap();
+        let h = choose_heads(&st, &none, &[1, 2].into(), 3, Some(0), &BTreeMap::new()).unwrap();
         assert_ne!(h[0], 3, "{h:?}");
     }
 
@@ -445,8 +474,11 @@ mod tests {
         let mut st = state(&[(1, None, None)]);
         st.settings.overcommit_permille = 1500;
         // 100 MiB capacity × 1.5 = 150 MiB provisionable.
-        assert!(check_capacity(&st, 50, 1 << 20, 3).is_ok());
-        let e = check_capacity(&st, 51, 1 << 20, 3).unwrap_err();
+        assert!(check_capacity(&st, 50, 1 << 20, 3, 0).is_ok());
+        let e = check_capacity(&st, 51, 1 << 20, 3, 0).unwrap_err();
         assert!(e.to_string().contains("overcommit ratio 1.5"), "{e}");
+        // Bytes promised to a change not recorded yet count as taken.
+        assert!(check_capacity(&st, 49, 1 << 20, 3, 3 << 20).is_ok());
+        assert!(check_capacity(&st, 50, 1 << 20, 3, 3 << 20).is_err());
     }
 }
