@@ -268,7 +268,7 @@ pub async fn start(cfg: SledConfig, registry: prometheus::Registry) -> Result<Ru
             let erase = match policy {
                 FormatPolicy::Force => true,
                 FormatPolicy::Never => false,
-                FormatPolicy::IfEmpty => looks_empty(&mut engine, &path)?,
+                FormatPolicy::IfEmpty => looks_empty(&mut engine, &path, chunk_size)?,
             };
             if !erase {
                 return Err(OpenError::NotEmpty { path }.into());

@@ -540,6 +540,15 @@ pub struct CrcEntry {
 }
 
 impl CrcEntry {
+    /// The entry of a block whose content is unknown (it could not be read when its checksum
+    /// had to be recomputed): written, with a checksum that almost no data matches (CRC-32 of
+    /// a 4 KiB block is zero for one block in 2³²), so its reads fail their checksum and a
+    /// head node reads another replica, until the block is written again.
+    pub const UNKNOWN: Self = Self {
+        crc: 0,
+        written: true,
+    };
+
     /// Encodes into 8 bytes.
     pub fn encode(&self, out: &mut [u8]) {
         put_u32(out, 0, if self.written { self.crc } else { 0 });

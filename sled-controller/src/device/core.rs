@@ -251,6 +251,9 @@ pub struct DeviceCore<E: IoEngine> {
     free_fence_slots: BTreeSet<u64>,
     mutations: HashMap<VolumeId, u32>,
     slot_flushing: HashMap<u64, u32>,
+    /// Slots whose free is being committed: no checksum write-back starts for them (the free
+    /// may still fail and be undone, so their regions and pages are kept until it commits).
+    freeing: BTreeSet<u64>,
 
     pages: HashMap<(u64, u64), CrcPage>,
     regions: BTreeMap<(u64, u64), Region>,
@@ -384,6 +387,7 @@ impl<E: IoEngine> DeviceCore<E> {
             free_fence_slots,
             mutations: HashMap::new(),
             slot_flushing: HashMap::new(),
+            freeing: BTreeSet::new(),
             pages: HashMap::new(),
             regions: BTreeMap::new(),
             lane: MetaLane::default(),
@@ -1150,7 +1154,12 @@ impl<E: IoEngine> DeviceCore<E> {
                     if let Some(job) = self.jobs.remove(&id) {
                         let res = match &c.result {
                             Ok(_) => Ok(None),
-                            Err(e) => Err(DevError::Io(e.to_string())),
+                            Err(e) => {
+                                // Whether its data reached the disk is unknown: its region's
+                                // checksums must not be written back as if it had.
+                                self.mark_failed(&job);
+                                Err(DevError::Io(e.to_string()))
+                            }
                         };
                         self.finish(job, res);
                     }
@@ -1284,6 +1293,7 @@ impl<E: IoEngine> DeviceCore<E> {
                 }
                 for id in std::mem::take(&mut self.group_waiting) {
                     if let Some(job) = self.jobs.remove(&id) {
+                        self.mark_failed(&job);
                         self.finish(job, Err(err()));
                     }
                 }

@@ -81,11 +81,54 @@ fn io_err<'a>(path: &'a str, what: &'static str) -> impl FnOnce(io::Error) -> Op
     }
 }
 
-/// True when the device has no superblock magic and its first MiB is all zeros (a new device).
-pub fn looks_empty(engine: &mut dyn IoEngine, path: &str) -> Result<bool, OpenError> {
+/// True when the device may be formatted without `--format`: its first MiB is all zeros (a new
+/// device), or it holds exactly what a format with `chunk_size` writes before its superblock
+/// (a format that was interrupted: the superblock is written last).
+pub fn looks_empty(
+    engine: &mut dyn IoEngine,
+    path: &str,
+    chunk_size: u64,
+) -> Result<bool, OpenError> {
     let len = (1u64 << 20).min(engine.size()) as usize;
     let b = read_sync(engine, 0, len).map_err(io_err(path, "reading the first MiB"))?;
-    Ok(b.iter().all(|&x| x == 0))
+    if b.iter().all(|&x| x == 0) {
+        return Ok(true);
+    }
+    let Ok(geometry) = Geometry::compute(engine.size(), chunk_size) else {
+        return Ok(false);
+    };
+    let mut expected = vec![0u8; len];
+    for (base, image) in empty_tables(&geometry) {
+        let Ok(base) = usize::try_from(base) else {
+            continue;
+        };
+        if base < len {
+            let n = image.len().min(len - base);
+            expected[base..base + n].copy_from_slice(&image[..n]);
+        }
+    }
+    Ok(b[..] == expected[..])
+}
+
+/// What a format writes for the tables of `geometry`: `(offset, bytes)` per table.
+fn empty_tables(geometry: &Geometry) -> Vec<(u64, AlignedBuf)> {
+    let tables = Tables::empty(geometry);
+    [
+        (Table::Chunks, geometry.ct_pages, geometry.ct_offset),
+        (Table::Fences, geometry.ft_pages, geometry.ft_offset),
+    ]
+    .into_iter()
+    .map(|(table, pages, base)| {
+        // Both copies of every page: copy A valid with sequence 1, copy B zero (invalid).
+        let mut region = AlignedBuf::zeroed((pages * 2 * PAGE) as usize);
+        for p in 0..pages {
+            let page = encode_page(table, p, 1, &tables.body(table, p));
+            let at = (p * 2 * PAGE) as usize;
+            region[at..at + PAGE as usize].copy_from_slice(&page);
+        }
+        (base, region)
+    })
+    .collect()
 }
 
 /// Writes a fresh format: superblock copies and empty tables, then fsync.
@@ -109,24 +152,9 @@ pub fn format(
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
-    let tables = Tables::empty(&geometry);
-    // Tables first, superblock last: a crash mid-format leaves no magic, so the device still
-    // counts as unformatted (and empty) and is formatted again.
-    for (table, pages) in [
-        (Table::Chunks, geometry.ct_pages),
-        (Table::Fences, geometry.ft_pages),
-    ] {
-        let base = match table {
-            Table::Chunks => geometry.ct_offset,
-            Table::Fences => geometry.ft_offset,
-        };
-        // Both copies of every page: copy A valid with sequence 1, copy B zero (invalid).
-        let mut region = AlignedBuf::zeroed((pages * 2 * PAGE) as usize);
-        for p in 0..pages {
-            let page = encode_page(table, p, 1, &tables.body(table, p));
-            let at = (p * 2 * PAGE) as usize;
-            region[at..at + PAGE as usize].copy_from_slice(&page);
-        }
+    // Tables first, superblock last: a crash mid-format leaves no superblock, and what it
+    // leaves is recognised by `looks_empty`, so the device is formatted again.
+    for (base, region) in empty_tables(&geometry) {
         write_sync(engine, base, region).map_err(io_err(path, "writing empty tables"))?;
     }
     let sbb = sb.encode();
@@ -250,6 +278,15 @@ pub(crate) fn open(
     })
 }
 
+/// The checksum page of a region, from each block's entry.
+fn region_checksums(mut entry: impl FnMut(usize) -> CrcEntry) -> AlignedBuf {
+    let mut page = AlignedBuf::zeroed(PAGE as usize);
+    for b in 0..REGION_BLOCKS as usize {
+        entry(b).encode(&mut page[b * CRC_ENTRY as usize..(b + 1) * CRC_ENTRY as usize]);
+    }
+    page
+}
+
 /// Recomputes the checksum entries of every dirty region from its data, writes them, then clears
 /// the dirty bits (each step durable before the next).
 fn recover(
@@ -270,18 +307,31 @@ fn recover(
                 continue;
             }
             if entry.allocated {
-                let data = read_sync(
-                    engine,
-                    g.data_pos(slot as u64, r * REGION_BYTES),
-                    REGION_BYTES as usize,
-                )
-                .map_err(io_err(path, "reading a dirty region"))?;
-                let mut page = AlignedBuf::zeroed(PAGE as usize);
-                for b in 0..REGION_BLOCKS as usize {
-                    let block = &data[b * BLOCK as usize..(b + 1) * BLOCK as usize];
-                    CrcEntry::of(block)
-                        .encode(&mut page[b * CRC_ENTRY as usize..(b + 1) * CRC_ENTRY as usize]);
-                }
+                let pos = g.data_pos(slot as u64, r * REGION_BYTES);
+                let page = match read_sync(engine, pos, REGION_BYTES as usize) {
+                    Ok(data) => region_checksums(|b| {
+                        CrcEntry::of(&data[b * BLOCK as usize..(b + 1) * BLOCK as usize])
+                    }),
+                    // A bad sector must not keep the whole device from opening (it is most
+                    // likely why the region was left dirty): block by block, and a block that
+                    // cannot be read is marked as holding nothing known.
+                    Err(e) => {
+                        tracing::warn!(device = path, slot, region = r, error = %e,
+                            "a dirty region could not be read; recovering it block by block");
+                        region_checksums(|b| {
+                            let at = pos + (b as u64) * BLOCK;
+                            match read_sync(engine, at, BLOCK as usize) {
+                                Ok(block) => CrcEntry::of(&block),
+                                Err(e) => {
+                                    tracing::error!(device = path, slot, offset = at,
+                                        error = %e, "unreadable block: its reads will fail \
+                                        their checksum until it is written again");
+                                    CrcEntry::UNKNOWN
+                                }
+                            }
+                        })
+                    }
+                };
                 write_sync(engine, g.crc_page_pos(slot as u64, r), page)
                     .map_err(io_err(path, "writing recovered checksums"))?;
                 recovered += 1;

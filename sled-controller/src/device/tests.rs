@@ -2,7 +2,7 @@
 //! model.
 
 use super::core::{CoreConfig, DeviceCore, Durability};
-use super::open::format;
+use super::open::{format, looks_empty};
 use super::{DevError, DevRequest, Holder, Once};
 use crate::engine::Doorbell;
 use crate::engine::mem::{MemEngine, MemImage, filled};
@@ -51,6 +51,10 @@ impl H {
     }
 
     fn open(image: MemImage, crash_seed: Option<u64>, durability: Durability) -> Self {
+        Self::open_with(image, crash_seed, cfg(durability))
+    }
+
+    fn open_with(image: MemImage, crash_seed: Option<u64>, cfg: CoreConfig) -> Self {
         let engine = match crash_seed {
             Some(s) => MemEngine::crash_model(image.clone(), s),
             None => MemEngine::new(image.clone()),
@@ -62,7 +66,7 @@ impl H {
             "mem",
             Some(Uuid128(1)),
             shared,
-            cfg(durability),
+            cfg,
             DeviceMetrics::unregistered("mem"),
         )
         .unwrap();
@@ -958,6 +962,98 @@ fn a_free_that_cannot_be_made_durable_is_undone() {
         "the chunk was lost"
     );
     assert!(all(&t.read(V, 1, 0, 4096).unwrap(), 0x66));
+}
+
+#[test]
+fn a_free_that_fails_keeps_the_checksums_of_its_chunk() {
+    let image = H::new(None).image.clone();
+    // A checksum cache that keeps nothing it may drop.
+    let tiny = CoreConfig {
+        crc_cache_pages: 0,
+        ..cfg(Durability::Dsync)
+    };
+    let mut t = H::open_with(image.clone(), None, tiny.clone());
+    t.claim(V, h(1, 1)).unwrap();
+    // Written, its checksum so far only in memory (the region is dirty, not idle yet).
+    t.write(V, h(1, 1), 0, 0, filled(4096, 0x11)).unwrap();
+    image.fail_dsync_writes(1);
+    assert!(t.free(V, h(1, 1), 0).is_err());
+    // A tick drops cached checksum pages of clean regions: this one is still dirty, so its
+    // page (the only copy of the new checksum) stays.
+    t.core.tick();
+    assert!(
+        all(&t.read(V, 0, 0, 4096).unwrap(), 0x11),
+        "the block's checksum was lost with the failed free"
+    );
+    // Cleaned and reopened: still there.
+    t.clean();
+    drop(t);
+    let mut t = H::open_with(image, None, tiny);
+    assert!(all(&t.read(V, 0, 0, 4096).unwrap(), 0x11));
+}
+
+#[test]
+fn a_write_whose_group_fsync_failed_leaves_its_checksums_to_recovery() {
+    for seed in 0..8 {
+        let image = H::new(None).image.clone();
+        let mut t = H::open(image.clone(), Some(seed), Durability::BatchFsync);
+        t.claim(V, h(1, 1)).unwrap();
+        t.write(V, h(1, 1), 0, 0, filled(4096, 0x11)).unwrap();
+        t.clean();
+        // The fsync that would make the next write durable fails: the write fails, and
+        // whether its data is on the disk is unknown.
+        image.fail_fsyncs(1);
+        assert!(t.write(V, h(1, 1), 0, 0, filled(4096, 0x22)).is_err());
+        // The cleaner must not write back the checksum of data a power cut can take away.
+        t.clean();
+        image.power_cut(seed);
+        drop(t);
+        let mut t = H::open(image, None, Durability::BatchFsync);
+        let b = t
+            .read(V, 0, 0, 4096)
+            .unwrap_or_else(|e| panic!("seed {seed}: the block no longer reads: {e}"));
+        assert!(all(&b, 0x11) || all(&b, 0x22), "seed {seed}");
+    }
+}
+
+#[test]
+fn a_dirty_region_with_a_bad_sector_does_not_keep_the_device_from_opening() {
+    let image = H::new(None).image.clone();
+    let mut t = H::open(image.clone(), None, Durability::Dsync);
+    t.claim(V, h(1, 1)).unwrap();
+    t.write(V, h(1, 1), 0, 0, filled(4096, 0x11)).unwrap();
+    t.write(V, h(1, 1), 0, 4096, filled(4096, 0x22)).unwrap();
+    let base = t.core.physical(V, ChunkIndex(0)).expect("allocated");
+    // Stopped without cleaning (as by a crash): the region is dirty on the device, and its
+    // first block has gone bad.
+    drop(t);
+    image.make_unreadable(base, 4096);
+    let mut t = H::open(image, None, Durability::Dsync);
+    // The readable block was recovered; the bad one fails (a head node reads another replica).
+    assert!(all(&t.read(V, 0, 4096, 4096).unwrap(), 0x22));
+    assert!(t.read(V, 0, 0, 4096).is_err());
+    // Written again, it reads back.
+    t.write(V, h(1, 1), 0, 0, filled(4096, 0x33)).unwrap();
+    assert!(all(&t.read(V, 0, 0, 4096).unwrap(), 0x33));
+}
+
+#[test]
+fn an_interrupted_format_is_formatted_again_and_data_is_not() {
+    let image = MemImage::new(SIZE);
+    let mut e = MemEngine::new(image.clone());
+    assert!(looks_empty(&mut e, "mem", CHUNK).unwrap(), "a new device");
+    format(&mut e, "mem", Uuid128(1), CHUNK).unwrap();
+    assert!(
+        !looks_empty(&mut e, "mem", CHUNK).unwrap(),
+        "a formatted device"
+    );
+    // The superblock is written last: without it, the tables alone are an interrupted format.
+    let mut zero = MemEngine::new(image.clone());
+    crate::engine::write_sync(&mut zero, 0, AlignedBuf::zeroed(8192)).unwrap();
+    assert!(looks_empty(&mut e, "mem", CHUNK).unwrap());
+    // Anything else is data.
+    crate::engine::write_sync(&mut zero, 1 << 19, filled(4096, 1)).unwrap();
+    assert!(!looks_empty(&mut e, "mem", CHUNK).unwrap());
 }
 
 #[test]

@@ -48,6 +48,8 @@ struct ImageState {
     failing_dsync_writes: u32,
     /// `RWF_DSYNC` writes still to tear: the first 4 KiB lands, then the write fails.
     tearing_dsync_writes: u32,
+    /// Byte ranges `[start, end)` every read touching which fails with `EIO` (bad sectors).
+    unreadable: Vec<(u64, u64)>,
 }
 
 /// A sparse in-memory device image shared by engines.
@@ -85,6 +87,14 @@ impl MemImage {
     /// Makes the next `n` writes with `RWF_DSYNC` fail with `EIO`, writing nothing.
     pub fn fail_dsync_writes(&self, n: u32) {
         self.lock().failing_dsync_writes = n;
+    }
+
+    /// Makes every read that touches `len` bytes at `offset` fail with `EIO`, as a bad sector
+    /// does, until the range is written.
+    pub fn make_unreadable(&self, offset: u64, len: u64) {
+        self.lock()
+            .unreadable
+            .push((offset, offset.saturating_add(len)));
     }
 
     /// Makes the next `n` fsyncs fail with `EIO` (what they would cover stays volatile).
@@ -222,8 +232,11 @@ impl MemEngine {
         }
         let (result, buf) = match op.kind {
             OpKind::Read { mut buf, offset } => {
-                if offset + buf.len() as u64 > st.size {
+                let end = offset + buf.len() as u64;
+                if end > st.size {
                     (Err(io::Error::from_raw_os_error(libc::EINVAL)), Some(buf))
+                } else if st.unreadable.iter().any(|&(s, e)| offset < e && s < end) {
+                    (Err(io::Error::from_raw_os_error(libc::EIO)), Some(buf))
                 } else {
                     read_into(st, offset, &mut buf);
                     (Ok(buf.len()), Some(buf))
@@ -246,9 +259,12 @@ impl MemEngine {
                 (Err(io::Error::from_raw_os_error(libc::EIO)), Some(buf))
             }
             OpKind::Write { buf, offset, dsync } => {
-                if offset + buf.len() as u64 > st.size {
+                let end = offset + buf.len() as u64;
+                if end > st.size {
                     (Err(io::Error::from_raw_os_error(libc::EINVAL)), Some(buf))
                 } else {
+                    // A written sector is readable again (the device remapped it).
+                    st.unreadable.retain(|&(s, e)| !(offset <= s && e <= end));
                     apply_write(st, offset, &buf, dsync || !self.crash);
                     (Ok(buf.len()), Some(buf))
                 }

@@ -27,7 +27,12 @@ impl<E: IoEngine> DeviceCore<E> {
     /// is clean would read as corruption), with no write in flight, and after its cached
     /// writes are durable (else a power cut could leave checksums of data that never landed).
     pub(super) fn clean_state(&self, slot: u64, r: u64, reg: &Region) -> Cleanable {
-        if reg.failed || reg.flushing || reg.writes_in_flight > 0 || !self.bit_durable(slot, r) {
+        if reg.failed
+            || reg.flushing
+            || reg.writes_in_flight > 0
+            || !self.bit_durable(slot, r)
+            || self.freeing.contains(&slot)
+        {
             Cleanable::No
         } else if reg.needs_sync > self.sync_done {
             Cleanable::AfterSync

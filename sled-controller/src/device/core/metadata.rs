@@ -78,13 +78,16 @@ impl<E: IoEngine> DeviceCore<E> {
         };
         self.lane.touch_chunk(slot);
         self.lane.wait(Waiter::Job(id));
-        // No checksum write-back may start for a slot on its way out.
-        self.regions.retain(|(s, _), _| *s != slot);
+        // No checksum write-back may start for a slot on its way out. Its regions stay: should
+        // the free fail, their dirty state is what keeps the checksums right (and their pages
+        // in the cache).
+        self.freeing.insert(slot);
         Park::WaitAt(Stage::FreeCommit)
     }
 
     pub(super) fn step_free_committed(&mut self, job: &mut Job) -> Park {
         let slot = job.slot.expect("located");
+        self.freeing.remove(&slot);
         self.owners.remove(&(job.volume, job.chunk));
         self.pages.retain(|(s, _), _| *s != slot);
         self.regions.retain(|(s, _), _| *s != slot);
@@ -296,6 +299,12 @@ impl<E: IoEngine> DeviceCore<E> {
             // The old copies are intact; the change stays in memory and is retried with the
             // next batch. Waiters fail: their change is not known durable.
             tracing::error!(device = %self.path, error = %why, "metadata write failed");
+            // Which of the batch's pages reached the disk is unknown, and one that did may say
+            // less than memory does (a free undone below): until a later batch has rewritten
+            // them, none of their chunks' dirty bits counts as durable.
+            for (slot, _) in &batch.chunk_snapshots {
+                self.durable_bits[*slot as usize] = [0; 64];
+            }
             for (t, p, _, _) in &batch.pages {
                 let key = match t {
                     Table::Chunks => TableKey::Chunks,
@@ -311,6 +320,7 @@ impl<E: IoEngine> DeviceCore<E> {
                     if let (Some(undo), Some(slot)) = (job.undo.take(), job.slot) {
                         self.tables.chunks[slot as usize] = undo;
                         self.lane.touch_chunk(slot);
+                        self.freeing.remove(&slot);
                     }
                     self.finish(job, Err(DevError::Io(why.clone())));
                 }
