@@ -97,7 +97,11 @@
 //! fail the checksum): a valid record of a later batch, or an earlier position of the same batch,
 //! proves the bad record had been durable, so that is an error naming the file and offset, as is
 //! any bad record in an earlier segment, a missing segment, or records out of sequence. (Damage to
-//! the last batch itself cannot be told from a torn write; it is cut, with a warning.)
+//! the last batch itself cannot be told from a torn write; it is cut, with a warning.) The search
+//! checks only headers that could belong to this batch or a later one and hashes at most four
+//! times the bytes left, so a payload full of record-shaped bytes cannot make a restart hang; the
+//! price is that such a payload, in a batch before bit rot, can hide the valid records after the
+//! damage, and the rot is then cut as if it were a torn tail.
 //!
 //! Segments are usually zero-filled ahead of need (`spare`), so a segment may end in zeros:
 //! zeros from a batch boundary to the end of the file are a clean end (nothing is cut), and

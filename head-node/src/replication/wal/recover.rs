@@ -173,7 +173,14 @@ fn scan(
                         hb >= batch && hi < hc && body <= budget
                     };
                     if plausible {
-                        budget -= le_u32(&buf[o + 4..o + 8]) as usize;
+                        // Charged what checking it costs: a body running past the end of the
+                        // file fails without being hashed, so a header claiming a huge one
+                        // must not use up the search for the real records after it.
+                        let body = le_u32(&buf[o + 4..o + 8]) as usize;
+                        let end = o.saturating_add(RECORD_HEADER_LEN).saturating_add(body);
+                        if end <= buf.len() {
+                            budget -= body;
+                        }
                     }
                     if plausible && let Ok((h, _, len)) = parse_record(&buf[o..], salt) {
                         if h.batch != batch || h.index <= index {

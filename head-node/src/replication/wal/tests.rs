@@ -734,6 +734,51 @@ fn corruption_before_the_last_batch_is_an_error() {
     }
 }
 
+/// Bit rot in a record whose payload is full of record-shaped headers claiming bodies that run
+/// past the end of the file: checking those costs nothing, so they must not use up the search
+/// that finds the valid records after the damage (which makes it an error, not a torn tail).
+#[test]
+fn record_shaped_payload_before_bit_rot_does_not_hide_the_records_after_it() {
+    let dir = scratch_dir();
+    let g = GroupId(10);
+    let (wal, _, _) = open(dir.path(), &WalConfig::default());
+    let mut model = Model::default();
+    model.write(&wal, vec![append(g, vec![entry(g, 1, 1, 64)])]);
+    let mut payload = Vec::new();
+    for k in (0..32).rev() {
+        let mut h = [0u8; 48];
+        h[0..4].copy_from_slice(b"SRR1");
+        h[4..8].copy_from_slice(&(1u32 << k).to_le_bytes());
+        h[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        h[20..24].copy_from_slice(&1u32.to_le_bytes());
+        payload.extend_from_slice(&h);
+    }
+    let crafted = Entry {
+        index: 2,
+        term: 1,
+        data: payload.into(),
+        ..Default::default()
+    };
+    model.write(&wal, vec![append(g, vec![crafted])]);
+    for i in 3..=5 {
+        model.write(&wal, vec![append(g, vec![entry(g, i, 1, 64)])]);
+    }
+    drop(wal);
+    let seg = seg_path(dir.path(), 1);
+    let (off, _, _) = records_of(&seg)[1];
+    let mut b = fs::read(&seg).unwrap();
+    b[off + 30] ^= 0x10;
+    fs::write(&seg, &b).unwrap();
+    match reopen(dir.path()) {
+        Err(WalError::Corrupt { offset, .. }) => assert_eq!(offset, off as u64),
+        Err(e) => panic!("{e}"),
+        Ok(rec) => panic!(
+            "acknowledged batches after the damage were cut as a torn tail (left: {:?})",
+            logs(&rec.groups)
+        ),
+    }
+}
+
 #[test]
 fn damage_in_an_earlier_segment_and_missing_segments_are_errors() {
     let dir = scratch_dir();
