@@ -159,7 +159,28 @@ fn ports(dir: &Path, names: &[String]) -> anyhow::Result<BTreeMap<String, Ports>
 }
 
 /// How many head nodes an earlier run of this data directory started (those with state).
+/// The file recording how many head nodes the cluster of a data directory has: written by the
+/// first run before any head node starts, so a first run stopped half-way through its start
+/// (some head nodes with state, others not yet) still names the cluster it was forming.
+const HEADS_FILE: &str = "heads";
+
+/// How many head nodes the data directory's cluster has (0: none yet): the recorded number, or
+/// for a directory written before it was recorded, the head nodes with state.
 fn existing_heads(dir: &Path) -> anyhow::Result<usize> {
+    let recorded = dir.join(HEADS_FILE);
+    match std::fs::read_to_string(&recorded) {
+        Ok(t) => {
+            return t.trim().parse::<usize>().with_context(|| {
+                format!(
+                    "{} should hold the number of head nodes, not {:?}",
+                    recorded.display(),
+                    t.trim()
+                )
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", recorded.display())),
+    }
     let mut n = 0;
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let e = e?;
@@ -174,6 +195,20 @@ fn existing_heads(dir: &Path) -> anyhow::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// Records the number of head nodes (atomically: a crash leaves the old file or the new one).
+fn record_heads(dir: &Path, heads: usize) -> anyhow::Result<()> {
+    let path = dir.join(HEADS_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    let tmp = dir.join(format!("{HEADS_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{heads}\n"))
+        .and_then(|()| File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .and_then(|()| File::open(dir)?.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Holds an exclusive lock on the data directory for the life of `stockade up`.
@@ -577,6 +612,7 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
             dir.display()
         );
     }
+    record_heads(&dir, args.heads)?;
     let sled_names: Vec<String> = (1..=args.sleds).map(|i| format!("sled-{i}")).collect();
     let head_names: Vec<String> = (1..=args.heads).map(|i| format!("head-{i}")).collect();
     let all: Vec<String> = sled_names.iter().chain(&head_names).cloned().collect();
@@ -808,5 +844,36 @@ fn print_summary(args: &UpArgs, dir: &Path, info: &ClusterInfo, uri: &str) {
         );
     } else {
         println!("Stop with Ctrl-C; `stockade up` again restarts on the same data.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_head_count_is_the_one_the_first_run_recorded() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(existing_heads(d.path()).unwrap(), 0);
+        // A first run of three head nodes, stopped after the first one had state.
+        record_heads(d.path(), 3).unwrap();
+        std::fs::create_dir_all(d.path().join("head-1/state")).unwrap();
+        assert_eq!(existing_heads(d.path()).unwrap(), 3);
+        // Recorded once: a later run does not change it.
+        record_heads(d.path(), 1).unwrap();
+        assert_eq!(existing_heads(d.path()).unwrap(), 3);
+        // A damaged record is an error that names the file, not a guess.
+        std::fs::write(d.path().join(HEADS_FILE), "three").unwrap();
+        let e = existing_heads(d.path()).unwrap_err().to_string();
+        assert!(e.contains("heads") && e.contains("three"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_from_before_the_record_counts_its_head_nodes_with_state() {
+        let d = tempfile::tempdir().unwrap();
+        for h in ["head-1/state", "head-2/state", "head-x/state", "sled-1"] {
+            std::fs::create_dir_all(d.path().join(h)).unwrap();
+        }
+        assert_eq!(existing_heads(d.path()).unwrap(), 2);
     }
 }
