@@ -100,9 +100,14 @@ pub struct Routed {
     pub chunk: ChunkIndex,
 }
 
-/// Whether a write or allocation that ended with `res` may have left its chunk allocated.
+/// Whether a write or allocation that ended with `res` may have left its chunk allocated. A
+/// fencing refusal may: the fence is checked again when the write is submitted, after its
+/// chunk was allocated, and a newer claim can arrive in between.
 fn may_hold(res: Result<(), &DevError>) -> bool {
-    matches!(res, Ok(()) | Err(DevError::Io(_) | DevError::ShuttingDown))
+    matches!(
+        res,
+        Ok(()) | Err(DevError::Io(_) | DevError::ShuttingDown | DevError::Fenced { .. })
+    )
 }
 
 /// The sled.
@@ -661,6 +666,65 @@ mod tests {
         assert!(
             raced > 0,
             "no free was ever still queued when the write was sent"
+        );
+    }
+
+    /// A first write whose chunk is allocated and which is then refused because a newer claim
+    /// arrived meanwhile leaves the chunk on its device: the catalog must keep it there, or the
+    /// new holder's write allocates it a second time on the other device (and a restart then
+    /// picks one of the two copies).
+    #[tokio::test]
+    async fn a_first_write_fenced_after_its_allocation_keeps_its_chunk_where_it_is() {
+        let sled = two_device_sled().await;
+        let old = sled.key().mint(V, Epoch(1), NodeId(1));
+        let new = sled.key().mint(V, Epoch(2), NodeId(2));
+        sled.claim(&old).await.expect("claim");
+        // Chunk 100 takes device 0, so chunk 0 goes to device 1.
+        sled.write(
+            &old,
+            ChunkIndex(100),
+            0,
+            crate::engine::mem::filled(4096, 1),
+        )
+        .await
+        .expect("write");
+        let write = sled.write(&old, ChunkIndex(0), 0, crate::engine::mem::filled(4096, 2));
+        tokio::pin!(write);
+        // One poll routes the write and queues it on device 1 (it starts allocating there).
+        let done = tokio::select! {
+            biased;
+            r = &mut write => Some(r),
+            () = std::future::ready(()) => None,
+        };
+        assert!(done.is_none(), "the first write finished at once");
+        sled.claim(&new).await.expect("newer claim");
+        let r = write.await;
+        let held = sled.statuses().await[1]
+            .chunks
+            .contains(&(V, ChunkIndex(0)));
+        if held {
+            assert_eq!(
+                sled.locate(V, ChunkIndex(0)),
+                Some(1),
+                "the catalog forgot a chunk device 1 holds (the write ended {r:?})"
+            );
+        }
+        sled.write(
+            &new,
+            ChunkIndex(0),
+            4096,
+            crate::engine::mem::filled(4096, 3),
+        )
+        .await
+        .expect("the new holder's write");
+        let statuses = sled.statuses().await;
+        let holders: Vec<usize> = (0..2)
+            .filter(|&d| statuses[d].chunks.contains(&(V, ChunkIndex(0))))
+            .collect();
+        assert_eq!(
+            holders,
+            [1],
+            "the chunk is held once (the old write ended {r:?})"
         );
     }
 
