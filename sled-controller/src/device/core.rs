@@ -711,6 +711,13 @@ impl<E: IoEngine> DeviceCore<E> {
             Some(SlotState::Ready(slot)) => {
                 job.slot = Some(slot);
                 if job.kind == JobKind::Alloc {
+                    // Held already: nothing to do, but a deposed holder is told so, as for
+                    // every other mutation.
+                    let fence = job.fence.expect("mutations carry a fence");
+                    if let Err(e) = self.check_fence(job.volume, fence) {
+                        self.fence_refused(job.volume, fence, &e);
+                        return Park::Done(Err(e));
+                    }
                     return Park::Done(Ok(None));
                 }
                 Park::Continue(Stage::Lock)

@@ -965,6 +965,28 @@ fn a_free_that_cannot_be_made_durable_is_undone() {
 }
 
 #[test]
+fn an_allocation_of_a_held_chunk_by_a_deposed_holder_is_refused() {
+    let mut t = H::new(None);
+    t.claim(V, h(1, 1)).unwrap();
+    t.write(V, h(1, 1), 3, 0, filled(4096, 1)).unwrap();
+    t.claim(V, h(2, 2)).unwrap();
+    let alloc = |t: &mut H, f: Holder| {
+        let rx = t.send(|reply| DevRequest::Allocate {
+            fence: f,
+            volume: V,
+            chunk: ChunkIndex(3),
+            reply,
+        });
+        t.wait(rx)
+    };
+    assert_eq!(
+        alloc(&mut t, h(1, 1)),
+        Err(DevError::Fenced { current: h(2, 2) })
+    );
+    assert_eq!(alloc(&mut t, h(2, 2)), Ok(()));
+}
+
+#[test]
 fn a_free_that_fails_keeps_the_checksums_of_its_chunk() {
     let image = H::new(None).image.clone();
     // A checksum cache that keeps nothing it may drop.
