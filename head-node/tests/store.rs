@@ -97,7 +97,7 @@ async fn a_write_to_an_unknown_chunk_lands_after_the_sleds_reconnect() {
 
     let offset = CHUNK + 4096;
     store
-        .write(offset, filled(8192, 0x5a))
+        .write(Epoch(1), offset, filled(8192, 0x5a))
         .await
         .expect("write to a chunk nobody wrote yet");
     assert!(
@@ -124,6 +124,33 @@ async fn a_write_to_an_unknown_chunk_lands_after_the_sleds_reconnect() {
     }
     let b = store.read(offset, 8192).await.unwrap();
     assert!(b.iter().all(|&x| x == 0x5a));
+
+    // This node leads again under a newer term: a write-back of the old term still running
+    // must not go out with the new credential.
+    store.set_epoch(Epoch(3));
+    let e = store
+        .write(Epoch(1), offset, filled(8192, 0x77))
+        .await
+        .expect_err("a write of an ended term");
+    assert!(
+        matches!(e, head_node::volume::store::StoreError::EpochEnded { .. }),
+        "{e}"
+    );
+    for addr in addrs.iter().take(2) {
+        let c = common::sled_client::SledClient::connect(
+            *addr,
+            &key,
+            NodeId(9),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let b = c.read(spec.id, ChunkIndex(1), 4096, 8192).await.unwrap();
+        assert!(
+            b.iter().all(|&x| x == 0x5a),
+            "the ended term's write landed"
+        );
+    }
     for s in sleds.into_iter().flatten() {
         s.stop().await;
     }

@@ -145,8 +145,9 @@ fn store_error(e: StoreError) -> Attempt {
             offset,
             length: len,
         }),
-        // A deposed store: the group steps down; the request goes to the new leader.
-        StoreError::Deposed { .. } => Attempt::Retry,
+        // A deposed store: the group steps down; the request goes to the new leader. (An ended
+        // term only concerns write-back, but it means the same: leadership moved.)
+        StoreError::Deposed { .. } | StoreError::EpochEnded { .. } => Attempt::Retry,
         e @ StoreError::Replica { .. } => {
             Attempt::Fatal(VolumeError::io(std::io::Error::other(e.to_string())))
         }

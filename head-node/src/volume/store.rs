@@ -71,6 +71,16 @@ pub enum StoreError {
         /// What went wrong.
         msg: String,
     },
+    /// A mutation made for one leadership term found the store writing under another (this
+    /// node leads again, under a newer term): it must not go out with the newer credential,
+    /// unordered with that term's own write-back.
+    #[error("the write-back of epoch {expected} ended: the store writes under epoch {current} now")]
+    EpochEnded {
+        /// The epoch the mutation was made for.
+        expected: Epoch,
+        /// The epoch the store writes under now.
+        current: Epoch,
+    },
     /// The range is outside the volume.
     #[error("range {offset}+{len} is outside the volume")]
     OutOfRange {
@@ -215,6 +225,16 @@ impl SledStore {
     /// The epoch this store writes under.
     pub fn epoch(&self) -> Epoch {
         self.credential().epoch
+    }
+
+    fn check_term(&self, expected: Option<Epoch>) -> Result<(), StoreError> {
+        match expected {
+            Some(expected) if self.epoch() != expected => Err(StoreError::EpochEnded {
+                expected,
+                current: self.epoch(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Resolves once the store has been deposed.
@@ -583,11 +603,15 @@ impl SledStore {
         }
     }
 
-    /// One mutation on every replica of a segment's chunk.
+    /// One mutation on every replica of a segment's chunk. With `epoch`, the mutation belongs
+    /// to that term's write-back: it is sent only with that epoch's credential (checked where
+    /// the credential is taken, after every wait), else it fails with
+    /// [`StoreError::EpochEnded`].
     async fn on_replicas<F, Fut>(
         &self,
         spec: &VolumeSpec,
         seg: Segment,
+        epoch: Option<Epoch>,
         op: F,
     ) -> Result<(), StoreError>
     where
@@ -609,6 +633,7 @@ impl SledStore {
             let took = &took;
             async move {
                 let r = async {
+                    self.check_term(epoch)?;
                     self.ensure_claimed(*sled).await?;
                     let client = self.checked_client(*sled).await?;
                     if self.is_lacking(*sled, seg.chunk) {
@@ -623,6 +648,14 @@ impl SledStore {
                         return Ok(());
                     }
                     let cred = self.credential();
+                    if let Some(expected) = epoch
+                        && cred.epoch != expected
+                    {
+                        return Err(StoreError::EpochEnded {
+                            expected,
+                            current: cred.epoch,
+                        });
+                    }
                     let mut res = op(client.clone(), cred).await;
                     // Not for a sled being resynchronised: it was claimed when its pass began,
                     // so it lost the claim since (a wiped device) and with it chunks the pass
@@ -658,12 +691,15 @@ impl SledStore {
             }
         }))
         .await;
-        // A deposition wins over any other error; then no-space; then the first error.
+        // A deposition or an ended term wins over any other error; then no-space; then the
+        // first error.
         let mut first = None;
         for r in results {
             match r {
                 Ok(()) => {}
-                Err(e @ StoreError::Deposed { .. }) => return Err(e),
+                Err(e @ (StoreError::Deposed { .. } | StoreError::EpochEnded { .. })) => {
+                    return Err(e);
+                }
                 Err(e @ StoreError::NoSpace(_)) => first = Some(e),
                 Err(e) => {
                     first.get_or_insert(e);
@@ -685,7 +721,14 @@ impl SledStore {
     /// every replica's device holds it, durable only after a later [`SledStore::flush`]. This is
     /// write-back of committed log entries, which the Raft log keeps durable until the group
     /// records them flushed, and it records that only after a flush of every replica.
-    pub async fn write(&self, offset: u64, data: bytes::Bytes) -> Result<(), StoreError> {
+    ///
+    /// `epoch` is the term whose write-back this is: see [`StoreError::EpochEnded`].
+    pub async fn write(
+        &self,
+        epoch: Epoch,
+        offset: u64,
+        data: bytes::Bytes,
+    ) -> Result<(), StoreError> {
         self.check_deposed()?;
         let len = data.len() as u64;
         debug_assert!(block_aligned(offset, len));
@@ -701,7 +744,7 @@ impl SledStore {
             let spec = &spec;
             async move {
                 let r = self
-                    .on_replicas(spec, seg, |c, cred| {
+                    .on_replicas(spec, seg, Some(epoch), |c, cred| {
                         let buf = buf.clone();
                         async move {
                             c.write_cached(&cred, seg.chunk, seg.offset, buf).await?;
@@ -919,8 +962,15 @@ impl SledStore {
     }
 
     /// Makes block-aligned `[offset, offset+len)` read as zeros on every replica. With
-    /// `may_free`, chunks covered entirely are freed (they become holes).
-    pub async fn zero(&self, offset: u64, len: u64, may_free: bool) -> Result<(), StoreError> {
+    /// `may_free`, chunks covered entirely are freed (they become holes). `epoch` as for
+    /// [`SledStore::write`].
+    pub async fn zero(
+        &self,
+        epoch: Epoch,
+        offset: u64,
+        len: u64,
+        may_free: bool,
+    ) -> Result<(), StoreError> {
         self.check_deposed()?;
         debug_assert!(block_aligned(offset, len));
         let spec = self.check_range(offset, len)?;
@@ -937,7 +987,7 @@ impl SledStore {
                     }
                     if may_free && seg.offset == 0 && seg.len == spec.chunk_size {
                         let r = self
-                            .on_replicas(spec, seg, |c, cred| async move {
+                            .on_replicas(spec, seg, Some(epoch), |c, cred| async move {
                                 c.free(&cred, seg.chunk).await
                             })
                             .await;
@@ -946,7 +996,7 @@ impl SledStore {
                         }
                         return r;
                     }
-                    self.on_replicas(spec, seg, |c, cred| async move {
+                    self.on_replicas(spec, seg, Some(epoch), |c, cred| async move {
                         c.write_zeroes(&cred, seg.chunk, seg.offset, seg.len).await
                     })
                     .await
@@ -973,7 +1023,7 @@ impl SledStore {
                 continue;
             }
             match self
-                .on_replicas(&spec, seg, |c, cred| async move {
+                .on_replicas(&spec, seg, None, |c, cred| async move {
                     c.allocate(&cred, seg.chunk).await
                 })
                 .await

@@ -195,13 +195,19 @@ pub(super) async fn flusher(
                     )));
                 }
                 let r = match &header {
-                    EntryHeader::Write { .. } => store.write(offset, data.clone()).await,
-                    EntryHeader::Zero { free, .. } => store.zero(offset, len, *free).await,
+                    EntryHeader::Write { .. } => {
+                        store.write(Epoch(term), offset, data.clone()).await
+                    }
+                    EntryHeader::Zero { free, .. } => {
+                        store.zero(Epoch(term), offset, len, *free).await
+                    }
                     _ => Ok(()),
                 };
                 match r {
                     Ok(()) => break Ok(()),
-                    Err(e @ StoreError::Deposed { .. }) => break Err(e),
+                    Err(e @ (StoreError::Deposed { .. } | StoreError::EpochEnded { .. })) => {
+                        break Err(e);
+                    }
                     // This leadership is over: no more retries.
                     Err(e) if *stopping.borrow() => break Err(e),
                     Err(e) => {
