@@ -385,9 +385,12 @@ impl ControlPlane {
         let from_pool = rec.from_pool;
         tracing::info!(volume = %c.name, group = %group.id, from_pool, members = ?group.members,
             target = ?group.target, "creating volume");
-        self.creating(&c.name, true);
-        let bound = self.bind(&group, &spec, qos, BIND_TIMEOUT).await;
-        self.creating(&c.name, false);
+        let bound = {
+            // Cleared however the bind ends, also when the request is dropped (its client
+            // went away): the background loop finishes creates this leader is not running.
+            let _creating = CreateGuard::enter(self, &c.name);
+            self.bind(&group, &spec, qos, BIND_TIMEOUT).await
+        };
         bound.map_err(|e| {
             AdminError::Internal(format!(
                 "volume {:?} is recorded but its Raft group did not start serving: {e}; the metadata leader keeps trying (see `stockade volume show {}`)",
@@ -408,16 +411,6 @@ impl ControlPlane {
         })
     }
 
-    /// Marks a create as in progress on this leader (the background loop leaves it alone).
-    fn creating(&self, name: &str, on: bool) {
-        let mut c = self.in_create.lock().unwrap_or_else(|p| p.into_inner());
-        if on {
-            c.insert(name.to_string());
-        } else {
-            c.remove(name);
-        }
-    }
-
     /// Records a created volume as serving.
     ///
     /// `bound` is the QoS the group was bound with, if known. A QoS change accepted while the
@@ -429,27 +422,38 @@ impl ControlPlane {
         id: VolumeId,
         bound: Option<QosConfig>,
     ) -> Result<(), AdminError> {
-        let _lock = self.ops.lock().await;
-        let st = self.state();
-        let Some(v) = st.volumes.get(name).filter(|v| v.id == id) else {
-            return Err(AdminError::Conflict(format!(
-                "volume {name:?} was deleted while it was being created"
-            )));
-        };
-        if v.phase == Phase::Creating {
+        let mut bound = bound;
+        loop {
+            let lock = self.ops.lock().await;
+            let st = self.state();
+            let Some(v) = st.volumes.get(name).filter(|v| v.id == id) else {
+                return Err(AdminError::Conflict(format!(
+                    "volume {name:?} was deleted while it was being created"
+                )));
+            };
+            if v.phase != Phase::Creating {
+                return Ok(());
+            }
             if bound != Some(v.qos) {
-                let g = st
-                    .groups
-                    .get(&v.group)
-                    .ok_or_else(|| AdminError::Internal(format!("volume {name:?} has no group")))?;
-                self.leader_call(g, &GroupOp::SetQos(v.qos), Duration::from_secs(30))
+                // The group call runs without the metadata lock (a stalled group must not stop
+                // every other admin request); a QoS change recorded meanwhile goes round again.
+                let g =
+                    st.groups.get(&v.group).cloned().ok_or_else(|| {
+                        AdminError::Internal(format!("volume {name:?} has no group"))
+                    })?;
+                let qos = v.qos;
+                drop(st);
+                drop(lock);
+                self.leader_call(&g, &GroupOp::SetQos(qos), Duration::from_secs(30))
                     .await?;
+                bound = Some(qos);
+                continue;
             }
             let mut v = v.clone();
             v.phase = Phase::Serving;
             self.propose(MetaCmd::PutVolume(v)).await?;
+            return Ok(());
         }
-        Ok(())
     }
 
     /// Gives a group its volume and waits until it serves.
@@ -837,9 +841,24 @@ impl ControlPlane {
             }
         }
         let _lock = self.ops.lock().await;
-        let mut cmds = vec![MetaCmd::RemoveVolume(v.name.clone())];
-        if let Some(g) = g {
+        // Only the record this delete marked: another delete may have finished it meanwhile,
+        // and the name may already belong to a new volume.
+        let st = self.state();
+        let mut cmds = Vec::new();
+        if st
+            .volumes
+            .get(name)
+            .is_some_and(|now| now.id == v.id && now.phase == Phase::Deleting)
+        {
+            cmds.push(MetaCmd::RemoveVolume(v.name.clone()));
+        }
+        if let Some(g) = g.filter(|g| st.groups.contains_key(&g.id)) {
             cmds.push(MetaCmd::RemoveGroup(g.id));
+        }
+        drop(st);
+        if cmds.is_empty() {
+            tracing::info!(volume = %name, "volume already deleted by another request");
+            return Ok(None);
         }
         self.propose(MetaCmd::Batch(cmds)).await?;
         tracing::info!(volume = %name, "volume deleted");
@@ -1112,6 +1131,36 @@ impl Drop for DeleteGuard<'_> {
         {
             e.0 = false;
         }
+    }
+}
+
+/// Marks a create as in progress on this leader until dropped (the background loop leaves it
+/// alone meanwhile).
+struct CreateGuard<'a> {
+    cp: &'a ControlPlane,
+    name: String,
+}
+
+impl<'a> CreateGuard<'a> {
+    fn enter(cp: &'a ControlPlane, name: &str) -> Self {
+        cp.in_create
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
+        Self {
+            cp,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for CreateGuard<'_> {
+    fn drop(&mut self) {
+        self.cp
+            .in_create
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
     }
 }
 
