@@ -10,6 +10,7 @@ pub mod http_server;
 pub mod ids;
 pub mod logging;
 pub mod metrics;
+pub mod net;
 pub mod signals;
 pub mod sled_client;
 pub mod sled_proto;

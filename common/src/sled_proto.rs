@@ -10,7 +10,7 @@
 //!      4    2 version   frame layout version (FRAME_VERSION, 1 so far)
 //!      6    2 kind      1 = request, 2 = response
 //!      8    8 tag       chosen by the requester, echoed in the response
-//!     16    4 ctl_len   length of the control part (≤ MAX_CTL_LEN)
+//!     16    4 ctl_len   length of the control part (≤ max_ctl_len(kind))
 //!     20    4 data_len  length of the data part (≤ MAX_DATA_LEN)
 //!     24    4 crc       CRC-32 (IEEE) of header-with-crc-zeroed ‖ control ‖ data
 //!     28    4 reserved  must be zero
@@ -54,8 +54,22 @@ pub const MIN_PROTOCOL_VERSION: u16 = 1;
 pub const FRAME_VERSION: u16 = 1;
 /// Header length.
 pub const HEADER_LEN: usize = 32;
-/// Largest control part.
+/// Largest control part of a request.
 pub const MAX_CTL_LEN: u32 = 64 * 1024;
+/// Largest control part of a response. A volume's chunk list (`VolumeStat`) is the big one: the
+/// largest volume (64 TiB) in the default 64 MiB chunks is 1 Mi chunk indexes of at most 3
+/// bytes each (postcard varints), 3 MiB. Only authenticated sleds send responses, and a sled
+/// refuses a response-kind frame before reading its body.
+pub const MAX_RESPONSE_CTL_LEN: u32 = 8 * 1024 * 1024;
+
+/// The largest control part of a frame of `kind`.
+pub const fn max_ctl_len(kind: u16) -> u32 {
+    if kind == KIND_RESPONSE {
+        MAX_RESPONSE_CTL_LEN
+    } else {
+        MAX_CTL_LEN
+    }
+}
 /// Largest data part (and the largest single read or write).
 pub const MAX_DATA_LEN: u32 = 32 * 1024 * 1024;
 
@@ -170,11 +184,11 @@ impl FrameHeader {
         tag.copy_from_slice(&b[8..16]);
         let ctl_len = u32_at(16);
         let data_len = u32_at(20);
-        if ctl_len > MAX_CTL_LEN {
+        if ctl_len > max_ctl_len(kind) {
             return Err(ProtoError::TooLarge {
                 what: "control",
                 len: ctl_len,
-                max: MAX_CTL_LEN,
+                max: max_ctl_len(kind),
             });
         }
         if data_len > MAX_DATA_LEN {
@@ -308,6 +322,15 @@ pub fn encode_frame<T: Serialize>(
     data: &[u8],
 ) -> Result<(Vec<u8>, usize), ProtoError> {
     let ctl = postcard::to_stdvec(msg)?;
+    // Never send what the other end must refuse (it would close the connection).
+    let ctl_len = u32::try_from(ctl.len())
+        .ok()
+        .filter(|l| *l <= max_ctl_len(kind))
+        .ok_or(ProtoError::TooLarge {
+            what: "control",
+            len: u32::try_from(ctl.len()).unwrap_or(u32::MAX),
+            max: max_ctl_len(kind),
+        })?;
     let data_len = u32::try_from(data.len())
         .ok()
         .filter(|l| *l <= MAX_DATA_LEN)
@@ -320,7 +343,7 @@ pub fn encode_frame<T: Serialize>(
         version: FRAME_VERSION,
         kind,
         tag,
-        ctl_len: ctl.len() as u32,
+        ctl_len,
         data_len,
         crc: 0,
     };
@@ -695,6 +718,27 @@ mod tests {
         assert_eq!(postcard::to_stdvec(&err).unwrap(), [7, 6, 1, b'x', 1, 7, 1]);
     }
 
+    /// The chunk list of the largest volume fits in a response; nothing too large for the
+    /// other end to read is ever encoded.
+    #[test]
+    fn a_large_volume_stat_fits_and_oversized_frames_are_not_encoded() {
+        let chunks = (64u64 << 40) / (64 << 20);
+        let stat = Response::VolumeStat(VolumeStat {
+            fence: Some((Epoch(7), NodeId(1))),
+            chunks: (0..chunks).map(ChunkIndex).collect(),
+        });
+        let (head, _) = encode_frame(KIND_RESPONSE, 9, &stat, &[]).expect("fits");
+        let h = FrameHeader::decode(head[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert!(h.ctl_len > MAX_CTL_LEN && h.ctl_len <= MAX_RESPONSE_CTL_LEN);
+        assert!(matches!(
+            encode_frame(KIND_REQUEST, 9, &stat, &[]),
+            Err(ProtoError::TooLarge {
+                what: "control",
+                ..
+            })
+        ));
+    }
+
     #[test]
     fn header_rejects_bad_fields() {
         let good = FrameHeader {
@@ -727,8 +771,17 @@ mod tests {
             FrameHeader::decode(&b),
             Err(ProtoError::TooLarge { .. })
         ));
+        // Control parts: 64 KiB in a request, more in a response (a volume's chunk list).
+        let mut b = good;
+        b[16..20].copy_from_slice(&(MAX_RESPONSE_CTL_LEN + 1).to_le_bytes());
+        assert!(matches!(
+            FrameHeader::decode(&b),
+            Err(ProtoError::TooLarge { .. })
+        ));
         let mut b = good;
         b[16..20].copy_from_slice(&(MAX_CTL_LEN + 1).to_le_bytes());
+        assert!(FrameHeader::decode(&b).is_ok());
+        b[6..8].copy_from_slice(&KIND_REQUEST.to_le_bytes());
         assert!(matches!(
             FrameHeader::decode(&b),
             Err(ProtoError::TooLarge { .. })

@@ -111,13 +111,53 @@ impl ReplySink {
     }
 }
 
-/// A request's way back to its connection.
+/// A request's way back to its connection. Answered exactly once: dropped unanswered (a device
+/// thread that stopped on an engine error, or panicked, with requests it had accepted), it
+/// answers `ShuttingDown`, so the connection still gives back the request's permits and its
+/// client hears about it, instead of waiting forever.
 #[derive(Debug)]
 pub struct ReplyTo {
-    /// The connection's sink.
-    pub sink: Arc<ReplySink>,
-    /// What the connection needs back.
-    pub ticket: Ticket,
+    sink: Arc<ReplySink>,
+    ticket: Ticket,
+    answered: bool,
+}
+
+impl ReplyTo {
+    /// The way back to `sink` for the request of `ticket`.
+    pub fn new(sink: Arc<ReplySink>, ticket: Ticket) -> Self {
+        Self {
+            sink,
+            ticket,
+            answered: false,
+        }
+    }
+
+    /// Pushes the answer into the sink without waking the writer; returns the sink.
+    fn answer(mut self, outcome: Outcome) -> Arc<ReplySink> {
+        self.answered = true;
+        self.sink.push(Entry {
+            ticket: self.ticket,
+            outcome,
+        });
+        self.sink.clone()
+    }
+
+    /// Pushes the answer and wakes the connection's writer.
+    pub fn answer_now(self, outcome: Outcome) {
+        self.answer(outcome).wake();
+    }
+}
+
+impl Drop for ReplyTo {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.answered = true;
+            self.sink.push_and_wake(Entry {
+                ticket: self.ticket,
+                outcome: Outcome::Device(Err(crate::device::DevError::ShuttingDown)),
+            });
+        }
+    }
 }
 
 /// Sinks a device thread has pushed into since it last woke them; each is woken once.
@@ -129,12 +169,9 @@ pub struct Wakes {
 impl Wakes {
     /// Pushes an entry into `to`'s sink and remembers to wake it.
     pub fn push(&mut self, to: ReplyTo, outcome: Outcome) {
-        to.sink.push(Entry {
-            ticket: to.ticket,
-            outcome,
-        });
-        if !self.touched.iter().any(|s| Arc::ptr_eq(s, &to.sink)) {
-            self.touched.push(to.sink);
+        let sink = to.answer(outcome);
+        if !self.touched.iter().any(|s| Arc::ptr_eq(s, &sink)) {
+            self.touched.push(sink);
         }
     }
 
@@ -143,5 +180,48 @@ impl Wakes {
         for s in self.touched.drain(..) {
             s.wake();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::DevError;
+
+    fn ticket(tag: u64) -> Ticket {
+        Ticket {
+            tag,
+            op: Some("write"),
+            started: Instant::now(),
+            requests: 1,
+            kib: 4,
+            volume: VolumeId(1),
+            len: 4096,
+            routed: None,
+        }
+    }
+
+    #[test]
+    fn every_way_back_answers_exactly_once() {
+        let sink = Arc::new(ReplySink::default());
+        let mut wakes = Wakes::default();
+        ReplyTo::new(sink.clone(), ticket(1)).answer_now(Outcome::Device(Ok(None)));
+        wakes.push(
+            ReplyTo::new(sink.clone(), ticket(2)),
+            Outcome::Device(Ok(None)),
+        );
+        wakes.wake_all();
+        // Dropped unanswered (its device thread stopped): answered as shut down.
+        drop(ReplyTo::new(sink.clone(), ticket(3)));
+        let mut got = Vec::new();
+        sink.take(&mut got);
+        let tags: Vec<u64> = got.iter().map(|e| e.ticket.tag).collect();
+        assert_eq!(tags, [1, 2, 3]);
+        assert!(matches!(got[0].outcome, Outcome::Device(Ok(None))));
+        assert!(matches!(got[1].outcome, Outcome::Device(Ok(None))));
+        assert!(matches!(
+            got[2].outcome,
+            Outcome::Device(Err(DevError::ShuttingDown))
+        ));
     }
 }

@@ -123,7 +123,7 @@ pub async fn serve(
                         tracing::debug!(%peer, "too many handshakes in progress; closing a new connection");
                         continue;
                     };
-                    let _ = stream.set_nodelay(true);
+                    common::net::tune_accepted(&stream);
                     let sled = sled.clone();
                     let shutdown = shutdown.clone();
                     let sessions = sessions.clone();
@@ -527,7 +527,21 @@ impl Reader {
                 len: 0,
                 routed: None,
             };
-            let frame = match read_body_with(rd, header, |n| self.sled.alloc(n)).await {
+            // A peer that stops in the middle of a frame must not hold off a shutdown or a
+            // newer connection of its head node (which waits for this one to end): the frame
+            // is dropped (it was never answered) and its permits go back.
+            let body = tokio::select! {
+                f = read_body_with(rd, header, |n| self.sled.alloc(n)) => f,
+                _ = shutdown.changed() => {
+                    self.give_back(&ticket);
+                    return Ok(());
+                }
+                _ = stop.wait_for(|s| *s) => {
+                    self.give_back(&ticket);
+                    return Ok(());
+                }
+            };
+            let frame = match body {
                 Ok(f) => f,
                 Err(e) => {
                     self.count_rejected(reject_reason(&e));
@@ -707,10 +721,7 @@ impl Reader {
     }
 
     fn reply_to<T>(&self, ticket: Ticket) -> Reply<T> {
-        Reply::To(ReplyTo {
-            sink: self.sink.clone(),
-            ticket,
-        })
+        Reply::To(ReplyTo::new(self.sink.clone(), ticket))
     }
 
     /// Queues a request for device `dev`; a full batch is handed over at once.
@@ -752,6 +763,12 @@ impl Reader {
                 outcome: Outcome::Ready(resp, None),
             });
         });
+    }
+
+    /// Returns the permits of a frame that will never be answered.
+    fn give_back(&self, t: &Ticket) {
+        self.permits.requests.add_permits(t.requests as usize);
+        self.permits.kib.add_permits(t.kib as usize);
     }
 
     /// Answers a request without the devices.
@@ -879,9 +896,21 @@ async fn write_replies(
             }
             if !broken {
                 let data = data.as_deref().unwrap_or(&[]);
-                broken = write_frame(&mut w, KIND_RESPONSE, t.tag, &resp, data)
-                    .await
-                    .is_err();
+                broken = match write_frame(&mut w, KIND_RESPONSE, t.tag, &resp, data).await {
+                    Ok(()) => false,
+                    // Too large for the client to read (refused before a byte was written): the
+                    // request gets an error instead, and the connection carries on.
+                    Err(ProtoError::TooLarge { what, len, max }) => {
+                        let e = proto_error(
+                            ErrorCode::TooLarge,
+                            format!("the reply's {what} part would be {len} bytes, over {max}"),
+                        );
+                        write_frame(&mut w, KIND_RESPONSE, t.tag, &e, &[])
+                            .await
+                            .is_err()
+                    }
+                    Err(_) => true,
+                };
             }
             requests += t.requests as usize;
             kib += t.kib as usize;

@@ -437,6 +437,47 @@ fn raw_authenticated(addr: SocketAddr, key: &ClusterKey) -> TcpStream {
     s
 }
 
+/// A head node that stops in the middle of a frame (it crashed, or its network went away) must
+/// not keep its own next connection from superseding the stuck one.
+#[test]
+fn a_connection_stuck_in_the_middle_of_a_frame_is_superseded() {
+    let f = fixture("sled-midframe");
+    let mut raw = raw_authenticated(f.sled.ready.listen, &f.key);
+    let cred = f.key.mint(V, Epoch(1), NodeId(1));
+    let write = Request::Write {
+        cred,
+        chunk: ChunkIndex(0),
+        offset: 0,
+    };
+    let ctl = postcard::to_stdvec(&write).unwrap();
+    let data = vec![0x5a; 8192];
+    let mut h = FrameHeader {
+        version: 1,
+        kind: KIND_REQUEST,
+        tag: 7,
+        ctl_len: ctl.len() as u32,
+        data_len: data.len() as u32,
+        crc: 0,
+    };
+    h.crc = frame_crc(&h, &ctl, &data);
+    raw.write_all(&h.encode()).unwrap();
+    raw.write_all(&ctl).unwrap();
+    raw.write_all(&data[..4096]).unwrap();
+    rt().block_on(async {
+        let new = client(f.sled.ready.listen, &f.key, 1).await;
+        new.supersede()
+            .await
+            .expect("the stuck connection was superseded");
+        new.claim(&cred).await.unwrap();
+        let got = new.read(V, ChunkIndex(0), 0, 8192).await.unwrap();
+        assert!(got.iter().all(|&b| b == 0), "the half-sent write ran");
+    });
+    assert!(
+        closed_by_sled(&mut raw),
+        "the stuck connection is still open"
+    );
+}
+
 #[test]
 fn bad_frames_get_an_error_and_the_sled_carries_on() {
     let f = fixture("sled-badframes");

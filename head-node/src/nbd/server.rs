@@ -378,34 +378,15 @@ async fn accept(
     Ok((stream, peer, slot))
 }
 
-/// Keepalive probes start after this long without traffic.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
-/// Time between keepalive probes.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// Unanswered probes that end a connection.
-const KEEPALIVE_PROBES: u32 = 6;
-
-/// Socket options of an accepted connection: no Nagle (the specification asks both ends to
-/// disable it), and TCP keepalive, so that a client that vanished while idle (kernel clients
-/// keep idle connections for days) does not hold its connection slot and buffers for good.
-fn tune_socket(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_PROBES);
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
-        debug!(error = %e, "could not enable TCP keepalive");
-    }
-}
-
 async fn handle_connection<E: Exports>(
     shared: Arc<Shared<E>>,
     stream: TcpStream,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
-    tune_socket(&stream);
+    // The specification asks both ends to disable Nagle; keepalive frees the slot of a
+    // client that vanished while idle (kernel clients keep idle connections for days).
+    common::net::tune_accepted(&stream);
     debug!(%peer, "NBD connection accepted");
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(128 << 10, rd);
@@ -919,21 +900,6 @@ mod tests {
             preferred_block: preferred,
             max_block: max,
         }
-    }
-
-    #[tokio::test]
-    async fn accepted_connections_have_keepalive() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _client = TcpStream::connect(addr).await.unwrap();
-        let (stream, _) = listener.accept().await.unwrap();
-        tune_socket(&stream);
-        let sock = socket2::SockRef::from(&stream);
-        assert!(sock.keepalive().unwrap());
-        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
-        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
-        assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
-        assert!(stream.nodelay().unwrap());
     }
 
     #[test]

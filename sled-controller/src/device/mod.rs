@@ -13,7 +13,7 @@ pub mod thread;
 #[cfg(test)]
 mod tests;
 
-use crate::reply::{Entry, Outcome, ReplyTo, Wakes};
+use crate::reply::{Outcome, ReplyTo, Wakes};
 use common::AlignedBuf;
 use common::ids::{ChunkIndex, DeviceId, Epoch, NodeId, VolumeId};
 use std::fmt;
@@ -61,10 +61,7 @@ impl<T: IntoOutcome> Reply<T> {
     pub fn send(self, r: Result<T, DevError>) {
         match self {
             Reply::Once(tx) => drop(tx.send(r)),
-            Reply::To(to) => to.sink.push_and_wake(Entry {
-                ticket: to.ticket,
-                outcome: T::outcome(r),
-            }),
+            Reply::To(to) => to.answer_now(T::outcome(r)),
         }
     }
 
