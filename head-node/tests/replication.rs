@@ -251,6 +251,52 @@ async fn a_new_leader_serves_every_acknowledged_write_after_the_old_one_dies() {
     }
 }
 
+/// Trims carry no data, but each one held unflushed costs memory (overlay, log): while the
+/// sleds cannot take write-back, trims alone must also wait at the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trims_alone_also_wait_at_the_unflushed_bound() {
+    const MAX: u64 = 1 << 20;
+    let mut c = cluster_with(
+        64 << 20,
+        DriverConfig {
+            tick: Duration::from_millis(20),
+            max_unflushed_bytes: MAX,
+            stale_after: Duration::from_secs(600),
+            ..DriverConfig::default()
+        },
+    )
+    .await;
+    let leader = c.leader(Duration::from_secs(20)).await;
+    let v = c.nodes[&leader].2.clone();
+    v.write(0, buf(65536, 1), false).await.unwrap();
+    for s in std::mem::take(&mut c.sleds) {
+        s.stop().await;
+    }
+    // Four times the bound's worth of 4 KiB trims (at their minimum charge), all at once.
+    let n = 4 * MAX / 4096;
+    let mut trims = Vec::new();
+    for i in 0..n {
+        let v = v.clone();
+        trims.push(tokio::spawn(async move {
+            let _ = v.trim((i % 1024) * 8192, 4096, false).await;
+        }));
+    }
+    let mut peak = 0;
+    for _ in 0..100 {
+        peak = peak.max(v.handle().status().unflushed_bytes);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(peak > 0, "nothing was accepted");
+    assert!(
+        peak <= MAX + 4096,
+        "{peak} bytes of unflushed trims held against a bound of {MAX}"
+    );
+    assert!(trims.iter().any(|t| !t.is_finished()), "no trim waited");
+    for t in trims {
+        t.abort();
+    }
+}
+
 /// While the sleds cannot take write-back, writes wait once the leader holds `max_unflushed`
 /// bytes it has not written back: proposed-but-not-applied writes count too (they used to be let
 /// through until applied, so three times the bound could pile up), and everything lands once the

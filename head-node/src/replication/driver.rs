@@ -952,7 +952,8 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             && let Some((header, data, reply)) = self.deferred.pop_front()
         {
             let tag = self.next_tag();
-            let len = data.len() as u64;
+            // Charged as the overlay will charge it once applied (trims and write-zeroes too).
+            let len = super::overlay::charge(data.len() as u64);
             match self.core.propose(tag, &header, data) {
                 Ok(_) => {
                     self.proposals.insert(tag, reply);

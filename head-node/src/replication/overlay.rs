@@ -51,6 +51,20 @@ pub enum Piece {
     Sled,
 }
 
+/// What an entry counts against the unflushed bound at least: its data, or for an entry with
+/// little or none (a trim, a write-zeroes) this much, for its bookkeeping here and in the log —
+/// else a workload of trims alone while write-back is stalled would grow memory without bound.
+pub const MIN_ENTRY_CHARGE: u64 = 4096;
+
+/// What an entry carrying `data_len` bytes counts against the unflushed bound.
+pub const fn charge(data_len: u64) -> u64 {
+    if data_len > MIN_ENTRY_CHARGE {
+        data_len
+    } else {
+        MIN_ENTRY_CHARGE
+    }
+}
+
 /// The overlay.
 #[derive(Debug, Default)]
 pub struct Overlay {
@@ -65,7 +79,7 @@ impl Overlay {
         Self::default()
     }
 
-    /// Data bytes held.
+    /// Bytes charged for what is held ([`charge`] of each entry).
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -90,9 +104,9 @@ impl Overlay {
         if s >= end {
             return;
         }
-        self.bytes += e.data.len() as u64;
+        self.bytes += charge(e.data.len() as u64);
         if let Some(old) = self.entries.insert(index, e) {
-            self.bytes -= old.data.len() as u64;
+            self.bytes -= charge(old.data.len() as u64);
         }
         // Cut every interval that overlaps [s, end), keeping the parts outside it.
         let first = self
@@ -198,7 +212,7 @@ impl Overlay {
         }
         let keep = self.entries.split_off(&(index + 1));
         for e in self.entries.values() {
-            self.bytes -= e.data.len() as u64;
+            self.bytes -= charge(e.data.len() as u64);
         }
         self.entries = keep;
         self.map.retain(|_, iv| iv.index > index);
@@ -261,14 +275,15 @@ mod tests {
         assert!(r[3072..4096].iter().all(|&b| b == 1));
         assert!(r[4096..12288].iter().all(|&b| b == 2));
         assert!(r[12288..].iter().all(|&b| b == 9));
-        assert_eq!(o.bytes(), 16384);
+        // Two 8 KiB writes, and the write-zeroes at its minimum charge.
+        assert_eq!(o.bytes(), 8192 + 8192 + MIN_ENTRY_CHARGE);
         o.remove_upto(1);
         let r = read(&o, 0, 16384, 9);
         assert!(
             r[..2048].iter().all(|&b| b == 9),
             "entry 1 is on the sleds now"
         );
-        assert_eq!(o.bytes(), 8192);
+        assert_eq!(o.bytes(), 8192 + MIN_ENTRY_CHARGE);
         assert_eq!(
             o.entries_after(0).map(|(i, _)| i).collect::<Vec<_>>(),
             vec![2, 3]
