@@ -147,6 +147,22 @@ impl From<Arc<AlignedBuf>> for Payload {
     }
 }
 
+/// A call's entry in the table of waiters, removed when the call ends (a no-op when the reader
+/// already took it to answer it).
+struct Waiter<'a> {
+    pending: &'a Pending,
+    tag: u64,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.tag);
+    }
+}
+
 /// Most requests in flight on one connection.
 pub const MAX_IN_FLIGHT: usize = 256;
 
@@ -360,11 +376,13 @@ impl SledClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(tag, wtx);
+        // However this call ends — answered, failed, or dropped by its caller while it waited
+        // for room in the queue or for the reply — its waiter does not outlive it.
+        let _waiter = Waiter {
+            pending: &self.pending,
+            tag,
+        };
         if self.tx.send(Outgoing { head, data }).await.is_err() {
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&tag);
             return Err(ClientError::Disconnected(self.addr));
         }
         // If the reader already exited, make sure this waiter is not forgotten.
