@@ -388,7 +388,7 @@ impl ControlPlane {
         let bound = {
             // Cleared however the bind ends, also when the request is dropped (its client
             // went away): the background loop finishes creates this leader is not running.
-            let _creating = CreateGuard::enter(self, &c.name);
+            let _creating = Marked::enter(&self.in_create, &c.name);
             self.bind(&group, &spec, qos, BIND_TIMEOUT).await
         };
         bound.map_err(|e| {
@@ -738,7 +738,7 @@ impl ControlPlane {
                 let g = st.groups.get(&v.group).cloned();
                 drop(st);
                 if let Some(g) = g {
-                    let _closing = Closing::enter(self, name);
+                    let _closing = Marked::enter(&self.closing, name);
                     drop(_lock);
                     self.close_everywhere(&g).await?;
                 }
@@ -762,7 +762,7 @@ impl ControlPlane {
                 .is_empty()
                 .then(|| st.groups.get(&v.group).cloned())
                 .flatten()
-                .map(|g| (g, Closing::enter(self, name)))
+                .map(|g| (g, Marked::enter(&self.closing, name)))
         };
         if let Some((g, _closing)) = close {
             self.close_everywhere(&g).await?;
@@ -1134,59 +1134,28 @@ impl Drop for DeleteGuard<'_> {
     }
 }
 
-/// Marks a create as in progress on this leader until dropped (the background loop leaves it
-/// alone meanwhile).
-struct CreateGuard<'a> {
-    cp: &'a ControlPlane,
+/// Keeps a volume name in one of the control plane's sets of names (creates running on this
+/// leader, exports being closed by a detach) until dropped, however the work ends.
+struct Marked<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
     name: String,
 }
 
-impl<'a> CreateGuard<'a> {
-    fn enter(cp: &'a ControlPlane, name: &str) -> Self {
-        cp.in_create
-            .lock()
+impl<'a> Marked<'a> {
+    fn enter(set: &'a std::sync::Mutex<std::collections::HashSet<String>>, name: &str) -> Self {
+        set.lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string());
         Self {
-            cp,
+            set,
             name: name.to_string(),
         }
     }
 }
 
-impl Drop for CreateGuard<'_> {
+impl Drop for Marked<'_> {
     fn drop(&mut self) {
-        self.cp
-            .in_create
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.name);
-    }
-}
-
-/// Marks a volume's exports as being closed by a detach, until dropped.
-struct Closing<'a> {
-    cp: &'a ControlPlane,
-    name: String,
-}
-
-impl<'a> Closing<'a> {
-    fn enter(cp: &'a ControlPlane, name: &str) -> Self {
-        cp.closing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string());
-        Self {
-            cp,
-            name: name.to_string(),
-        }
-    }
-}
-
-impl Drop for Closing<'_> {
-    fn drop(&mut self) {
-        self.cp
-            .closing
+        self.set
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.name);
