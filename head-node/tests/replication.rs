@@ -373,3 +373,56 @@ async fn unflushed_data_stays_within_its_bound_while_the_sleds_are_away() {
         assert!(b.iter().all(|&x| x == (i % 250) as u8 + 2), "write {i}");
     }
 }
+
+/// A block-status answer too fragmented for one peer frame used to be refused `TooLarge` by the
+/// leader, retried by the follower for its whole failover timeout and then failed with `EIO`.
+/// Now every answer stops at `MAX_ALLOCATION_RUNS` runs (NBD lets an answer cover less than was
+/// asked), on the leader and through a follower alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragmented_block_status_is_answered_in_part_through_a_follower() {
+    use head_node::replication::rvolume::MAX_ALLOCATION_RUNS;
+    const ZEROES: u64 = 12_000;
+    let mut c = cluster_with(
+        128 << 20,
+        DriverConfig {
+            tick: Duration::from_millis(20),
+            stale_after: Duration::from_secs(600),
+            ..DriverConfig::default()
+        },
+    )
+    .await;
+    let leader = c.leader(Duration::from_secs(20)).await;
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    let lv = c.nodes[&leader].2.clone();
+    let fv = c.nodes[&follower].2.clone();
+    // Without sleds nothing is written back: every zero stays a run of its own in the overlay.
+    for s in std::mem::take(&mut c.sleds) {
+        s.stop().await;
+    }
+    let mut next = 0u64;
+    while next < ZEROES {
+        let batch: Vec<_> = (next..(next + 256).min(ZEROES))
+            .map(|i| {
+                let v = lv.clone();
+                tokio::spawn(
+                    async move { v.write_zeroes(i * 8192, 4096, true, false, false).await },
+                )
+            })
+            .collect();
+        for b in batch {
+            b.await.unwrap().unwrap();
+        }
+        next += 256;
+    }
+    for (who, v) in [("leader", &lv), ("follower", &fv)] {
+        let ext = tokio::time::timeout(Duration::from_secs(10), v.block_status(0, 128 << 20))
+            .await
+            .unwrap_or_else(|_| panic!("{who}: block status hung"))
+            .unwrap_or_else(|e| panic!("{who}: block status failed: {e}"));
+        assert_eq!(ext.len(), MAX_ALLOCATION_RUNS, "{who}");
+        for (i, e) in ext.iter().enumerate() {
+            assert_eq!(e.length, 4096, "{who}: extent {i}");
+            assert_eq!(e.hole, i % 2 == 1, "{who}: extent {i}");
+        }
+    }
+}

@@ -25,6 +25,7 @@ use super::GroupId;
 use super::driver::{GroupHandle, ReplError};
 use super::entry::EntryHeader;
 use super::overlay::Piece;
+use super::peer_proto::RefuseCode;
 use super::throttle::VolumeThrottle;
 use super::transport::{Transport, TransportError};
 use crate::nbd::{ExportInfo, Extent, Volume, VolumeError};
@@ -38,6 +39,12 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// The most allocation runs one block-status answer carries: a forwarded answer must fit in one
+/// peer frame's control data (a run encodes in at most 11 bytes; 64 KiB holds 5,900), and an
+/// NBD reply of thousands of extents already serves a client that asks again from where it
+/// ends.
+pub const MAX_ALLOCATION_RUNS: usize = 4096;
 
 /// A volume operation forwarded to the leader. Append-only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -388,6 +395,14 @@ impl<T: Transport> ReplicatedVolume<T> {
             Err(TransportError::UnknownPeer(_)) => Err(Attempt::Fatal(VolumeError::io(
                 std::io::Error::other("leader is not a known peer"),
             ))),
+            // A call the protocol cannot carry fails the same way on every leader.
+            Err(e @ TransportError::TooLarge { .. })
+            | Err(
+                e @ TransportError::Refused {
+                    code: RefuseCode::TooLarge,
+                    ..
+                },
+            ) => Err(Attempt::Fatal(VolumeError::io(std::io::Error::other(e)))),
             // Connection trouble: the leader may be dying; ask again.
             Err(_) => Err(Attempt::Retry),
         }
@@ -466,22 +481,30 @@ impl<T: Transport> ReplicatedVolume<T> {
             .await
             .map_err(repl_error)?;
         let mut runs: Vec<(u64, bool)> = Vec::new();
-        let mut push = |l: u64, a: bool| match runs.last_mut() {
-            Some((n, b)) if *b == a => *n += l,
-            _ => runs.push((l, a)),
-        };
+        fn push(runs: &mut Vec<(u64, bool)>, l: u64, a: bool) {
+            match runs.last_mut() {
+                Some((n, b)) if *b == a => *n += l,
+                _ => runs.push((l, a)),
+            }
+        }
         let mut pos = start;
         for (l, p) in pieces {
             match p {
-                Piece::Data(_) => push(l, true),
-                Piece::Zero { provisioned } => push(l, provisioned),
+                Piece::Data(_) => push(&mut runs, l, true),
+                Piece::Zero { provisioned } => push(&mut runs, l, provisioned),
                 Piece::Sled => {
                     for (n, a) in store.allocation(pos, l) {
-                        push(n, a);
+                        push(&mut runs, n, a);
                     }
                 }
             }
             pos += l;
+            if runs.len() > MAX_ALLOCATION_RUNS {
+                // A run followed by another is complete: keep the first ones, the client
+                // asks again for the rest (NBD lets a reply cover less than was asked).
+                runs.truncate(MAX_ALLOCATION_RUNS);
+                break;
+            }
         }
         // Cut the block-aligned runs back to the request.
         let mut cut = offset - start;
@@ -493,7 +516,8 @@ impl<T: Transport> ReplicatedVolume<T> {
                 runs.remove(0);
             }
         }
-        let mut cut = stop - end;
+        let covered = offset + runs.iter().map(|(n, _)| n).sum::<u64>();
+        let mut cut = covered.saturating_sub(end);
         while cut > 0
             && let Some(last) = runs.last_mut()
         {
