@@ -256,11 +256,7 @@ fn a_writer_through_attach_local_never_sees_a_head_node_die() {
 /// every command, flag and 64-bit request the clients send must survive the extra hop.
 #[test]
 fn acceptance_with_real_clients_through_attach_local() {
-    let script = tests::workspace().join("../shared/acceptance/nbd-clients.sh");
-    if !script.exists() {
-        eprintln!("SKIP: {} not found", script.display());
-        return;
-    }
+    let script = tests::acceptance_script();
     let c = tests::head::Cluster::start("attach-accept", 3, "4GiB", "64MiB", &["vol0:5GiB"]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
