@@ -276,6 +276,7 @@ impl AdminClient {
             token,
             limits: Limits {
                 timeout: DEFAULT_TIMEOUT,
+                connect_timeout: http::CONNECT_TIMEOUT,
                 max_body_bytes: MAX_ANSWER_BYTES,
             },
             retry: RetryPolicy::default(),

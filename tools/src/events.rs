@@ -175,6 +175,7 @@ pub fn plan(args: &EventsArgs) -> anyhow::Result<(EngineConfig, RunnerConfig)> {
             let limits = Limits {
                 timeout,
                 max_body_bytes: 16 << 20,
+                ..Limits::default()
             };
             Some(PromSource::new(base, args.queries.clone(), limits).context("--query")?)
         }

@@ -288,14 +288,22 @@ pub enum HttpError {
 pub struct Limits {
     /// Deadline for connecting, sending and receiving everything.
     pub timeout: Duration,
+    /// Deadline for the connection alone (within `timeout`): a host that does not answer the
+    /// connection (down, or packets dropped) fails with [`HttpError::Connect`] soon, so a caller
+    /// with several endpoints can try the next one while it still has time.
+    pub connect_timeout: Duration,
     /// Largest accepted body (after removing chunked framing).
     pub max_body_bytes: usize,
 }
+
+/// The default [`Limits::connect_timeout`].
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(10),
+            connect_timeout: CONNECT_TIMEOUT,
             max_body_bytes: 16 << 20,
         }
     }
@@ -449,12 +457,18 @@ async fn exchange(url: &HttpUrl, req: Vec<u8>, limits: Limits) -> Result<Respons
 
 async fn exchange_inner(url: &HttpUrl, req: &[u8], limits: Limits) -> Result<Response, HttpError> {
     let addr = url.authority();
-    let mut stream = TcpStream::connect((url.host.as_str(), url.port))
-        .await
-        .map_err(|source| HttpError::Connect {
-            addr: addr.clone(),
-            source,
-        })?;
+    let connect = TcpStream::connect((url.host.as_str(), url.port));
+    let mut stream = match tokio::time::timeout(limits.connect_timeout, connect).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection within {:?}", limits.connect_timeout),
+        )),
+    }
+    .map_err(|source| HttpError::Connect {
+        addr: addr.clone(),
+        source,
+    })?;
     let io = |source| HttpError::Io {
         addr: addr.clone(),
         source,

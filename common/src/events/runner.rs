@@ -272,6 +272,7 @@ impl Runner {
     async fn scrape(&mut self, t: TimestampMs, round: &mut Round) {
         let limits = Limits {
             timeout: self.cfg.scrape_timeout,
+            connect_timeout: super::http::CONNECT_TIMEOUT,
             max_body_bytes: self.cfg.max_body_bytes,
         };
         let mut set = JoinSet::new();

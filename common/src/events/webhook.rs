@@ -76,6 +76,7 @@ pub async fn deliver(cfg: &WebhookConfig, event: &Event) -> Result<u32, WebhookE
     let body = serde_json::to_vec(event)?;
     let limits = Limits {
         timeout: cfg.timeout,
+        connect_timeout: super::http::CONNECT_TIMEOUT,
         max_body_bytes: 64 * 1024,
     };
     let mut backoff = cfg.backoff;

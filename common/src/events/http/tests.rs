@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 fn limits() -> Limits {
     Limits {
         timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
         max_body_bytes: 1024,
     }
 }
@@ -189,6 +190,46 @@ async fn connect_failure_and_timeout() {
     let e = get(&u, "*/*", short).await.unwrap_err();
     assert!(matches!(e, HttpError::Timeout { .. }), "{e}");
     hold.abort();
+}
+
+/// A host that never completes the connection (here: a listener whose accept queue is full, so
+/// the kernel drops further SYNs) is a connect failure after `connect_timeout`, not a timeout of
+/// the whole exchange: callers with several endpoints move on to the next one.
+#[tokio::test]
+async fn a_connection_that_never_completes_is_a_connect_failure() {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = sock.listen(0).unwrap();
+    let addr = l.local_addr().unwrap();
+    // Fill the accept queue (never accepted) until a connection no longer completes.
+    let mut held = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => held.push(s),
+            _ => break,
+        }
+        assert!(held.len() < 64, "the accept queue never filled");
+    }
+    let u = HttpUrl::parse(&format!("http://{addr}/")).unwrap();
+    let quick = Limits {
+        connect_timeout: Duration::from_millis(300),
+        ..limits()
+    };
+    let started = std::time::Instant::now();
+    let e = get(&u, "*/*", quick).await.unwrap_err();
+    match &e {
+        HttpError::Connect { source, .. } => {
+            assert_eq!(source.kind(), std::io::ErrorKind::TimedOut, "{e}")
+        }
+        other => panic!("expected a connect failure, got {other}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(4), "{e}");
+    drop(l);
 }
 
 #[tokio::test]
