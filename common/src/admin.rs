@@ -76,14 +76,49 @@ pub struct CreateVolume {
     pub name: String,
     /// Size in bytes: a positive multiple of 4096.
     pub size: u64,
-    /// QoS limits; absent: the cluster's default.
+    /// QoS limits; absent: the cluster's default (changed by `qos_changes`).
     #[serde(default)]
     pub qos: Option<QosConfig>,
+    /// Fields that replace the cluster default's (the others stay the default's), so that
+    /// `--iops` alone keeps the default bandwidth and burst. Not together with `qos`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos_changes: Option<SetQos>,
     /// The id to give the volume (32 hex digits), chosen by the client so that a create it
     /// sends again after an unclear failure (a leader change, a lost answer) is recognised as
     /// the same one and answered as done, not as a conflict. Absent: the cluster picks one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+}
+
+impl CreateVolume {
+    /// The volume's QoS given the cluster's `default`, checked ([`check_qos`]).
+    pub fn qos(&self, default: QosConfig) -> Result<QosConfig, String> {
+        let q = match (&self.qos, &self.qos_changes) {
+            (Some(_), Some(_)) => {
+                return Err("qos: give either `qos` or `qos_changes`, not both".into());
+            }
+            (Some(q), None) => *q,
+            (None, Some(c)) => c.apply(default),
+            (None, None) => default,
+        };
+        check_qos(&q)?;
+        Ok(q)
+    }
+}
+
+/// Checks the QoS a volume is given: [`QosConfig::validate`], and no burst ceiling without
+/// credits to burst with (such a volume could never go above its baseline, which is never what
+/// the operator who set a ceiling meant).
+pub fn check_qos(q: &QosConfig) -> Result<(), String> {
+    q.validate().map_err(|e| format!("qos: {e}"))?;
+    if q.burst_iops.is_some() && q.burst_credits == 0 {
+        return Err(
+            "qos: a burst ceiling (burst_iops) needs burst credits (burst_credits > 0) \
+                    to burst with"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// `POST /v1/volumes/{name}/resize`.

@@ -544,6 +544,7 @@ async fn prepare(
                     name: name.into(),
                     size,
                     qos: None,
+                    qos_changes: None,
                     id: Some(common::ids::VolumeId::random().to_string()),
                 })
                 .await

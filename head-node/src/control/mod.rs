@@ -673,6 +673,7 @@ mod tests {
                 name: "a".into(),
                 size: 4096,
                 qos: None,
+                qos_changes: None,
                 id: id.map(str::to_string),
             })
         };
@@ -704,6 +705,7 @@ mod tests {
             name: "a".into(),
             size: 4096,
             qos: None,
+            qos_changes: None,
             id: None,
         });
         let j = serde_json::to_string(&r).unwrap();

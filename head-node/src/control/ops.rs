@@ -283,9 +283,9 @@ impl ControlPlane {
         let (spec, group, rec, qos) = {
             let _lock = self.ops.lock().await;
             let st = self.state();
-            let qos = c.qos.unwrap_or(st.settings.default_qos);
-            qos.validate()
-                .map_err(|e| AdminError::BadRequest(format!("qos: {e}")))?;
+            let qos = c
+                .qos(st.settings.default_qos)
+                .map_err(AdminError::BadRequest)?;
             let wanted =
                 c.id.as_deref()
                     .map(|t| match t.parse::<VolumeId>() {
@@ -935,8 +935,7 @@ impl ControlPlane {
         let st = self.state();
         let v = st.volumes.get(name).ok_or_else(|| not_found(name))?;
         let q = req.apply(v.qos);
-        q.validate()
-            .map_err(|e| AdminError::BadRequest(format!("qos: {e}")))?;
+        common::admin::check_qos(&q).map_err(AdminError::BadRequest)?;
         let g = st
             .groups
             .get(&v.group)
@@ -1049,6 +1048,7 @@ impl ControlPlane {
                     name: name.to_string(),
                     size,
                     qos: None,
+                    qos_changes: None,
                     id: None,
                 })
                 .await

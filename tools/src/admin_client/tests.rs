@@ -284,6 +284,7 @@ async fn only_what_is_safe_to_repeat_is_retried_after_a_503() {
         name: "v".into(),
         size: 4096,
         qos: None,
+        qos_changes: None,
         id: id.map(str::to_string),
     };
     let id = Some("0123456789abcdef0123456789abcdef");

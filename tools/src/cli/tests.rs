@@ -48,8 +48,8 @@ fn create_reads_sizes_and_qos() {
     };
     let req = a.request().unwrap();
     assert_eq!(
-        (req.name.as_str(), req.size, req.qos),
-        ("db", 10 << 30, None)
+        (req.name.as_str(), req.size, req.qos, req.qos_changes),
+        ("db", 10 << 30, None, None)
     );
 
     let (_, cmd) = volume(&[
@@ -71,24 +71,77 @@ fn create_reads_sizes_and_qos() {
     };
     let req = a.request().unwrap();
     assert_eq!(req.size, 512 << 20);
+    assert_eq!(req.qos, None);
+    let changes = req.qos_changes.expect("QoS options given");
     assert_eq!(
-        req.qos,
-        Some(QosConfig {
+        changes.apply(QosConfig::UNLIMITED),
+        QosConfig {
             iops: Some(3000),
             burst_iops: Some(6000),
             burst_credits: 5_400_000,
             bandwidth: Some(100 << 20),
-        })
+        }
     );
 
-    // A burst without a baseline is refused before sending anything.
+    // One option changes one field of the cluster's default: the others stay the default's.
+    let (_, cmd) = volume(&["create", "db", "--size", "1G", "--iops", "1000"]);
+    let VolumeCmd::Create(a) = cmd else {
+        panic!("{cmd:?}")
+    };
+    let default = QosConfig {
+        iops: Some(300),
+        burst_iops: Some(3000),
+        burst_credits: 5_400_000,
+        bandwidth: Some(128 << 20),
+    };
+    let req = a.request().unwrap();
+    assert_eq!(
+        req.qos(default),
+        Ok(QosConfig {
+            iops: Some(1000),
+            ..default
+        })
+    );
+    // A burst without a baseline is refused by the cluster when its default has none.
     let (_, cmd) = volume(&["create", "db", "--size", "1G", "--burst-iops", "10"]);
+    let VolumeCmd::Create(a) = cmd else {
+        panic!("{cmd:?}")
+    };
+    let req = a.request().unwrap();
+    assert!(req.qos(QosConfig::UNLIMITED).is_err());
+    // A burst ceiling without credits could never be used: refused too.
+    let (_, cmd) = volume(&[
+        "create",
+        "db",
+        "--size",
+        "1G",
+        "--iops",
+        "300",
+        "--burst-iops",
+        "3000",
+    ]);
+    let VolumeCmd::Create(a) = cmd else {
+        panic!("{cmd:?}")
+    };
+    let e = a.request().unwrap().qos(QosConfig::UNLIMITED).unwrap_err();
+    assert!(e.contains("burst credits"), "{e}");
+    // A ceiling below the baseline, both given here, is refused before sending anything.
+    let (_, cmd) = volume(&[
+        "create",
+        "db",
+        "--size",
+        "1G",
+        "--iops",
+        "300",
+        "--burst-iops",
+        "10",
+    ]);
     let VolumeCmd::Create(a) = cmd else {
         panic!("{cmd:?}")
     };
     assert!(matches!(
         a.request(),
-        Err(CliError::Qos(QosError::BurstWithoutBaseline))
+        Err(CliError::Qos(QosError::BurstBelowBaseline { .. }))
     ));
 }
 

@@ -5,7 +5,7 @@ use super::{CliError, Output, render};
 use crate::admin_client::AdminClient;
 use clap::{ArgGroup, Args, Subcommand};
 use common::admin::{AttachVolume, CreateVolume, DetachVolume, SetQos};
-use common::throttle::QosConfig;
+use common::throttle::QosError;
 
 /// `stockade volume`.
 #[derive(Debug, Args)]
@@ -98,28 +98,25 @@ pub struct CreateArgs {
 }
 
 impl CreateArgs {
-    /// The request; the QoS is absent (the cluster's default) when no QoS option is given.
+    /// The request: the QoS options given replace those of the cluster's default, the others
+    /// stay the default's (the cluster checks the result: it knows the default).
     pub fn request(&self) -> Result<CreateVolume, CliError> {
-        let given = self.iops.is_some()
-            || self.burst_iops.is_some()
-            || self.burst_credits.is_some()
-            || self.bandwidth.is_some();
-        let qos = if given {
-            let q = QosConfig {
-                iops: self.iops,
-                burst_iops: self.burst_iops,
-                burst_credits: self.burst_credits.unwrap_or(0),
-                bandwidth: self.bandwidth,
-            };
-            q.validate()?;
-            Some(q)
-        } else {
-            None
+        let changes = SetQos {
+            iops: self.iops.map(Some),
+            burst_iops: self.burst_iops.map(Some),
+            burst_credits: self.burst_credits,
+            bandwidth: self.bandwidth.map(Some),
         };
+        if let (Some(iops), Some(burst_iops)) = (self.iops, self.burst_iops)
+            && burst_iops < iops
+        {
+            return Err(QosError::BurstBelowBaseline { iops, burst_iops }.into());
+        }
         Ok(CreateVolume {
             name: self.name.clone(),
             size: self.size,
-            qos,
+            qos: None,
+            qos_changes: (!changes.is_empty()).then_some(changes),
             // Chosen here, so that the create the client sends again after a 503 (a leader
             // change may have dropped the answer, not the create) is recognised as this one.
             id: Some(common::ids::VolumeId::random().to_string()),
