@@ -71,13 +71,13 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>
     })
 }
 
-fn new_volume(req: &CreateVolume) -> VolumeInfo {
+fn new_volume(req: &CreateVolume, qos: QosConfig) -> VolumeInfo {
     VolumeInfo {
         name: req.name.clone(),
         id: "00000000000000a1".to_string(),
         size: req.size,
         state: "ready".to_string(),
-        qos: req.qos.unwrap_or_default(),
+        qos,
         chunk_size: 64 << 20,
         replicas: 3,
         chunks: req.size.div_ceil(64 << 20),
@@ -116,7 +116,12 @@ async fn create(State(d): State<Shared>, h: HeaderMap, body: Bytes) -> Response 
             &format!("volume {:?} already exists", req.name),
         );
     }
-    let v = new_volume(&req);
+    // The same rule as the real server: the options given change the default's fields.
+    let qos = match req.qos(QosConfig::UNLIMITED) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e),
+    };
+    let v = new_volume(&req, qos);
     d.volumes.insert(req.name.clone(), v.clone());
     let created = Created {
         volume: v,
