@@ -155,3 +155,58 @@ async fn a_write_to_an_unknown_chunk_lands_after_the_sleds_reconnect() {
         s.stop().await;
     }
 }
+
+/// A request of this node's earlier term, refused because this node has since claimed the
+/// volume again under a newer term, is the end of that term — not a deposition. It used to
+/// depose the store, and with it the node's current leadership (a failover for nothing).
+/// Another node's newer claim still deposes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_fenced_by_this_nodes_own_newer_claim_does_not_depose_it() {
+    use head_node::volume::store::StoreError;
+    let dir = scratch();
+    let key_path = dir.path().join("cluster.key");
+    let key = common::ClusterKey::load_or_create(&key_path).unwrap();
+    let sled = start(sled_config(
+        &key_path,
+        &dir.path().join("s0.img"),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await;
+    let spec = VolumeSpec::place(VolumeId(78), "v", 4 * CHUNK, CHUNK, &[sled.sled_id], 1).unwrap();
+    let store_of = |node: u64, epoch: u64| {
+        let pool = Arc::new(SledPool::new(&[sled.listen], key.clone(), NodeId(node)));
+        SledStore::new(
+            spec.clone(),
+            pool,
+            key.clone(),
+            NodeId(node),
+            Epoch(epoch),
+            VolumeMetrics::unregistered("v"),
+        )
+    };
+    // Node 1 under term 1, then (the same node, a later leadership) under term 2.
+    let old = store_of(1, 1);
+    assert!(old.open().await.unwrap().is_empty());
+    old.write(Epoch(1), 0, filled(4096, 1)).await.unwrap();
+    let new = store_of(1, 2);
+    assert!(new.open().await.unwrap().is_empty());
+    let e = old
+        .write(Epoch(1), 0, filled(4096, 2))
+        .await
+        .expect_err("a write of the ended term");
+    assert!(matches!(e, StoreError::EpochEnded { .. }), "{e}");
+    assert_eq!(old.deposed_by(), None, "fenced by its own node's claim");
+    // The current term writes on.
+    new.write(Epoch(2), 0, filled(4096, 3)).await.unwrap();
+    assert!(new.read(0, 4096).await.unwrap().iter().all(|&x| x == 3));
+    // Another node's newer claim deposes.
+    let other = store_of(2, 3);
+    assert!(other.open().await.unwrap().is_empty());
+    let e = new
+        .write(Epoch(2), 0, filled(4096, 4))
+        .await
+        .expect_err("a write of a deposed node");
+    assert!(matches!(e, StoreError::Deposed { .. }), "{e}");
+    assert_eq!(new.deposed_by(), Some((Epoch(3), NodeId(2))));
+    sled.stop().await;
+}

@@ -483,11 +483,19 @@ impl<L: RaftLog> GroupCore<L> {
     }
 
     /// Steps down at once because a sled refused a write of this node's term: another node
-    /// leads a higher term (`epoch`).
+    /// claimed the volume with a higher epoch (`epoch`).
+    ///
+    /// The term stays what it is: a sled's epoch is not a Raft term to adopt. A retired
+    /// volume's tombstone reads as epoch `u64::MAX`, and adopting it would persist a term no
+    /// election can follow (the next campaign overflows) and drag the whole group there
+    /// through this node's answers. A real newer leader's term reaches this node through Raft.
     pub fn fenced(&mut self, epoch: u64) {
-        if self.is_leader() || epoch > self.raw.raft.term {
-            let term = epoch.max(self.raw.raft.term);
-            self.raw.raft.become_follower(term, raft::INVALID_ID);
+        if self.is_leader() {
+            tracing::info!(group = %self.group, term = self.raw.raft.term, fenced_by = epoch,
+                "stepping down: a sled holds a newer claim");
+            self.raw
+                .raft
+                .become_follower(self.raw.raft.term, raft::INVALID_ID);
             self.sync_jitter();
             self.observe_role();
         }

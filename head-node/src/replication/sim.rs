@@ -1040,3 +1040,30 @@ fn a_membership_applied_from_a_light_ready_survives_compaction_and_a_crash() {
         "a restart reads back {cs:?}"
     );
 }
+
+/// A sled's fencing epoch is not a Raft term: a leader fenced by a retired volume's tombstone
+/// (epoch `u64::MAX`) used to adopt it as its term, persist it and drag its group there, where
+/// the next campaign overflows. It steps down at its own term and can still be elected.
+#[test]
+fn a_leader_fenced_by_a_tombstone_steps_down_without_taking_its_epoch_as_term() {
+    let log = MemLog::new(&[1]);
+    let drive = |core: &mut GroupCore<MemLog>| {
+        while core.has_ready() {
+            let Some(work) = core.ready() else { break };
+            core.persisted(work).expect("persisted");
+        }
+    };
+    let mut core = Sim::core(1, log.clone(), 7);
+    core.campaign().expect("campaign");
+    drive(&mut core);
+    assert!(core.is_leader(), "a one-node group elects itself");
+    let term = core.term();
+    core.fenced(u64::MAX);
+    drive(&mut core);
+    assert!(!core.is_leader(), "a fenced leader steps down");
+    assert_eq!(core.term(), term, "the term stays the node's own");
+    core.campaign().expect("campaign again");
+    drive(&mut core);
+    assert!(core.is_leader(), "elected again");
+    assert_eq!(core.term(), term + 1);
+}

@@ -290,9 +290,22 @@ impl SledStore {
             })
     }
 
-    /// Maps a client error of a mutation to a store error (deposing on `Fenced`).
-    fn mutation_error(&self, sled: SledId, e: ClientError) -> StoreError {
+    /// Maps a client error of a mutation sent with a credential of epoch `used` to a store error
+    /// (deposing on `Fenced` by another node's claim).
+    fn mutation_error(&self, sled: SledId, used: Epoch, e: ClientError) -> StoreError {
         match (&e, e.code()) {
+            // Fenced by this node's own newer claim: it claimed again (a new term) while a
+            // request of its earlier term was on its way. That term ended; nobody deposed
+            // this node, and deposing the store would stop its current leadership.
+            (ClientError::Remote(w), Some(ErrorCode::Fenced))
+                if w.current
+                    .is_some_and(|(epoch, holder)| holder == self.node && epoch > used) =>
+            {
+                StoreError::EpochEnded {
+                    expected: used,
+                    current: w.current.map_or(used, |(epoch, _)| epoch),
+                }
+            }
             (ClientError::Remote(w), Some(ErrorCode::Fenced)) => {
                 let (epoch, holder) = w.current.unwrap_or((Epoch(u64::MAX), NodeId(0)));
                 self.depose(epoch, holder)
@@ -324,7 +337,7 @@ impl SledStore {
                     node_id = self.node.0, "claimed volume on sled");
                 Ok(())
             }
-            Err(e) => Err(self.mutation_error(sled, e)),
+            Err(e) => Err(self.mutation_error(sled, cred.epoch, e)),
         }
     }
 
@@ -656,6 +669,7 @@ impl SledStore {
                             current: cred.epoch,
                         });
                     }
+                    let used = cred.epoch;
                     let mut res = op(client.clone(), cred).await;
                     // Not for a sled being resynchronised: it was claimed when its pass began,
                     // so it lost the claim since (a wiped device) and with it chunks the pass
@@ -681,7 +695,7 @@ impl SledStore {
                     if res.is_ok() {
                         took.fetch_add(1, Ordering::Relaxed);
                     }
-                    res.map_err(|e| self.mutation_error(*sled, e))
+                    res.map_err(|e| self.mutation_error(*sled, used, e))
                 }
                 .await;
                 r.map_err(|e| match e {
@@ -1302,7 +1316,7 @@ impl SledStore {
                     target
                         .write(cred, chunk, at, buf)
                         .await
-                        .map_err(|e| self.mutation_error(sled, e))?;
+                        .map_err(|e| self.mutation_error(sled, cred.epoch, e))?;
                     self.metrics.resync_bytes.inc_by(len);
                     at += len;
                 }
@@ -1312,7 +1326,11 @@ impl SledStore {
                 Ok(Some(n)) => return Ok(n),
                 Ok(None) => not_held += 1,
                 // The target's failure ends this resynchronisation; a source's tries the next.
-                Err(e @ (StoreError::Deposed { .. } | StoreError::Replica { .. })) => {
+                Err(
+                    e @ (StoreError::Deposed { .. }
+                    | StoreError::EpochEnded { .. }
+                    | StoreError::Replica { .. }),
+                ) => {
                     return Err(e);
                 }
                 Err(e) => errors.push(format!("sled {source}: {e}")),
@@ -1323,7 +1341,7 @@ impl SledStore {
                 target
                     .free(cred, chunk)
                     .await
-                    .map_err(|e| self.mutation_error(sled, e))?;
+                    .map_err(|e| self.mutation_error(sled, cred.epoch, e))?;
             }
             return Ok(0);
         }
