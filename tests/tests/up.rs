@@ -311,6 +311,8 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
             "needs at least as many sleds",
         ),
         (&["--pool-size", "65"][..], "65"),
+        (&["--sleds", "0"][..], "--sleds"),
+        (&["--heads", "8"][..], "--heads"),
     ] {
         let o = std::process::Command::new(bin("stockade"))
             .arg("up")
@@ -319,7 +321,8 @@ fn up_starts_the_cluster_stops_it_and_restarts_on_the_same_data() {
             .arg(dir.path().join("data3"))
             .output()
             .unwrap();
-        assert!(!o.status.success(), "{args:?} was accepted");
+        // Usage errors, like every other command's: exit status 2.
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(why), "{args:?}: {err}");
         assert!(

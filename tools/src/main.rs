@@ -28,7 +28,14 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
-        Cmd::Up(a) => tools::up::run(a, &cli.opts.data_dir),
+        Cmd::Up(a) => {
+            if let Err(e) = a.check() {
+                Cli::command()
+                    .error(clap::error::ErrorKind::ArgumentConflict, e)
+                    .exit();
+            }
+            tools::up::run(a, &cli.opts.data_dir)
+        }
         Cmd::Events(a) => tools::events::run(*a),
         Cmd::Admin(c) => return ExitCode::from(tools::cli::main(&cli.opts, c)),
         Cmd::Completions(a) => tools::cli::completions(a.shell, &mut Cli::command())

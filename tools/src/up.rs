@@ -2,11 +2,13 @@
 //!
 //! The data directory holds everything: the cluster key and admin token, the ports chosen on
 //! the first run (`ports.json`, reused on every later run so addresses stay stable — head nodes
-//! know their peers by address — and two data directories never collide), one directory per
+//! know their peers by address; ports are picked free, so clusters running at once never share
+//! one), one directory per
 //! process with its TOML configuration, device files or Raft log, ready file and log, and
 //! `cluster.json` describing the running processes for scripts and tests. Processes start from
 //! the same TOML files an operator writes on real machines (`docs/deploy.md`). A lock file keeps
-//! two `stockade up` from sharing a data directory. Ctrl-C or SIGTERM stops every child cleanly.
+//! two `stockade up` from sharing a data directory. Ctrl-C, SIGTERM or SIGHUP stops every child
+//! cleanly (heads, then sleds); a second one kills what has not stopped yet.
 
 use anyhow::{Context, bail};
 use common::units::ByteSize;
@@ -23,10 +25,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
     /// Number of sled controllers.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub sleds: usize,
     /// Number of head nodes (a volume's Raft group has min(3, heads) members).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=7))]
     pub heads: usize,
     /// Ready Raft groups the control plane keeps for fast creates (0: every create starts a
     /// one-member group that grows while serving).
@@ -348,18 +350,18 @@ fn spawn(
 fn wait_ready(
     m: &mut Member,
     timeout: Duration,
-    signalled: &tokio::sync::watch::Receiver<bool>,
+    signalled: &tokio::sync::watch::Receiver<u32>,
 ) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
         if m.ready_file.exists() {
             return Ok(());
         }
-        if *signalled.borrow() {
+        if *signalled.borrow() > 0 {
             bail!(INTERRUPTED);
         }
         if let Some(status) = m.child.try_wait()? {
-            let tail = std::fs::read_to_string(&m.log).unwrap_or_default();
+            let tail = log_tail(&m.log);
             let tail: Vec<&str> = tail.lines().rev().take(15).collect();
             bail!(
                 "{} exited ({status}) before it was ready; last log lines ({}):\n{}",
@@ -379,10 +381,31 @@ fn wait_ready(
     }
 }
 
+/// The last 64 KiB of a log (as text): enough for its last lines, however long the log has grown
+/// over earlier runs.
+fn log_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 64 << 10;
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(TAIL))).is_err()
+        || f.read_to_end(&mut buf).is_err()
+    {
+        return String::new();
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 /// Stops the cluster in order: the head nodes first (they answer their clients and write back to
 /// the sleds while they stop), then the sleds. A child that has already exited (and been reaped)
-/// is not signalled: its pid may belong to another process by now.
-fn stop_all(members: &mut [Member]) {
+/// is not signalled: its pid may belong to another process by now. A signal received while
+/// stopping (a second Ctrl-C) kills what is still running instead of waiting for it.
+fn stop_all(members: &mut [Member], signalled: &tokio::sync::watch::Receiver<u32>) {
+    let signals_before = *signalled.borrow();
+    let forced = || *signalled.borrow() > signals_before;
     for role in ["head", "sled"] {
         let mut group: Vec<&mut Member> =
             members.iter_mut().filter(|m| m.info_role == role).collect();
@@ -399,8 +422,13 @@ fn stop_all(members: &mut [Member]) {
             loop {
                 match m.child.try_wait() {
                     Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() > deadline => {
-                        eprintln!("{} did not stop in time; killing it", m.name);
+                    Ok(None) if Instant::now() > deadline || forced() => {
+                        let why = if forced() {
+                            "asked again to stop"
+                        } else {
+                            "did not stop in time"
+                        };
+                        say_err(&format!("{}: {why}; killing it", m.name));
                         let _ = m.child.kill();
                         let _ = m.child.wait();
                         break;
@@ -577,20 +605,24 @@ async fn prepare(
 /// The error of a run stopped by Ctrl-C/SIGTERM before the cluster was up.
 const INTERRUPTED: &str = "interrupted before the cluster was up; stopped what had started";
 
+impl UpArgs {
+    /// The checks between options that clap cannot make (a usage error: exit status 2).
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(r) = self.replicas
+            && usize::from(r) > self.sleds
+        {
+            return Err(format!(
+                "--replicas {r} needs at least as many sleds (--sleds {}): each copy of a chunk lives on another sled",
+                self.sleds
+            ));
+        }
+        Ok(())
+    }
+}
+
 pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
-    if args.sleds == 0 {
-        bail!("--sleds must be at least 1");
-    }
-    if args.heads == 0 || args.heads > 7 {
-        bail!("--heads must be between 1 and 7");
-    }
-    if let Some(r) = args.replicas
-        && usize::from(r) > args.sleds
-    {
-        bail!(
-            "--replicas {r} needs at least as many sleds (--sleds {}): each copy of a chunk lives on another sled",
-            args.sleds
-        );
+    if let Err(e) = args.check() {
+        bail!(e);
     }
     let replicas = args
         .replicas
@@ -628,15 +660,32 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let (signal_tx, signalled) = tokio::sync::watch::channel(false);
+    // The number of stop signals so far: the first stops the cluster in order, a second one
+    // kills what is still running. SIGHUP counts too: a closed terminal must not orphan the
+    // cluster.
+    let (signal_tx, signalled) = tokio::sync::watch::channel(0u32);
     {
-        let mut shutdown = {
+        let (mut shutdown, mut hangup) = {
             let _in_rt = rt.enter();
-            common::signals::Shutdown::catch()
+            use tokio::signal::unix::{SignalKind, signal};
+            (
+                common::signals::Shutdown::catch(),
+                signal(SignalKind::hangup()).ok(),
+            )
         };
         rt.spawn(async move {
-            shutdown.wait().await;
-            let _ = signal_tx.send(true);
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => {}
+                    Some(()) = async {
+                        match hangup.as_mut() {
+                            Some(h) => h.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
+                }
+                signal_tx.send_modify(|n| *n += 1);
+            }
         });
     }
 
@@ -700,9 +749,45 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
         Ok(())
     })();
     if let Err(e) = started {
-        stop_all(&mut members);
+        stop_all(&mut members, &signalled);
         return Err(e);
     }
+    // From here on every error stops the processes that are running: none is left behind.
+    match serve(
+        &args,
+        &dir,
+        &token,
+        &key,
+        &head_names,
+        &ports,
+        configs,
+        &mut members,
+        &rt,
+        &signalled,
+    ) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            stop_all(&mut members, &signalled);
+            Err(e)
+        }
+    }
+}
+
+/// Prepares the default volume, writes `cluster.json`, prints the summary and (unless
+/// detached) supervises the processes until a signal stops them.
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    args: &UpArgs,
+    dir: &Path,
+    token: &Path,
+    key: &Path,
+    head_names: &[String],
+    ports: &BTreeMap<String, Ports>,
+    configs: BTreeMap<String, PathBuf>,
+    members: &mut Vec<Member>,
+    rt: &tokio::runtime::Runtime,
+    signalled: &tokio::sync::watch::Receiver<u32>,
+) -> anyhow::Result<()> {
     let admin_endpoints: Vec<String> = head_names
         .iter()
         .map(|n| format!("http://{}", ports[n].metrics))
@@ -711,25 +796,24 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
         let endpoints = crate::admin_client::AdminClient::parse_endpoints(&admin_endpoints)?;
         let client = crate::admin_client::AdminClient::new(
             endpoints,
-            Some(crate::admin_client::AdminToken::read(&token)?),
+            Some(crate::admin_client::AdminToken::read(token)?),
         )?;
         let mut signal = signalled.clone();
         match rt.block_on(async {
             tokio::select! {
                 r = prepare(&client, args.heads, args.sleds, Duration::from_secs(120)) => r,
-                _ = signal.wait_for(|s| *s) => Err(anyhow::anyhow!(INTERRUPTED)),
+                _ = signal.wait_for(|s| *s > 0) => Err(anyhow::anyhow!(INTERRUPTED)),
             }
         }) {
             Ok(u) => u,
             Err(e) => {
-                stop_all(&mut members);
                 return Err(e.context(format!("logs are in {}/<process>/log", dir.display())));
             }
         }
     };
     let info = ClusterInfo {
         supervisor_pid: std::process::id(),
-        cluster_key_file: key.clone(),
+        cluster_key_file: key.to_path_buf(),
         processes: members
             .iter()
             .map(|m| ProcessInfo {
@@ -744,25 +828,26 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
             })
             .collect(),
         admin_endpoints: admin_endpoints.clone(),
-        admin_token_file: Some(token.clone()),
+        admin_token_file: Some(token.to_path_buf()),
         nbd_uri: Some(uri.clone()),
     };
     let cluster_json = dir.join("cluster.json");
     let tmp = dir.join("cluster.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&info)?)?;
-    std::fs::rename(&tmp, &cluster_json)?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(&info)?)
+        .and_then(|()| std::fs::rename(&tmp, &cluster_json))
+        .with_context(|| format!("writing {}", cluster_json.display()))?;
 
-    print_summary(&args, &dir, &info, &uri);
+    say(&summary(args, dir, &info, &uri));
     if args.detach {
         // Leave them running, detached from this process.
-        std::mem::forget(members);
+        std::mem::forget(std::mem::take(members));
         return Ok(());
     }
 
     rt.block_on(async {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut signal = signalled.clone();
-        let stop = signal.wait_for(|s| *s);
+        let stop = signal.wait_for(|s| *s > 0);
         tokio::pin!(stop);
         // try_wait keeps returning the exit status of a child that has exited: say it once.
         let mut reported = vec![false; members.len()];
@@ -773,31 +858,55 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
                     for (m, said) in members.iter_mut().zip(&mut reported) {
                         if !*said && let Ok(Some(status)) = m.child.try_wait() {
                             *said = true;
-                            eprintln!("{} exited unexpectedly ({status}); see {}", m.name, m.log.display());
+                            say_err(&format!("{} exited unexpectedly ({status}); see {}", m.name, m.log.display()));
                         }
                     }
                 }
             }
         }
     });
-    println!("Stopping…");
-    stop_all(&mut members);
+    say("Stopping… (again to kill what has not stopped)\n");
+    stop_all(members, signalled);
     let _ = std::fs::remove_file(&cluster_json);
-    println!("Stopped. Data kept in {}.", dir.display());
+    say(&format!("Stopped. Data kept in {}.\n", dir.display()));
     Ok(())
 }
 
-fn print_summary(args: &UpArgs, dir: &Path, info: &ClusterInfo, uri: &str) {
+/// Writes to stdout, ignoring a closed one (a terminal that went away, `| head`): the cluster
+/// must still be stopped cleanly, where `println!` would panic.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// [`say`] for stderr, one line.
+fn say_err(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// The summary `stockade up` prints once the cluster is ready.
+fn summary(args: &UpArgs, dir: &Path, info: &ClusterInfo, uri: &str) -> String {
+    let mut s = String::new();
+    // Writing to a String cannot fail.
+    use std::fmt::Write as _;
     let (vol, size) = DEFAULT_VOLUME;
-    println!(
+    let _ = writeln!(
+        s,
         "Stockade is up: {} sleds, {} head nodes ({}).",
         args.sleds,
         args.heads,
         dir.display()
     );
-    println!();
-    println!("  NBD URI      {uri}   (volume {vol}, {})", ByteSize(size));
-    println!(
+    s.push('\n');
+    let _ = writeln!(
+        s,
+        "  NBD URI      {uri}   (volume {vol}, {})",
+        ByteSize(size)
+    );
+    let _ = writeln!(
+        s,
         "  admin API    {}   (token in {})",
         info.admin_endpoints.join(", "),
         info.admin_token_file
@@ -805,10 +914,15 @@ fn print_summary(args: &UpArgs, dir: &Path, info: &ClusterInfo, uri: &str) {
             .map(|p| p.display().to_string())
             .unwrap_or_default()
     );
-    println!();
-    println!("  {:<8} {:<22} {:<40} pid", "process", "address", "metrics");
+    s.push('\n');
+    let _ = writeln!(
+        s,
+        "  {:<8} {:<22} {:<40} pid",
+        "process", "address", "metrics"
+    );
     for p in &info.processes {
-        println!(
+        let _ = writeln!(
+            s,
             "  {:<8} {:<22} {:<40} {}",
             p.id,
             p.listen.to_string(),
@@ -816,10 +930,10 @@ fn print_summary(args: &UpArgs, dir: &Path, info: &ClusterInfo, uri: &str) {
             p.pid
         );
     }
-    println!();
-    println!("  processes    {}", dir.join("cluster.json").display());
-    println!("  logs         {}/<process>/log", dir.display());
-    println!();
+    s.push('\n');
+    let _ = writeln!(s, "  processes    {}", dir.join("cluster.json").display());
+    let _ = writeln!(s, "  logs         {}/<process>/log", dir.display());
+    s.push('\n');
     let default_dir = Path::new("./stockade-data")
         .canonicalize()
         .ok()
@@ -829,23 +943,34 @@ fn print_summary(args: &UpArgs, dir: &Path, info: &ClusterInfo, uri: &str) {
     } else {
         format!("stockade --data-dir {}", dir.display())
     };
-    println!("Try:");
-    println!("  nbdinfo {uri}");
-    println!("  qemu-img bench -f raw -w -t none {uri}");
-    println!("  {cli} volume list");
-    println!("  {cli} volume create db --size 10G && {cli} volume attach db");
-    println!("  {cli} cluster status");
-    println!("  mkdir -p /tmp/vol0 && nbdfuse /tmp/vol0 {uri} &   # then mkfs/mount /tmp/vol0/nbd");
-    println!();
+    let _ = writeln!(s, "Try:");
+    let _ = writeln!(s, "  nbdinfo {uri}");
+    let _ = writeln!(s, "  qemu-img bench -f raw -w -t none {uri}");
+    let _ = writeln!(s, "  {cli} volume list");
+    let _ = writeln!(
+        s,
+        "  {cli} volume create db --size 10G && {cli} volume attach db"
+    );
+    let _ = writeln!(s, "  {cli} cluster status");
+    let _ = writeln!(
+        s,
+        "  mkdir -p /tmp/vol0 && nbdfuse /tmp/vol0 {uri} &   # then mkfs/mount /tmp/vol0/nbd"
+    );
+    s.push('\n');
     if args.detach {
         let pids: Vec<String> = info.processes.iter().map(|p| p.pid.to_string()).collect();
-        println!(
+        let _ = writeln!(
+            s,
             "Running detached. Stop with `kill {}`; `stockade up` again restarts on the same data.",
             pids.join(" ")
         );
     } else {
-        println!("Stop with Ctrl-C; `stockade up` again restarts on the same data.");
+        let _ = writeln!(
+            s,
+            "Stop with Ctrl-C; `stockade up` again restarts on the same data."
+        );
     }
+    s
 }
 
 #[cfg(test)]
