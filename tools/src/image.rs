@@ -319,10 +319,20 @@ pub async fn import(client: &AdminClient, name: &str, path: &Path) -> Result<Cop
     }
     let mut file = File::open(path).map_err(file_err(path))?;
     let len = file.metadata().map_err(file_err(path))?.len();
+    if len == 0 {
+        // Most likely the wrong file (or one still being written): say so rather than report
+        // a copy of nothing as a success.
+        return Err(ImageError::Refused(format!(
+            "{} is empty: nothing to import",
+            path.display()
+        )));
+    }
     let info = idle_volume(client, name, "importing").await?;
     if len > info.size {
+        // Volume sizes are multiples of 4 KiB: suggest one the resize will take.
+        let want = len.div_ceil(4096) * 4096;
         return Err(ImageError::Refused(format!(
-            "{} is {len} bytes but volume {name} is {} bytes: grow it first (`stockade volume resize {name} --size {len}`)",
+            "{} is {len} bytes but volume {name} is {} bytes: grow it first (`stockade volume resize {name} --size {want}`)",
             path.display(),
             info.size
         )));
@@ -418,11 +428,21 @@ pub async fn export(
     force: bool,
 ) -> Result<Copied, ImageError> {
     // symlink_metadata: a dangling symbolic link is a name in use too.
-    if !force && std::fs::symlink_metadata(path).is_ok() {
-        return Err(ImageError::Refused(format!(
-            "{} exists; pass --force to replace it",
-            path.display()
-        )));
+    match std::fs::symlink_metadata(path) {
+        // Not even --force replaces a directory: refused before the copy, not after it.
+        Ok(m) if m.is_dir() => {
+            return Err(ImageError::Refused(format!(
+                "{} is a directory; give the name of the file to write",
+                path.display()
+            )));
+        }
+        Ok(_) if !force => {
+            return Err(ImageError::Refused(format!(
+                "{} exists; pass --force to replace it",
+                path.display()
+            )));
+        }
+        _ => {}
     }
     let info = idle_volume(client, name, "exporting").await?;
     let file_name = path
@@ -601,6 +621,31 @@ mod tests {
         .await
         .expect("no wait");
         assert!(matches!(r, Err(ImageError::Refused(_))), "{r:?}");
+    }
+
+    /// An empty image is refused (nothing would be copied), before the cluster is asked
+    /// anything: `nowhere()` answers no request.
+    #[tokio::test]
+    async fn importing_an_empty_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.img");
+        std::fs::write(&empty, b"").unwrap();
+        let r = import(&nowhere(), "v", &empty).await;
+        assert!(
+            matches!(&r, Err(ImageError::Refused(m)) if m.contains("is empty")),
+            "{r:?}"
+        );
+    }
+
+    /// A directory is refused even with --force, before anything is copied.
+    #[tokio::test]
+    async fn exporting_onto_a_directory_is_refused_even_with_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = export(&nowhere(), "v", dir.path(), true).await;
+        assert!(
+            matches!(&r, Err(ImageError::Refused(m)) if m.contains("is a directory")),
+            "{r:?}"
+        );
     }
 
     /// Without --force a name in use is never replaced, a dangling symbolic link included; the
