@@ -181,6 +181,10 @@ pub enum AttachError {
     /// A task of the endpoint panicked.
     #[error("the local NBD server task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
+    /// Stopped (Ctrl-C, SIGTERM) before the endpoint served: no URI was printed, so a script
+    /// waiting for one must see a failure, not a success.
+    #[error("interrupted before the local endpoint served")]
+    Interrupted,
 }
 
 /// The single export of the endpoint.
@@ -371,10 +375,10 @@ pub async fn serve_local(
 ) -> Result<(), AttachError> {
     tokio::pin!(shutdown);
     // A signal while the endpoint is still starting (it retries the head nodes for a while)
-    // ends it at once.
+    // ends it at once, as a failure: it never served.
     let ep = tokio::select! {
         r = LocalEndpoint::start(cfg) => r?,
-        () = &mut shutdown => return Ok(()),
+        () = &mut shutdown => return Err(AttachError::Interrupted),
     };
     // Nothing useful can be done when stdout is gone; the endpoint serves anyway.
     let _ = print_uri(&ep);
