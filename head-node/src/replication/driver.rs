@@ -523,6 +523,9 @@ struct Driver<L: RaftLog, T: Transport> {
     fresh_pending: BTreeMap<SledId, u64>,
     /// The stale sled being resynchronised.
     resyncing: Option<SledId>,
+    /// The task resynchronising it, aborted when this leadership ends: the next leadership of
+    /// this node must not find a pass of the old one still copying beside its own.
+    resync_task: Option<tokio::task::AbortHandle>,
     /// No resynchronisation starts before this.
     resync_after: tokio::time::Instant,
 }
@@ -600,6 +603,7 @@ pub fn spawn<L: RaftLog, T: Transport>(
         stale_pending: BTreeMap::new(),
         fresh_pending: BTreeMap::new(),
         resyncing: None,
+        resync_task: None,
         resync_after: tokio::time::Instant::now(),
     };
     d.sync_cluster();
@@ -774,6 +778,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 }
                 if self.resyncing == Some(sled) {
                     self.resyncing = None;
+                    self.resync_task = None;
                 }
                 let store = self.store.clone();
                 match result {
@@ -917,10 +922,11 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         let missed = self.core.state.missed_chunks(sled);
         let epoch = store.epoch();
         let tx = self.tx.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let result = store.resync(sled, missed, epoch).await;
             let _ = tx.send(Input::Resynced { term, sled, result }).await;
         });
+        self.resync_task = Some(task.abort_handle());
     }
 
     fn not_leader(&self) -> ReplError {
@@ -1290,6 +1296,9 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         self.stale_pending.clear();
         self.fresh_pending.clear();
         self.resyncing = None;
+        if let Some(task) = self.resync_task.take() {
+            task.abort();
+        }
         self.claiming = None;
         self.flusher = None;
         self.flush_done.clear();
