@@ -426,3 +426,59 @@ async fn a_fragmented_block_status_is_answered_in_part_through_a_follower() {
         }
     }
 }
+
+/// Another node's newer claim met first on the NBD write path (allocating a chunk nobody wrote,
+/// before anything is proposed) deposes the leader's store; nothing else reports it there, yet
+/// the leader must stop serving at once instead of staying leader and retrying every write
+/// until it times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_fenced_while_allocating_stops_serving() {
+    use common::ids::Epoch;
+    let c = cluster(64 << 20).await;
+    let leader = c.leader(Duration::from_secs(20)).await;
+    let lv = c.nodes[&leader].2.clone();
+    let term = lv.handle().status().term;
+    let spec = lv
+        .spec()
+        .expect("a serving leader has the volume's description");
+    // Node 9, outside the group, claims every sled of the volume with a far newer epoch.
+    let cred = c.key.mint(spec.id, Epoch(1_000_000), NodeId(9));
+    for s in &c.sleds {
+        let sc = common::sled_client::SledClient::connect(
+            s.listen,
+            &c.key,
+            NodeId(9),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        sc.claim(&cred).await.unwrap();
+    }
+    // A write to a chunk never written: its allocation on the sleds is refused as fenced.
+    let w = tokio::spawn({
+        let lv = lv.clone();
+        async move { lv.write(8 << 20, buf(4096, 1), false).await }
+    });
+    let start = Instant::now();
+    loop {
+        let st = lv.handle().status();
+        if !(st.serving && st.term == term) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "node {leader} still serves term {term} after a sled deposed it: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The write was never acknowledged; it fails or is still waiting for a leader the sleds
+    // accept (none can be: node 9's claim is newer than any term here).
+    if w.is_finished() {
+        assert!(
+            w.await.unwrap().is_err(),
+            "a write acknowledged past the fence"
+        );
+    } else {
+        w.abort();
+    }
+}

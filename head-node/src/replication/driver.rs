@@ -242,6 +242,13 @@ enum Input {
         upto: u64,
         failed: Vec<(SledId, FlushFailure)>,
     },
+    /// The store of this leadership was deposed by a sled (another node's newer claim), on
+    /// any path: write-back, a claim, or an allocation on the NBD write path, which reports to
+    /// nobody else.
+    Deposed {
+        term: u64,
+        epoch: u64,
+    },
     /// A resynchronisation of a stale sled ended.
     Resynced {
         term: u64,
@@ -289,6 +296,7 @@ impl std::fmt::Debug for Input {
             Input::Claimed { .. } => "Claimed",
             Input::SledDown { .. } => "SledDown",
             Input::Resynced { .. } => "Resynced",
+            Input::Deposed { .. } => "Deposed",
             Input::SledsFlushed { .. } => "SledsFlushed",
             Input::SpecReady { .. } => "SpecReady",
             Input::Campaign => "Campaign",
@@ -526,6 +534,8 @@ struct Driver<L: RaftLog, T: Transport> {
     /// The task resynchronising it, aborted when this leadership ends: the next leadership of
     /// this node must not find a pass of the old one still copying beside its own.
     resync_task: Option<tokio::task::AbortHandle>,
+    /// The task watching the serving store for a deposition, aborted when serving ends.
+    deposed_watch: Option<tokio::task::AbortHandle>,
     /// No resynchronisation starts before this.
     resync_after: tokio::time::Instant,
 }
@@ -604,6 +614,7 @@ pub fn spawn<L: RaftLog, T: Transport>(
         fresh_pending: BTreeMap::new(),
         resyncing: None,
         resync_task: None,
+        deposed_watch: None,
         resync_after: tokio::time::Instant::now(),
     };
     d.sync_cluster();
@@ -768,6 +779,11 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             Input::SledDown { term, sled } => {
                 if self.serving == Some(term) {
                     self.mark_stale(sled, "write-back keeps failing");
+                }
+            }
+            Input::Deposed { term, epoch } => {
+                if self.serving == Some(term) {
+                    self.core.fenced(epoch);
                 }
             }
             Input::Resynced { term, sled, result } => {
@@ -1265,6 +1281,25 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         }
         let (stopping, stop_rx) = watch::channel(false);
         let rewrite = Arc::new(std::sync::Mutex::new(Rewrite::default()));
+        // Whatever path meets the newer claim first, the leadership ends: a request that only
+        // retries (an allocation on the NBD write path) must not leave this node serving.
+        let watch_task = {
+            let (store, tx) = (store.clone(), self.tx.clone());
+            tokio::spawn(async move {
+                store.deposed().await;
+                if let Some((epoch, _)) = store.deposed_by() {
+                    let _ = tx
+                        .send(Input::Deposed {
+                            term,
+                            epoch: epoch.0,
+                        })
+                        .await;
+                }
+            })
+        };
+        if let Some(old) = self.deposed_watch.replace(watch_task.abort_handle()) {
+            old.abort();
+        }
         tokio::spawn(flusher(
             term,
             store,
@@ -1296,7 +1331,10 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         self.stale_pending.clear();
         self.fresh_pending.clear();
         self.resyncing = None;
-        if let Some(task) = self.resync_task.take() {
+        for task in [self.resync_task.take(), self.deposed_watch.take()]
+            .into_iter()
+            .flatten()
+        {
             task.abort();
         }
         self.claiming = None;
