@@ -684,6 +684,36 @@ async fn a_garbage_raft_message_after_a_valid_handshake_is_dropped_alone() {
     }
 }
 
+/// A peer that sends a frame's header and then stalls in its body is cut off after the idle
+/// timeout, as one that sends nothing is: it must not hold the connection, and the messages
+/// behind it, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_whose_body_stalls_closes_the_connection() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let config = TransportConfig {
+        idle_timeout: Duration::from_secs(1),
+        keepalive_interval: Duration::from_millis(300),
+        ..TransportConfig::default()
+    };
+    let n2 = Node::start(2, key(), l, &[(1, unused)], config);
+    let mut s = authenticated(n2.addr, 1, 2).await;
+    let frame = raft_frame(&[(GroupId(1), encoded(&raft_msg(1, 2, 10)))]);
+    // Everything but the last byte: the header is whole, the body never is. The fake still
+    // answers nothing, but the node's keepalive pings keep arriving, so only the stall can
+    // close the connection.
+    s.write_all(&frame[..frame.len() - 1]).await.unwrap();
+    assert!(
+        closed_by_peer(&mut s).await,
+        "a stalled body kept the connection open"
+    );
+    assert_eq!(
+        n2.m("stockade_peer_protocol_errors_total{peer=\"1\",reason=\"stalled\"}"),
+        1.0
+    );
+    n2.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_wrong_and_higher_nodes_are_refused() {
     let nodes = cluster(2, TransportConfig::default()).await;

@@ -107,6 +107,8 @@ enum ConnError {
     Proto(#[from] PeerProtoError),
     #[error("nothing received for {0:?}")]
     Idle(Duration),
+    #[error("a frame's body did not arrive within {0:?} of its header")]
+    Stalled(Duration),
     #[error("superseded or removed")]
     Stopped,
     #[error("transport shut down")]
@@ -131,6 +133,7 @@ impl ConnError {
                 | PeerProtoError::Decode(_) => Some("malformed"),
             },
             ConnError::Idle(_) => Some("idle"),
+            ConnError::Stalled(_) => Some("stalled"),
             ConnError::Stopped | ConnError::Shutdown => None,
         }
     }
@@ -1154,7 +1157,12 @@ async fn read_loop(inner: &Inner, conn: &Conn, rd: OwnedReadHalf) -> Result<(), 
             }
             .into());
         }
-        let frame = proto::read_body(&mut rd, header).await?;
+        // A peer that sends a header and then stalls must not hold this connection (and every
+        // message behind it) forever: the body comes within the idle bound too.
+        let frame = match tokio::time::timeout(idle, proto::read_body(&mut rd, header)).await {
+            Err(_) => return Err(ConnError::Stalled(idle)),
+            Ok(r) => r?,
+        };
         m.received_bytes
             .with_label_values(&[&conn.label])
             .inc_by((HEADER_LEN + frame.ctl.len() + frame.data.len()) as u64);
