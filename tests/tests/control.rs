@@ -527,6 +527,12 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let (status, text) = http_request(admin, "POST", "/v1/volumes", &[&auth], bad).unwrap();
     assert_eq!(status, 400, "{text}");
     a.ok(&["volume", "delete", "twice"]);
+    // Ids are never reused: the deleted volume's sleds keep its tombstone, and a volume
+    // created again under its id (another name) could never be claimed there.
+    let again = br#"{"name":"again","size":65536,"id":"0123456789abcdef0123456789abcdef"}"#;
+    let (status, text) = http_request(admin, "POST", "/v1/volumes", &[&auth], again).unwrap();
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("never reused"), "{text}");
     // An attachment's client text is bounded (it lives in the volume's metadata record).
     let long = format!(r#"{{"client":"{}"}}"#, "x".repeat(300));
     let (status, text) = http_request(

@@ -35,6 +35,9 @@ pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
 /// How long a create waits for its group to serve.
 const BIND_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a create waits for each sled to say whether it knows a client-chosen volume id.
+const ID_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn capacity_error(e: PlaceError) -> AdminError {
     match e {
         PlaceError::NoHeads => AdminError::Unavailable(e.to_string()),
@@ -276,6 +279,45 @@ impl ControlPlane {
         })
     }
 
+    /// Refuses a client-chosen id that a sled of its placement already knows: volume ids are
+    /// never reused, and a deleted volume's sleds keep its tombstone (a claim above every
+    /// epoch), so a volume created again under that id could never be claimed — its group
+    /// would hold elections forever and the create would never finish. A fresh id is unknown
+    /// to every sled until the volume's first claim, which comes after this check. A sled that
+    /// does not answer within [`ID_CHECK_TIMEOUT`] is not waited for: it is recorded stale by
+    /// the volume's group like any sled away at creation.
+    async fn check_id_unused(&self, spec: &VolumeSpec) -> Result<(), AdminError> {
+        let asks = spec.sleds().into_iter().map(|sled| async move {
+            let ask = async {
+                let conn = self.sleds.pool.find(sled).await?;
+                let client = conn.client().await.ok()?;
+                client.volume_stat(spec.id).await.ok()
+            };
+            let stat = tokio::time::timeout(ID_CHECK_TIMEOUT, ask)
+                .await
+                .ok()
+                .flatten();
+            (sled, stat.and_then(|s| s.fence))
+        });
+        for (sled, fence) in futures_util::future::join_all(asks).await {
+            if let Some((epoch, holder)) = fence {
+                let what = if epoch.0 == u64::MAX {
+                    "a deleted volume's".to_string()
+                } else {
+                    format!(
+                        "a volume's (claimed at epoch {} by node {})",
+                        epoch.0, holder.0
+                    )
+                };
+                return Err(AdminError::Conflict(format!(
+                    "volume id {} is {what} on sled {sled}: ids are never reused; leave the id to the cluster",
+                    spec.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
     async fn create(&self, c: CreateVolume) -> Result<Created, AdminError> {
         let started = Instant::now();
         validate_name(&c.name).map_err(AdminError::BadRequest)?;
@@ -319,6 +361,9 @@ impl ControlPlane {
             }
             let id = wanted.unwrap_or_else(VolumeId::random);
             let (spec, replicas) = self.place_volume(&st, id, &c.name, c.size)?;
+            if wanted.is_some() {
+                self.check_id_unused(&spec).await?;
+            }
             let up = self.up_nodes(&st);
             let iops = qos.iops;
             let pooled = st
