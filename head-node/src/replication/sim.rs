@@ -990,6 +990,23 @@ fn a_commit_alone_is_not_synced_and_a_crash_that_loses_it_loses_no_write() {
     assert_eq!(blocks(&core), [1, 2, 3, 4, 5], "every write applied again");
 }
 
+/// Runs every ready of `core` to completion, persisting each at once.
+fn drive(core: &mut GroupCore<MemLog>) {
+    while core.has_ready() {
+        let Some(work) = core.ready() else { break };
+        core.persisted(work).expect("persisted");
+    }
+}
+
+/// Node 1 of a one-voter group on `log`, elected leader.
+fn elected_alone(log: &MemLog) -> GroupCore<MemLog> {
+    let mut core = Sim::core(1, log.clone(), 7);
+    core.campaign().expect("campaign");
+    drive(&mut core);
+    assert!(core.is_leader(), "a one-node group elects itself");
+    core
+}
+
 /// A membership change that a node applies from a light ready (a one-voter group commits its
 /// own entries right after persisting them) used to be set in memory only; the compaction its
 /// apply asks for then dropped its entry, and a restart brought the node back with the members
@@ -1000,16 +1017,7 @@ fn a_membership_applied_from_a_light_ready_survives_compaction_and_a_crash() {
     use raft::Storage;
     use raft::prelude::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
     let log = MemLog::new(&[1]);
-    let drive = |core: &mut GroupCore<MemLog>| {
-        while core.has_ready() {
-            let Some(work) = core.ready() else { break };
-            core.persisted(work).expect("persisted");
-        }
-    };
-    let mut core = Sim::core(1, log.clone(), 7);
-    core.campaign().expect("campaign");
-    drive(&mut core);
-    assert!(core.is_leader(), "a one-node group elects itself");
+    let mut core = elected_alone(&log);
     let mut add = ConfChangeSingle::default();
     add.set_change_type(ConfChangeType::AddLearnerNode);
     add.node_id = 2;
@@ -1047,16 +1055,7 @@ fn a_membership_applied_from_a_light_ready_survives_compaction_and_a_crash() {
 #[test]
 fn a_leader_fenced_by_a_tombstone_steps_down_without_taking_its_epoch_as_term() {
     let log = MemLog::new(&[1]);
-    let drive = |core: &mut GroupCore<MemLog>| {
-        while core.has_ready() {
-            let Some(work) = core.ready() else { break };
-            core.persisted(work).expect("persisted");
-        }
-    };
-    let mut core = Sim::core(1, log.clone(), 7);
-    core.campaign().expect("campaign");
-    drive(&mut core);
-    assert!(core.is_leader(), "a one-node group elects itself");
+    let mut core = elected_alone(&log);
     let term = core.term();
     core.fenced(u64::MAX);
     drive(&mut core);

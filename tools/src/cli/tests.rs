@@ -40,21 +40,26 @@ fn the_command_definition_is_consistent() {
     TestCli::command().debug_assert();
 }
 
-#[test]
-fn create_reads_sizes_and_qos() {
-    let (_, cmd) = volume(&["create", "db", "--size", "10G"]);
+/// The request `stockade volume create db ARGS…` sends (or the CLI's own refusal).
+fn create_request(args: &[&str]) -> Result<common::admin::CreateVolume, CliError> {
+    let mut all = vec!["create", "db"];
+    all.extend_from_slice(args);
+    let (_, cmd) = volume(&all);
     let VolumeCmd::Create(a) = cmd else {
         panic!("{cmd:?}")
     };
-    let req = a.request().unwrap();
+    a.request()
+}
+
+#[test]
+fn create_reads_sizes_and_qos() {
+    let req = create_request(&["--size", "10G"]).unwrap();
     assert_eq!(
         (req.name.as_str(), req.size, req.qos, req.qos_changes),
         ("db", 10 << 30, None, None)
     );
 
-    let (_, cmd) = volume(&[
-        "create",
-        "db",
+    let req = create_request(&[
         "--size",
         "512MiB",
         "--iops",
@@ -65,11 +70,8 @@ fn create_reads_sizes_and_qos() {
         "5400000",
         "--bandwidth",
         "100MiB",
-    ]);
-    let VolumeCmd::Create(a) = cmd else {
-        panic!("{cmd:?}")
-    };
-    let req = a.request().unwrap();
+    ])
+    .unwrap();
     assert_eq!(req.size, 512 << 20);
     assert_eq!(req.qos, None);
     let changes = req.qos_changes.expect("QoS options given");
@@ -84,17 +86,13 @@ fn create_reads_sizes_and_qos() {
     );
 
     // One option changes one field of the cluster's default: the others stay the default's.
-    let (_, cmd) = volume(&["create", "db", "--size", "1G", "--iops", "1000"]);
-    let VolumeCmd::Create(a) = cmd else {
-        panic!("{cmd:?}")
-    };
     let default = QosConfig {
         iops: Some(300),
         burst_iops: Some(3000),
         burst_credits: 5_400_000,
         bandwidth: Some(128 << 20),
     };
-    let req = a.request().unwrap();
+    let req = create_request(&["--size", "1G", "--iops", "1000"]).unwrap();
     assert_eq!(
         req.qos(default),
         Ok(QosConfig {
@@ -103,44 +101,15 @@ fn create_reads_sizes_and_qos() {
         })
     );
     // A burst without a baseline is refused by the cluster when its default has none.
-    let (_, cmd) = volume(&["create", "db", "--size", "1G", "--burst-iops", "10"]);
-    let VolumeCmd::Create(a) = cmd else {
-        panic!("{cmd:?}")
-    };
-    let req = a.request().unwrap();
+    let req = create_request(&["--size", "1G", "--burst-iops", "10"]).unwrap();
     assert!(req.qos(QosConfig::UNLIMITED).is_err());
     // A burst ceiling without credits could never be used: refused too.
-    let (_, cmd) = volume(&[
-        "create",
-        "db",
-        "--size",
-        "1G",
-        "--iops",
-        "300",
-        "--burst-iops",
-        "3000",
-    ]);
-    let VolumeCmd::Create(a) = cmd else {
-        panic!("{cmd:?}")
-    };
-    let e = a.request().unwrap().qos(QosConfig::UNLIMITED).unwrap_err();
+    let req = create_request(&["--size", "1G", "--iops", "300", "--burst-iops", "3000"]).unwrap();
+    let e = req.qos(QosConfig::UNLIMITED).unwrap_err();
     assert!(e.contains("burst credits"), "{e}");
     // A ceiling below the baseline, both given here, is refused before sending anything.
-    let (_, cmd) = volume(&[
-        "create",
-        "db",
-        "--size",
-        "1G",
-        "--iops",
-        "300",
-        "--burst-iops",
-        "10",
-    ]);
-    let VolumeCmd::Create(a) = cmd else {
-        panic!("{cmd:?}")
-    };
     assert!(matches!(
-        a.request(),
+        create_request(&["--size", "1G", "--iops", "300", "--burst-iops", "10"]),
         Err(CliError::Qos(QosError::BurstBelowBaseline { .. }))
     ));
 }
