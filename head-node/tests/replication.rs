@@ -40,6 +40,8 @@ struct Cluster {
     key: common::ClusterKey,
     sleds: Vec<sled_controller::app::Running>,
     nodes: HashMap<u64, TestNode>,
+    /// Every volume by (node, group), the first group's included.
+    volumes: HashMap<(u64, u64), Arc<ReplicatedVolume<TcpTransport>>>,
 }
 
 async fn cluster(volume_size: u64) -> Cluster {
@@ -54,6 +56,18 @@ async fn cluster(volume_size: u64) -> Cluster {
 }
 
 async fn cluster_with(volume_size: u64, cfg: DriverConfig) -> Cluster {
+    cluster_of(volume_size, cfg, &[42], false).await
+}
+
+/// Three nodes hosting a volume of each of `groups` (the first is the one `nodes` holds). With
+/// `first_leads`, node 1 leads every group (the others wait ten times as long before they
+/// campaign) and every node's throttling is on (unlimited until a volume's QoS says otherwise).
+async fn cluster_of(
+    volume_size: u64,
+    cfg: DriverConfig,
+    groups: &[u64],
+    first_leads: bool,
+) -> Cluster {
     let dir = scratch();
     let key_path = dir.path().join("cluster.key");
     let key = common::ClusterKey::load_or_create(&key_path).unwrap();
@@ -82,6 +96,7 @@ async fn cluster_with(volume_size: u64, cfg: DriverConfig) -> Cluster {
     }
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let mut nodes = HashMap::new();
+    let mut volumes = HashMap::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let id = i as u64 + 1;
         let peers = (0..3)
@@ -93,34 +108,56 @@ async fn cluster_with(volume_size: u64, cfg: DriverConfig) -> Cluster {
                 .unwrap(),
         );
         tokio::spawn(t.serve(listener));
+        let mut cfg = cfg.clone();
+        if first_leads && id != 1 {
+            cfg.group.election_tick *= 10;
+        }
         let node = ReplNode::new(
             NodeId(id),
             t.clone(),
             Arc::new(NoPersist),
-            cfg.clone(),
+            cfg,
             Duration::from_secs(20),
         );
+        if first_leads {
+            node.set_throttle(
+                head_node::replication::throttle::NodeThrottle::new(
+                    common::throttle::GlobalConfig::UNLIMITED,
+                    Arc::new(common::SystemClock::new()),
+                )
+                .unwrap(),
+            );
+        }
         let pool = Arc::new(SledPool::new(&sled_addrs, key.clone(), NodeId(id)));
         let metrics = HeadMetrics::new(&prometheus::Registry::new()).unwrap();
-        let vol = node
-            .add_group(
-                GroupId(42),
-                "vol0",
-                MemLog::new(&[1, 2, 3]),
-                SledAccess {
-                    pool,
-                    key: key.clone(),
-                    metrics,
-                },
-                GroupKind::Volume {
-                    template: Some(VolumeTemplate {
-                        name: "vol0".into(),
-                        size: volume_size,
-                        replicas: 3,
-                    }),
-                },
-            )
-            .unwrap();
+        for (k, g) in groups.iter().enumerate() {
+            let name = if k == 0 {
+                "vol0".to_string()
+            } else {
+                format!("vol{g}")
+            };
+            let vol = node
+                .add_group(
+                    GroupId(u128::from(*g)),
+                    &name,
+                    MemLog::new(&[1, 2, 3]),
+                    SledAccess {
+                        pool: pool.clone(),
+                        key: key.clone(),
+                        metrics: metrics.clone(),
+                    },
+                    GroupKind::Volume {
+                        template: Some(VolumeTemplate {
+                            name: name.clone(),
+                            size: volume_size,
+                            replicas: 3,
+                        }),
+                    },
+                )
+                .unwrap();
+            volumes.insert((id, *g), vol);
+        }
+        let vol = volumes[&(id, groups[0])].clone();
         nodes.insert(id, (node, t, vol));
     }
     Cluster {
@@ -128,6 +165,7 @@ async fn cluster_with(volume_size: u64, cfg: DriverConfig) -> Cluster {
         key,
         sleds,
         nodes,
+        volumes,
     }
 }
 
@@ -479,6 +517,88 @@ async fn a_leader_fenced_while_allocating_stops_serving() {
             "a write acknowledged past the fence"
         );
     } else {
+        w.abort();
+    }
+}
+
+/// A volume held back by its throttle, with far more requests waiting than it may run, must
+/// not hold what the other volumes forwarded between the same two nodes need: a write to
+/// another volume through the same follower and leader goes through at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_volume_does_not_starve_the_others_forwarded_through_the_same_nodes() {
+    use head_node::replication::entry::EntryHeader;
+    const SLOW: u64 = 42;
+    const OTHER: u64 = 43;
+    const WAITING: u64 = 900;
+    let c = cluster_of(
+        64 << 20,
+        DriverConfig {
+            tick: Duration::from_millis(20),
+            ..DriverConfig::default()
+        },
+        &[SLOW, OTHER],
+        true,
+    )
+    .await;
+    // One node leads both volumes, so their forwarded calls share its connection to a follower.
+    let lead = 1u64;
+    let follower = 2u64;
+    let start = Instant::now();
+    loop {
+        let serving = [SLOW, OTHER]
+            .iter()
+            .all(|g| c.volumes[&(lead, *g)].handle().status().serving);
+        if serving {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node {lead} never led both"
+        );
+        for g in [SLOW, OTHER] {
+            let h = c.volumes[&(lead, g)].handle().clone();
+            if !h.status().serving {
+                h.campaign().await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let qos = common::throttle::QosConfig {
+        iops: Some(2),
+        ..common::throttle::QosConfig::UNLIMITED
+    };
+    c.volumes[&(lead, SLOW)]
+        .handle()
+        .propose_as_leader(EntryHeader::Qos(qos))
+        .await
+        .unwrap();
+    let slow = c.volumes[&(follower, SLOW)].clone();
+    let mut waiting = Vec::new();
+    for i in 0..WAITING {
+        let v = slow.clone();
+        waiting.push(tokio::spawn(async move {
+            v.write(i * 4096, buf(4096, 1), false).await
+        }));
+    }
+    // Let them reach the leader and queue in its throttle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let other = c.volumes[&(follower, OTHER)].clone();
+    let t0 = Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), other.write(0, buf(4096, 7), false))
+        .await
+        .expect("a write to an unthrottled volume waited for another volume's throttle")
+        .expect("write");
+    let back = tokio::time::timeout(Duration::from_secs(3), other.read(0, 4096))
+        .await
+        .expect("a read of an unthrottled volume waited for another volume's throttle")
+        .expect("read");
+    assert!(back.iter().all(|b| *b == 7));
+    tracing::info!(elapsed = ?t0.elapsed(), "other volume served");
+    assert!(
+        waiting.iter().any(|w| !w.is_finished()),
+        "the throttled volume was not held back: the test proves nothing"
+    );
+    for w in waiting {
         w.abort();
     }
 }

@@ -16,6 +16,10 @@
 //! per request), so a retry never pays twice on the same node. (A forwarded call the follower
 //! sends again to the same leader — its connection broke, or the call outlived the
 //! `failover_timeout` of the transport while queued — is a new call there and pays again.)
+//! A request waiting in the leader's throttle keeps its forwarded call open, so a volume may
+//! have at most [`FORWARD_CALLS`] calls (and [`FORWARD_BYTES`] of payload) forwarded from one
+//! node at a time: the connection between two nodes is shared by all their volumes, and one
+//! held-back volume must not take it from the others.
 //! A trim or write-zeroes costs one op and no bytes (one log entry, whatever its range). Flush
 //! is not throttled: the head node answers it without work (every acknowledged write is
 //! already committed), so charging it would only slow clients that flush often. Block status
@@ -45,6 +49,20 @@ use std::time::{Duration, Instant};
 /// NBD reply of thousands of extents already serves a client that asks again from where it
 /// ends.
 pub const MAX_ALLOCATION_RUNS: usize = 4096;
+
+/// The most calls one volume has forwarded to its leader at a time from one node; later ones
+/// wait on this node, in order. The connection between two head nodes is shared by every
+/// volume they both host and runs a bounded number of calls
+/// ([`TransportConfig::max_calls_in_flight`](super::transport::TransportConfig), 1,024): without
+/// a share per volume, a volume whose leader holds its requests back (its throttle, a slow
+/// sled) would fill it and stall every other volume between the two nodes. 128 keeps a
+/// queue deep enough for any one client and takes eight such volumes to fill the connection.
+pub const FORWARD_CALLS: usize = 128;
+
+/// The most payload bytes (written, or read back) one volume has in flight in forwarded calls
+/// from one node, for the same reason: the leader bounds the bytes of the calls it runs per
+/// connection (256 MiB). One largest request always fits.
+pub const FORWARD_BYTES: u64 = crate::volume::MAX_PAYLOAD as u64;
 
 /// A volume operation forwarded to the leader. Append-only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +200,16 @@ pub struct ReplicatedVolume<T: Transport> {
     inflight: std::sync::atomic::AtomicUsize,
     idle: tokio::sync::Notify,
     throttle: Option<Arc<VolumeThrottle>>,
+    /// This volume's share of the calls to its leader ([`FORWARD_CALLS`]).
+    forward_calls: tokio::sync::Semaphore,
+    /// This volume's share of the payload in forwarded calls, in KiB ([`FORWARD_BYTES`]).
+    forward_kib: tokio::sync::Semaphore,
+}
+
+/// A request's place in its volume's share of the forwarded calls, held across its attempts.
+struct ForwardSlot<'a> {
+    _call: Option<tokio::sync::SemaphorePermit<'a>>,
+    _kib: Option<tokio::sync::SemaphorePermit<'a>>,
 }
 
 /// Counts one NBD request in flight on a volume (for draining at detach).
@@ -228,6 +256,25 @@ impl<T: Transport> ReplicatedVolume<T> {
             inflight: std::sync::atomic::AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
             throttle: None,
+            forward_calls: tokio::sync::Semaphore::new(FORWARD_CALLS),
+            forward_kib: tokio::sync::Semaphore::new(FORWARD_BYTES.div_ceil(1024) as usize),
+        }
+    }
+
+    /// Waits for a place in this volume's share of the forwarded calls for a request of
+    /// `bytes` of payload. (The semaphores are never closed; a request larger than the share
+    /// takes all of it.)
+    async fn forward_slot(&self, bytes: u64) -> ForwardSlot<'_> {
+        let call = self.forward_calls.acquire().await.ok();
+        let kib = bytes.div_ceil(1024).min(FORWARD_BYTES.div_ceil(1024)) as u32;
+        let kib = if kib == 0 {
+            None
+        } else {
+            self.forward_kib.acquire_many(kib).await.ok()
+        };
+        ForwardSlot {
+            _call: call,
+            _kib: kib,
         }
     }
 
@@ -320,9 +367,13 @@ impl<T: Transport> ReplicatedVolume<T> {
     }
 
     /// Runs `op` on the leader — here when this node serves, forwarded otherwise — retrying
-    /// through elections until `failover_timeout`.
+    /// through elections until `failover_timeout`. A forwarded request first waits for its
+    /// place in the volume's share of the forwarded calls ([`FORWARD_CALLS`], `bytes` of
+    /// [`FORWARD_BYTES`]); that wait is back-pressure, so the failover timeout counts from its
+    /// end.
     async fn with_leader<R, L, F, LF, FF>(
         &self,
+        bytes: u64,
         mut local: L,
         mut forward: F,
     ) -> Result<R, VolumeError>
@@ -332,7 +383,8 @@ impl<T: Transport> ReplicatedVolume<T> {
         F: FnMut(NodeId) -> FF,
         FF: std::future::Future<Output = Result<R, Attempt>>,
     {
-        let deadline = tokio::time::Instant::now() + self.failover_timeout;
+        let mut deadline = tokio::time::Instant::now() + self.failover_timeout;
+        let mut slot = None;
         loop {
             if *self.detached.borrow() {
                 return Err(VolumeError::ShuttingDown);
@@ -347,6 +399,12 @@ impl<T: Transport> ReplicatedVolume<T> {
             let attempt = if serving {
                 Some(local().await)
             } else if let Some(l) = leader.filter(|l| *l != self.node) {
+                if slot.is_none() {
+                    slot = Some(self.forward_slot(bytes).await);
+                    deadline = deadline.max(tokio::time::Instant::now() + self.failover_timeout);
+                    // The leader may have changed while this request waited: look again.
+                    continue;
+                }
                 Some(forward(l).await)
             } else {
                 None
@@ -749,6 +807,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
         let charged = &AtomicBool::new(false);
         let buf = self
             .with_leader(
+                stop - start,
                 || async move {
                     self.admit(Request::io(stop - start), charged).await;
                     self.local_read(start, stop - start).await
@@ -785,6 +844,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
         let charged = &AtomicBool::new(false);
         let len = bytes.len() as u64;
         self.with_leader(
+            len,
             || {
                 let bytes = bytes.clone();
                 async move {
@@ -816,6 +876,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
         let gid = self.group.group();
         let charged = &AtomicBool::new(false);
         self.with_leader(
+            0,
             || async move {
                 self.admit(Request::new(1, 0), charged).await;
                 self.leader_trim(offset, len).await
@@ -857,6 +918,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
         let gid = self.group.group();
         let charged = &AtomicBool::new(false);
         self.with_leader(
+            0,
             || async move {
                 self.admit(Request::new(1, 0), charged).await;
                 self.leader_write_zeroes(offset, len, no_hole).await
@@ -880,6 +942,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
         let gid = self.group.group();
         let runs = self
             .with_leader(
+                0,
                 || self.local_allocation(offset, len),
                 |l| async move {
                     match self

@@ -271,6 +271,9 @@ pub struct TransportConfig {
     /// Outgoing calls in flight per peer.
     pub max_calls_in_flight: usize,
     /// Incoming calls being handled per connection; beyond it calls are refused as `Busy`.
+    /// The default equals `max_calls_in_flight`, so a peer of the same configuration is never
+    /// refused: a call it may send is one this side may run (a `Busy` answer would make the
+    /// caller retry in a loop against the calls that hold the slots).
     pub max_handlers_in_flight: usize,
     /// Incoming call payload bytes being handled per connection; beyond it refused as `Busy`.
     pub max_handler_bytes: usize,
@@ -297,7 +300,7 @@ impl Default for TransportConfig {
             batch_max_bytes: 4 << 20,
             rpc_queue_len: 1024,
             max_calls_in_flight: 1024,
-            max_handlers_in_flight: 256,
+            max_handlers_in_flight: 1024,
             max_handler_bytes: 256 << 20,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
