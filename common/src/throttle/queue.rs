@@ -1,12 +1,13 @@
 //! The async admission queue of one volume: FIFO, bounded, delays and never errors.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use super::bucket::Tokens;
 use super::config::{QosConfig, QosError};
@@ -87,6 +88,11 @@ pub struct ThrottleSnapshot {
 }
 
 /// The order of requests: tickets are handed out in arrival order and served one at a time.
+///
+/// A waiting request is woken only when what it waits for has happened — its turn came, or the
+/// queue has room for it — never by every change of the line: with a thousand requests queued
+/// behind a throttle, waking them all at each admission would cost a thousand task polls per
+/// admitted request.
 #[derive(Debug, Default)]
 struct Line {
     /// The next ticket to hand out.
@@ -95,6 +101,12 @@ struct Line {
     served: u64,
     /// Tickets after `served` whose request was dropped: skipped when their turn comes.
     abandoned: BTreeSet<u64>,
+    /// Requests waiting for a slot in the queue, by ticket. Room frees in ticket order (a
+    /// ticket has room once fewer than `bound` live tickets are ahead of it, so every earlier
+    /// ticket has room too): they are woken from the smallest.
+    for_slot: BTreeMap<u64, Waker>,
+    /// Requests waiting for their turn, by ticket: woken when `served` reaches them.
+    for_turn: BTreeMap<u64, Waker>,
 }
 
 impl Line {
@@ -122,6 +134,20 @@ impl Line {
     fn waiting(&self) -> u64 {
         self.ahead_of(self.next)
     }
+
+    /// Takes out the wakers of the requests whose wait is over: the one whose turn it is, and
+    /// those that now have a slot, in ticket order.
+    fn ready(&mut self, bound: u64, out: &mut Vec<Waker>) {
+        if let Some(w) = self.for_turn.remove(&self.served) {
+            out.push(w);
+        }
+        while let Some(&first) = self.for_slot.keys().next() {
+            if self.ahead_of(first) >= bound {
+                break;
+            }
+            out.extend(self.for_slot.remove(&first));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -130,7 +156,7 @@ struct Shared {
     limiter: Mutex<VolumeLimiter>,
     global: SharedGlobal,
     bound: u64,
-    line: watch::Sender<Line>,
+    line: Mutex<Line>,
     reconfigured: Notify,
 }
 
@@ -187,14 +213,13 @@ impl ThrottleQueue {
         clock: SharedClock,
         bound: NonZeroUsize,
     ) -> Self {
-        let (line, _) = watch::channel(Line::default());
         ThrottleQueue {
             shared: Arc::new(Shared {
                 clock,
                 limiter: Mutex::new(limiter),
                 global,
                 bound: bound.get() as u64,
-                line,
+                line: Mutex::new(Line::default()),
                 reconfigured: Notify::new(),
             }),
         }
@@ -288,7 +313,7 @@ impl ThrottleQueue {
 
     /// Requests waiting now, queued or waiting for a slot.
     pub fn waiting(&self) -> u64 {
-        self.shared.line.borrow().waiting()
+        lock(&self.shared.line).waiting()
     }
 
     /// The most requests queued at once.
@@ -313,12 +338,11 @@ pub struct Slot {
 
 impl Slot {
     fn enter(shared: Arc<Shared>) -> Self {
-        let mut ticket = 0;
-        shared.line.send_if_modified(|l| {
-            ticket = l.next;
+        let ticket = {
+            let mut l = lock(&shared.line);
             l.next += 1;
-            false
-        });
+            l.next - 1
+        };
         let arrived_ns = shared.clock.now_ns();
         Slot {
             shared,
@@ -329,9 +353,32 @@ impl Slot {
 
     async fn wait_for_slot(&self) {
         let (ticket, bound) = (self.ticket, self.shared.bound);
-        let mut rx = self.shared.line.subscribe();
-        // The sender lives in `shared`, which this slot keeps alive: no error is possible.
-        let _ = rx.wait_for(|l| l.ahead_of(ticket) < bound).await;
+        std::future::poll_fn(|cx| {
+            let mut l = lock(&self.shared.line);
+            if l.ahead_of(ticket) < bound {
+                l.for_slot.remove(&ticket);
+                Poll::Ready(())
+            } else {
+                l.for_slot.insert(ticket, cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    async fn wait_for_turn(&self) {
+        let ticket = self.ticket;
+        std::future::poll_fn(|cx| {
+            let mut l = lock(&self.shared.line);
+            if l.served >= ticket {
+                l.for_turn.remove(&ticket);
+                Poll::Ready(())
+            } else {
+                l.for_turn.insert(ticket, cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
     }
 
     /// Admits a read or write of `len` bytes in this place.
@@ -342,12 +389,8 @@ impl Slot {
     /// Admits `req` in this place: waits for the requests ahead, then sleeps the throttle's
     /// delays (re-evaluated at once on reconfiguration) until admitted.
     pub async fn admit_request(self, req: Request) -> Admitted {
+        self.wait_for_turn().await;
         let shared = self.shared.clone();
-        let ticket = self.ticket;
-        {
-            let mut rx = shared.line.subscribe();
-            let _ = rx.wait_for(|l| l.served >= ticket).await;
-        }
         let req = req.arrived_at(self.arrived_ns);
         loop {
             let reconfigured = shared.reconfigured.notified();
@@ -376,7 +419,19 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let ticket = self.ticket;
-        self.shared.line.send_if_modified(|l| l.leave(ticket));
+        let mut wake = Vec::new();
+        {
+            let mut l = lock(&self.shared.line);
+            l.for_slot.remove(&ticket);
+            l.for_turn.remove(&ticket);
+            if l.leave(ticket) {
+                l.ready(self.shared.bound, &mut wake);
+            }
+        }
+        // Woken outside the lock: a woken task may run at once and take it.
+        for w in wake {
+            w.wake();
+        }
     }
 }
 
@@ -479,6 +534,41 @@ mod tests {
         for (k, t) in times[100..].iter().enumerate() {
             assert_eq!(*t, (k as u32 + 1) * 10 * MS);
         }
+    }
+
+    /// Counts the polls of a future.
+    fn counted<F: Future>(
+        polls: Arc<std::sync::atomic::AtomicU64>,
+        fut: F,
+    ) -> impl Future<Output = F::Output> {
+        let mut fut = Box::pin(fut);
+        std::future::poll_fn(move |cx| {
+            polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            fut.as_mut().poll(cx)
+        })
+    }
+
+    /// Hundreds of requests queued behind a throttle (and more waiting for a slot) are woken
+    /// when their own wait is over, not at every admission ahead of them: a few polls each,
+    /// not one per request admitted before them.
+    #[tokio::test(start_paused = true)]
+    async fn waiting_requests_are_woken_only_when_their_wait_is_over() {
+        const N: u64 = 400;
+        let clock = Arc::new(TokioClock::new());
+        let q = queue(qos(100), shared_node(None), &clock, 100);
+        q.admit_request(Request::new(100, 0)).await;
+        let polls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let tasks: Vec<_> = (0..N)
+            .map(|_| tokio::spawn(counted(polls.clone(), q.admit(4096))))
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let polls = polls.load(std::sync::atomic::Ordering::Relaxed);
+        // Each request: its first poll, the wake-up for its slot or its turn, and one per
+        // throttle delay it sleeps as the head. Waking every waiter at each admission would be
+        // tens of thousands here.
+        assert!(polls <= 4 * N, "{polls} polls for {N} requests");
     }
 
     #[tokio::test(start_paused = true)]
