@@ -593,6 +593,56 @@ async fn in_flight_bytes_are_bounded_across_connections() {
     }
 }
 
+/// A volume whose requests are held back (its throttle, a slow leader) keeps their payload in
+/// flight: its connections together take at most the volume's share of the server's room, so
+/// another volume's requests still find room.
+#[tokio::test]
+async fn a_held_back_volume_takes_only_its_share_of_the_servers_in_flight_bytes() {
+    let cfg = ServerConfig {
+        max_payload_bytes: common::ByteSize(MIB),
+        max_inflight_bytes: common::ByteSize(MIB),
+        max_volume_inflight_bytes: common::ByteSize(2 * MIB),
+        max_server_inflight_bytes: common::ByteSize(4 * MIB),
+        ..ServerConfig::default()
+    };
+    let srv = TestServer::start_with(cfg, vec![vol("a"), vol("b")]).await;
+    let a = srv.vol("a");
+    a.pause();
+    // Four connections to the held-back volume, a 1 MiB write each: enough for all the
+    // server's room, but only two fit in the volume's share.
+    let mut held = Vec::new();
+    for i in 0..4u64 {
+        let mut c = open(srv.addr, "a", Mode::Structured).await;
+        c.send(
+            Cmd::Write.wire(),
+            0,
+            i,
+            i * MIB,
+            MIB,
+            &vec![1; MIB as usize],
+        )
+        .await;
+        held.push(c);
+    }
+    eventually("writes of volume a in flight", || a.pending() >= 2).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut other = open(srv.addr, "b", Mode::Structured).await;
+    let done = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        other.write(0, &vec![7u8; MIB as usize], 0),
+    )
+    .await
+    .expect("volume b waited for room volume a held");
+    assert_eq!(done, 0);
+    assert_eq!(a.pending(), 2, "volume a is held to its share");
+    assert!(srv.metric("stockade_nbd_backpressure_waits_total{volume=\"a\"}") >= 2.0);
+    a.resume();
+    for (i, c) in held.iter_mut().enumerate() {
+        let r = c.recv().await;
+        assert_eq!((r.cookie, r.error), (i as u64, 0));
+    }
+}
+
 /// A block status reply can hold 1 MiB of descriptors: it counts against the in-flight bytes
 /// like a read of that size.
 #[tokio::test]

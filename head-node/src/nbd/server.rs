@@ -59,6 +59,12 @@ pub struct ServerConfig {
     /// Payload bytes all connections together may have in flight; a connection that would
     /// exceed it waits (bounds memory however many clients connect).
     pub max_server_inflight_bytes: common::ByteSize,
+    /// Payload bytes the connections of one volume together may have in flight (at most
+    /// `max-server-inflight-bytes`). A volume whose requests are held back — its throttle, a
+    /// slow leader — keeps its payload in flight for as long; without a share per volume,
+    /// enough of its connections would take all of the server's room and stall every other
+    /// volume on the node.
+    pub max_volume_inflight_bytes: common::ByteSize,
     /// Requests a connection may have in flight before it stops reading requests.
     pub max_inflight_requests: u32,
     /// Longest option data accepted during the handshake.
@@ -93,6 +99,7 @@ impl Default for ServerConfig {
             max_payload_bytes: common::ByteSize(32 << 20),
             max_inflight_bytes: common::ByteSize(64 << 20),
             max_server_inflight_bytes: common::ByteSize(1 << 30),
+            max_volume_inflight_bytes: common::ByteSize(256 << 20),
             max_inflight_requests: 256,
             max_option_bytes: 64 << 10,
             max_options: 1024,
@@ -139,6 +146,14 @@ impl ServerConfig {
         {
             return err(
                 "max-server-inflight-bytes",
+                "must be at least max-payload-bytes and at most 1 TiB",
+            );
+        }
+        if self.max_volume_inflight_bytes.bytes() < payload
+            || self.max_volume_inflight_bytes.bytes() > 1 << 40
+        {
+            return err(
+                "max-volume-inflight-bytes",
                 "must be at least max-payload-bytes and at most 1 TiB",
             );
         }
@@ -250,9 +265,40 @@ pub(crate) struct Shared<E> {
     pub(crate) warn: Arc<WarnLimit>,
     /// Payload bytes in flight across every connection.
     pub(crate) server_bytes: Arc<Semaphore>,
+    /// Payload bytes in flight per volume (by export name), while it has connections.
+    volume_bytes: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
 }
 
 impl<E> Shared<E> {
+    /// The in-flight byte share of the volume exported as `name`, for one of its connections;
+    /// give it back with [`Shared::release_volume_bytes`] when the connection ends.
+    pub(crate) fn volume_bytes(&self, name: &str) -> Arc<Semaphore> {
+        let share = self
+            .config
+            .max_volume_inflight_bytes
+            .bytes()
+            .min(self.config.max_server_inflight_bytes.bytes());
+        let mut m = self
+            .volume_bytes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.entry(name.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(share as usize)))
+            .clone()
+    }
+
+    /// A connection of `name` ended: forgets the volume's share once no connection holds it.
+    pub(crate) fn release_volume_bytes(&self, name: &str, share: Arc<Semaphore>) {
+        let mut m = self
+            .volume_bytes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        drop(share);
+        if m.get(name).is_some_and(|s| Arc::strong_count(s) == 1) {
+            m.remove(name);
+        }
+    }
+
     /// `Some(suppressed)` when a hot-path warning may be logged now.
     pub(crate) fn may_warn(&self) -> Option<u64> {
         self.warn.check()
@@ -304,6 +350,7 @@ impl<E: Exports> NbdServer<E> {
                 metrics: NbdMetrics::new(registry)?,
                 warn: Arc::new(WarnLimit::new()),
                 server_bytes,
+                volume_bytes: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         })
     }
@@ -984,6 +1031,14 @@ mod tests {
             ..ServerConfig::default()
         };
         assert_eq!(bad.validate().unwrap_err().field, "max-inflight-bytes");
+        let bad = ServerConfig {
+            max_volume_inflight_bytes: common::ByteSize(16 << 20),
+            ..ServerConfig::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err().field,
+            "max-volume-inflight-bytes"
+        );
         let bad = ServerConfig {
             max_payload_bytes: common::ByteSize(1000),
             ..ServerConfig::default()

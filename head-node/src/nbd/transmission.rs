@@ -405,11 +405,27 @@ struct Reply {
     _in_flight: GaugeGuard,
 }
 
-/// Room for a payload in the connection's and the server's in-flight byte bounds.
+/// Room for a payload in the connection's, the volume's and the server's in-flight byte bounds.
 #[derive(Debug)]
 struct BytePermits {
     _connection: OwnedSemaphorePermit,
+    _volume: OwnedSemaphorePermit,
     _server: OwnedSemaphorePermit,
+}
+
+/// A connection's hold on its volume's in-flight byte share, given back when it ends.
+struct VolumeShare<'a, E> {
+    shared: &'a Shared<E>,
+    name: &'a str,
+    bytes: Option<Arc<Semaphore>>,
+}
+
+impl<E> Drop for VolumeShare<'_, E> {
+    fn drop(&mut self) {
+        if let Some(b) = self.bytes.take() {
+            self.shared.release_volume_bytes(self.name, b);
+        }
+    }
 }
 
 /// Runs the transmission phase until the connection ends.
@@ -443,6 +459,15 @@ pub(crate) async fn run<E, V: Volume>(
     let bytes = Arc::new(Semaphore::new(
         cfg.max_inflight_bytes.bytes().min(u64::from(u32::MAX)) as usize,
     ));
+    let share = VolumeShare {
+        shared,
+        name: &session.name,
+        bytes: Some(shared.volume_bytes(&session.name)),
+    };
+    let volume_bytes = share
+        .bytes
+        .clone()
+        .unwrap_or_else(|| Arc::new(Semaphore::new(0)));
     let volume = session.volume.clone();
     let closed = volume.closed();
     tokio::pin!(closed);
@@ -502,8 +527,18 @@ pub(crate) async fn run<E, V: Volume>(
                     let Some(connection) = acquire(&bytes, n, &metrics).await else {
                         break CloseReason::Shutdown;
                     };
-                    // The server's room is shared: waiting for it must not keep this
+                    // Then the volume's share, so that one volume held back cannot take all of
+                    // the server's room; both are shared: waiting for them must not keep this
                     // connection from seeing a detach or a shutdown.
+                    let share = tokio::select! {
+                        biased;
+                        _ = &mut closed => break CloseReason::ExportClosed,
+                        _ = stop.wait_for(|s| *s) => break CloseReason::Shutdown,
+                        p = acquire(&volume_bytes, n, &metrics) => p,
+                    };
+                    let Some(share) = share else {
+                        break CloseReason::Shutdown;
+                    };
                     let server = tokio::select! {
                         biased;
                         _ = &mut closed => break CloseReason::ExportClosed,
@@ -517,6 +552,7 @@ pub(crate) async fn run<E, V: Volume>(
                         op,
                         Some(BytePermits {
                             _connection: connection,
+                            _volume: share,
                             _server: server,
                         }),
                     )
