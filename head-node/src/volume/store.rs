@@ -298,12 +298,13 @@ impl SledStore {
             // request of its earlier term was on its way. That term ended; nobody deposed
             // this node, and deposing the store would stop its current leadership.
             (ClientError::Remote(w), Some(ErrorCode::Fenced))
-                if w.current
-                    .is_some_and(|(epoch, holder)| holder == self.node && epoch > used) =>
+                if let Some((current, holder)) = w.current
+                    && holder == self.node
+                    && current > used =>
             {
                 StoreError::EpochEnded {
                     expected: used,
-                    current: w.current.map_or(used, |(epoch, _)| epoch),
+                    current,
                 }
             }
             (ClientError::Remote(w), Some(ErrorCode::Fenced)) => {
