@@ -56,17 +56,19 @@ async fn cluster(volume_size: u64) -> Cluster {
 }
 
 async fn cluster_with(volume_size: u64, cfg: DriverConfig) -> Cluster {
-    cluster_of(volume_size, cfg, &[42], false).await
+    cluster_of(volume_size, cfg, &[42], false, Duration::from_secs(20)).await
 }
 
 /// Three nodes hosting a volume of each of `groups` (the first is the one `nodes` holds). With
 /// `first_leads`, node 1 leads every group (the others wait ten times as long before they
 /// campaign) and every node's throttling is on (unlimited until a volume's QoS says otherwise).
+/// `failover` is how long a request rides through elections.
 async fn cluster_of(
     volume_size: u64,
     cfg: DriverConfig,
     groups: &[u64],
     first_leads: bool,
+    failover: Duration,
 ) -> Cluster {
     let dir = scratch();
     let key_path = dir.path().join("cluster.key");
@@ -112,13 +114,7 @@ async fn cluster_of(
         if first_leads && id != 1 {
             cfg.group.election_tick *= 10;
         }
-        let node = ReplNode::new(
-            NodeId(id),
-            t.clone(),
-            Arc::new(NoPersist),
-            cfg,
-            Duration::from_secs(20),
-        );
+        let node = ReplNode::new(NodeId(id), t.clone(), Arc::new(NoPersist), cfg, failover);
         if first_leads {
             node.set_throttle(
                 head_node::replication::throttle::NodeThrottle::new(
@@ -521,15 +517,16 @@ async fn a_leader_fenced_while_allocating_stops_serving() {
     }
 }
 
-/// A volume held back by its throttle, with far more requests waiting than it may run, must
-/// not hold what the other volumes forwarded between the same two nodes need: a write to
-/// another volume through the same follower and leader goes through at once.
+/// A volume held back by its throttle, with far more requests waiting than it may run (more
+/// than the calls one node may have open to another), must not hold what the other volumes
+/// forwarded between the same two nodes need: a write to another volume through the same
+/// follower and leader goes through at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_volume_does_not_starve_the_others_forwarded_through_the_same_nodes() {
     use head_node::replication::entry::EntryHeader;
     const SLOW: u64 = 42;
     const OTHER: u64 = 43;
-    const WAITING: u64 = 900;
+    const WAITING: u64 = 1100;
     let c = cluster_of(
         64 << 20,
         DriverConfig {
@@ -538,6 +535,7 @@ async fn a_throttled_volume_does_not_starve_the_others_forwarded_through_the_sam
         },
         &[SLOW, OTHER],
         true,
+        Duration::from_secs(20),
     )
     .await;
     // One node leads both volumes, so their forwarded calls share its connection to a follower.
@@ -600,5 +598,63 @@ async fn a_throttled_volume_does_not_starve_the_others_forwarded_through_the_sam
     );
     for w in waiting {
         w.abort();
+    }
+}
+
+/// Throttling delays a request and never fails it, also through a follower: a forwarded request
+/// may wait in its leader's throttle far longer than a request rides through an election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_request_waits_out_its_throttle_however_long() {
+    use head_node::replication::entry::EntryHeader;
+    let c = cluster_of(
+        64 << 20,
+        DriverConfig {
+            tick: Duration::from_millis(20),
+            ..DriverConfig::default()
+        },
+        &[42],
+        true,
+        Duration::from_secs(2),
+    )
+    .await;
+    let start = Instant::now();
+    while !c.volumes[&(1, 42)].handle().status().serving {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node 1 never led"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Two writes a second: the last of twelve waits about five seconds, more than twice the
+    // two seconds a request rides through an election.
+    let qos = common::throttle::QosConfig {
+        iops: Some(2),
+        ..common::throttle::QosConfig::UNLIMITED
+    };
+    c.volumes[&(1, 42)]
+        .handle()
+        .propose_as_leader(EntryHeader::Qos(qos))
+        .await
+        .unwrap();
+    let follower = c.volumes[&(2, 42)].clone();
+    let t0 = Instant::now();
+    let writes: Vec<_> = (0..12u64)
+        .map(|i| {
+            let v = follower.clone();
+            tokio::spawn(async move { v.write(i * 4096, buf(4096, i as u8 + 1), false).await })
+        })
+        .collect();
+    for (i, w) in writes.into_iter().enumerate() {
+        w.await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("throttled write {i} failed: {e}"));
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_secs(4),
+        "the throttle did not hold the writes back: the test proves nothing"
+    );
+    for i in 0..12u64 {
+        let back = follower.read(i * 4096, 4096).await.unwrap();
+        assert!(back.iter().all(|b| *b == i as u8 + 1), "block {i}");
     }
 }

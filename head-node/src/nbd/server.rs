@@ -265,8 +265,8 @@ pub(crate) struct Shared<E> {
     pub(crate) warn: Arc<WarnLimit>,
     /// Payload bytes in flight across every connection.
     pub(crate) server_bytes: Arc<Semaphore>,
-    /// Payload bytes in flight per volume (by export name), while it has connections.
-    volume_bytes: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
+    /// Payload bytes in flight per volume (by export name), while anything holds them.
+    volume_bytes: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<Semaphore>>>,
 }
 
 impl<E> Shared<E> {
@@ -282,21 +282,23 @@ impl<E> Shared<E> {
             .volume_bytes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.entry(name.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(share as usize)))
-            .clone()
+        if let Some(s) = m.get(name).and_then(std::sync::Weak::upgrade) {
+            return s;
+        }
+        let s = Arc::new(Semaphore::new(share as usize));
+        m.insert(name.to_string(), Arc::downgrade(&s));
+        s
     }
 
-    /// A connection of `name` ended: forgets the volume's share once no connection holds it.
-    pub(crate) fn release_volume_bytes(&self, name: &str, share: Arc<Semaphore>) {
+    /// A connection ended: forgets the shares nothing holds any more (a request that outlived
+    /// its connection holds its volume's share until it ends; the next release forgets it).
+    pub(crate) fn release_volume_bytes(&self, share: Arc<Semaphore>) {
         let mut m = self
             .volume_bytes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         drop(share);
-        if m.get(name).is_some_and(|s| Arc::strong_count(s) == 1) {
-            m.remove(name);
-        }
+        m.retain(|_, s| s.strong_count() > 0);
     }
 
     /// `Some(suppressed)` when a hot-path warning may be logged now.

@@ -416,14 +416,13 @@ struct BytePermits {
 /// A connection's hold on its volume's in-flight byte share, given back when it ends.
 struct VolumeShare<'a, E> {
     shared: &'a Shared<E>,
-    name: &'a str,
     bytes: Option<Arc<Semaphore>>,
 }
 
 impl<E> Drop for VolumeShare<'_, E> {
     fn drop(&mut self) {
         if let Some(b) = self.bytes.take() {
-            self.shared.release_volume_bytes(self.name, b);
+            self.shared.release_volume_bytes(b);
         }
     }
 }
@@ -461,7 +460,6 @@ pub(crate) async fn run<E, V: Volume>(
     ));
     let share = VolumeShare {
         shared,
-        name: &session.name,
         bytes: Some(shared.volume_bytes(&session.name)),
     };
     let volume_bytes = share

@@ -19,7 +19,9 @@
 //! A request waiting in the leader's throttle keeps its forwarded call open, so a volume may
 //! have at most [`FORWARD_CALLS`] calls (and [`FORWARD_BYTES`] of payload) forwarded from one
 //! node at a time: the connection between two nodes is shared by all their volumes, and one
-//! held-back volume must not take it from the others.
+//! held-back volume must not take it from the others. Its call times out only after the
+//! failover timeout plus what the throttle may make it wait ([`throttle_allowance`]): a
+//! throttle delays a forwarded request as it delays a local one, and never fails it.
 //! A trim or write-zeroes costs one op and no bytes (one log entry, whatever its range). Flush
 //! is not throttled: the head node answers it without work (every acknowledged write is
 //! already committed), so charging it would only slow clients that flush often. Block status
@@ -63,6 +65,28 @@ pub const FORWARD_CALLS: usize = 128;
 /// from one node, for the same reason: the leader bounds the bytes of the calls it runs per
 /// connection (256 MiB). One largest request always fits.
 pub const FORWARD_BYTES: u64 = crate::volume::MAX_PAYLOAD as u64;
+
+/// The payload bytes that may wait in a volume's throttle on its leader, with the default
+/// limits: the NBD connections of the leader itself (`max-volume-inflight-bytes`, 256 MiB) and
+/// the forwarded calls of two other nodes ([`FORWARD_BYTES`] each).
+const BYTES_AHEAD: u64 = (256 << 20) + 2 * FORWARD_BYTES;
+
+/// How long a forwarded request may wait in its leader's throttle: what may be queued ahead of
+/// it — the queue's places and [`BYTES_AHEAD`] — paid at the volume's baseline rates (bursts
+/// only go faster). A forwarded call gets this on top of the failover timeout, so a throttle
+/// delays a request through a follower as it does on the leader and never fails it, while a
+/// leader that took a call and never answers is still given up on (capped at an hour).
+fn throttle_allowance(qos: &common::throttle::QosConfig) -> Duration {
+    let ops_ahead = super::throttle::QUEUE_BOUND as u64 + BYTES_AHEAD / common::throttle::OP_SIZE;
+    let mut secs = 0.0;
+    if let Some(iops) = qos.iops {
+        secs += ops_ahead as f64 / iops.max(1) as f64;
+    }
+    if let Some(bandwidth) = qos.bandwidth {
+        secs += BYTES_AHEAD as f64 / bandwidth.max(1) as f64;
+    }
+    Duration::from_secs_f64(secs.min(3600.0))
+}
 
 /// A volume operation forwarded to the leader. Append-only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -400,8 +424,9 @@ impl<T: Transport> ReplicatedVolume<T> {
                 Some(local().await)
             } else if let Some(l) = leader.filter(|l| *l != self.node) {
                 if slot.is_none() {
+                    let waited = tokio::time::Instant::now();
                     slot = Some(self.forward_slot(bytes).await);
-                    deadline = deadline.max(tokio::time::Instant::now() + self.failover_timeout);
+                    deadline += waited.elapsed();
                     // The leader may have changed while this request waited: look again.
                     continue;
                 }
@@ -426,6 +451,13 @@ impl<T: Transport> ReplicatedVolume<T> {
         }
     }
 
+    /// The timeout of a forwarded call: the failover timeout, plus what the volume's throttle
+    /// may hold it back on the leader (the calls go to the throttled leader, whichever it is).
+    fn call_timeout(&self) -> Duration {
+        let qos = self.group.peek(|s| s.qos);
+        self.failover_timeout + throttle_allowance(&qos)
+    }
+
     async fn forward(
         &self,
         to: NodeId,
@@ -436,7 +468,7 @@ impl<T: Transport> ReplicatedVolume<T> {
             .map_err(|e| Attempt::Fatal(VolumeError::io(std::io::Error::other(e))))?;
         match self
             .transport
-            .call(to, ctl, data, self.failover_timeout)
+            .call(to, ctl, data, self.call_timeout())
             .await
         {
             Ok((ctl, data)) => match postcard::from_bytes::<VolumeRpcReply>(&ctl) {

@@ -272,8 +272,9 @@ pub struct TransportConfig {
     pub max_calls_in_flight: usize,
     /// Incoming calls being handled per connection; beyond it calls are refused as `Busy`.
     /// The default equals `max_calls_in_flight`, so a peer of the same configuration is never
-    /// refused: a call it may send is one this side may run (a `Busy` answer would make the
-    /// caller retry in a loop against the calls that hold the slots).
+    /// refused for the number of its calls: a call it may send is one this side may run (a
+    /// `Busy` answer would make the caller retry in a loop against the calls that hold the
+    /// slots). Their bytes are bounded separately (`max_handler_bytes`).
     pub max_handlers_in_flight: usize,
     /// Incoming call payload bytes being handled per connection; beyond it refused as `Busy`.
     pub max_handler_bytes: usize,
