@@ -20,7 +20,7 @@
 //! have at most [`FORWARD_CALLS`] calls (and [`FORWARD_BYTES`] of payload) forwarded from one
 //! node at a time: the connection between two nodes is shared by all their volumes, and one
 //! held-back volume must not take it from the others. Its call times out only after the
-//! failover timeout plus what the throttle may make it wait ([`throttle_allowance`]): a
+//! failover timeout plus what the throttle may make it wait (`throttle_allowance`): a
 //! throttle delays a forwarded request as it delays a local one, and never fails it.
 //! A trim or write-zeroes costs one op and no bytes (one log entry, whatever its range). Flush
 //! is not throttled: the head node answers it without work (every acknowledged write is
