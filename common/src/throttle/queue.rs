@@ -351,34 +351,36 @@ impl Slot {
         }
     }
 
-    async fn wait_for_slot(&self) {
-        let (ticket, bound) = (self.ticket, self.shared.bound);
+    /// Waits until `done` holds for this ticket, its waker kept in the map `waiters` picks
+    /// (under the line's lock, with the check, so no wake-up is lost).
+    async fn wait_until(
+        &self,
+        done: impl Fn(&Line, u64) -> bool,
+        waiters: fn(&mut Line) -> &mut BTreeMap<u64, Waker>,
+    ) {
+        let ticket = self.ticket;
         std::future::poll_fn(|cx| {
             let mut l = lock(&self.shared.line);
-            if l.ahead_of(ticket) < bound {
-                l.for_slot.remove(&ticket);
+            if done(&l, ticket) {
+                waiters(&mut l).remove(&ticket);
                 Poll::Ready(())
             } else {
-                l.for_slot.insert(ticket, cx.waker().clone());
+                waiters(&mut l).insert(ticket, cx.waker().clone());
                 Poll::Pending
             }
         })
         .await;
     }
 
+    async fn wait_for_slot(&self) {
+        let bound = self.shared.bound;
+        self.wait_until(|l, t| l.ahead_of(t) < bound, |l| &mut l.for_slot)
+            .await;
+    }
+
     async fn wait_for_turn(&self) {
-        let ticket = self.ticket;
-        std::future::poll_fn(|cx| {
-            let mut l = lock(&self.shared.line);
-            if l.served >= ticket {
-                l.for_turn.remove(&ticket);
-                Poll::Ready(())
-            } else {
-                l.for_turn.insert(ticket, cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await;
+        self.wait_until(|l, t| l.served >= t, |l| &mut l.for_turn)
+            .await;
     }
 
     /// Admits a read or write of `len` bytes in this place.
