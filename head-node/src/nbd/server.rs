@@ -270,8 +270,8 @@ pub(crate) struct Shared<E> {
 }
 
 impl<E> Shared<E> {
-    /// The in-flight byte share of the volume exported as `name`, for one of its connections;
-    /// give it back with [`Shared::release_volume_bytes`] when the connection ends.
+    /// The in-flight byte share of the volume exported as `name`, for one of its connections.
+    /// (Shares nothing holds any more — no connection, no request — are forgotten here.)
     pub(crate) fn volume_bytes(&self, name: &str) -> Arc<Semaphore> {
         let share = self
             .config
@@ -282,23 +282,13 @@ impl<E> Shared<E> {
             .volume_bytes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.retain(|_, s| s.strong_count() > 0);
         if let Some(s) = m.get(name).and_then(std::sync::Weak::upgrade) {
             return s;
         }
         let s = Arc::new(Semaphore::new(share as usize));
         m.insert(name.to_string(), Arc::downgrade(&s));
         s
-    }
-
-    /// A connection ended: forgets the shares nothing holds any more (a request that outlived
-    /// its connection holds its volume's share until it ends; the next release forgets it).
-    pub(crate) fn release_volume_bytes(&self, share: Arc<Semaphore>) {
-        let mut m = self
-            .volume_bytes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        drop(share);
-        m.retain(|_, s| s.strong_count() > 0);
     }
 
     /// `Some(suppressed)` when a hot-path warning may be logged now.

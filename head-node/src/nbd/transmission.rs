@@ -413,20 +413,6 @@ struct BytePermits {
     _server: OwnedSemaphorePermit,
 }
 
-/// A connection's hold on its volume's in-flight byte share, given back when it ends.
-struct VolumeShare<'a, E> {
-    shared: &'a Shared<E>,
-    bytes: Option<Arc<Semaphore>>,
-}
-
-impl<E> Drop for VolumeShare<'_, E> {
-    fn drop(&mut self) {
-        if let Some(b) = self.bytes.take() {
-            self.shared.release_volume_bytes(b);
-        }
-    }
-}
-
 /// Runs the transmission phase until the connection ends.
 pub(crate) async fn run<E, V: Volume>(
     shared: &Shared<E>,
@@ -458,14 +444,7 @@ pub(crate) async fn run<E, V: Volume>(
     let bytes = Arc::new(Semaphore::new(
         cfg.max_inflight_bytes.bytes().min(u64::from(u32::MAX)) as usize,
     ));
-    let share = VolumeShare {
-        shared,
-        bytes: Some(shared.volume_bytes(&session.name)),
-    };
-    let volume_bytes = share
-        .bytes
-        .clone()
-        .unwrap_or_else(|| Arc::new(Semaphore::new(0)));
+    let volume_bytes = shared.volume_bytes(&session.name);
     let volume = session.volume.clone();
     let closed = volume.closed();
     tokio::pin!(closed);
