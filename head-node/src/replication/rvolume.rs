@@ -14,8 +14,8 @@
 //! wait. A request forwarded by a follower is throttled where it is served, once. A request
 //! that `with_leader` retries after an election is charged at most once on each node (a flag
 //! per request), so a retry never pays twice on the same node. (A forwarded call the follower
-//! sends again to the same leader — its connection broke, or the call outlived the
-//! `failover_timeout` of the transport while queued — is a new call there and pays again.)
+//! sends again to the same leader — its connection broke, or the call outlived its timeout —
+//! is a new call there and pays again.)
 //! A request waiting in the leader's throttle keeps its forwarded call open, so a volume may
 //! have at most [`FORWARD_CALLS`] calls (and [`FORWARD_BYTES`] of payload) forwarded from one
 //! node at a time: the connection between two nodes is shared by all their volumes, and one
