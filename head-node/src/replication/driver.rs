@@ -497,6 +497,10 @@ struct Driver<L: RaftLog, T: Transport> {
     store: Option<Arc<SledStore>>,
     serving: Option<u64>,
     claiming: Option<u64>,
+    /// The term whose [`Event::LeaderReady`] this node saw (an entry of it applied): nothing
+    /// claims the sleds in a term before that, so the unflushed tail a claim queues for
+    /// write-back holds every entry committed before the term.
+    ready: Option<u64>,
     proposals: HashMap<u64, ProposeReply>,
     /// Data bytes of client writes proposed and not yet applied (or dropped), by tag: with the
     /// overlay, what counts against the unflushed-data bound.
@@ -593,6 +597,7 @@ pub fn spawn<L: RaftLog, T: Transport>(
         store: None,
         serving: None,
         claiming: None,
+        ready: None,
         proposals: HashMap::new(),
         proposed: HashMap::new(),
         proposed_bytes: 0,
@@ -1110,6 +1115,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 }
                 Event::LeaderReady { term } => {
                     tracing::info!(group = %self.group, node_id = self.node.0, term, "leader; claiming the volume's sleds");
+                    self.ready = Some(term);
                     if self.core.state.spec.is_none() {
                         self.start_spec(term);
                     } else {
@@ -1143,8 +1149,10 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                     }
                     self.sync_cluster();
                     self.sync_store();
-                    // A volume just created by this leader: claim it now.
+                    // A volume just created by this leader: claim it now (state applied before
+                    // the leadership is ready is the previous terms' and waits for it).
                     if self.core.is_leader()
+                        && self.ready == Some(self.core.term())
                         && self.serving.is_none()
                         && self.claiming.is_none()
                         && self.store.is_some()
