@@ -658,3 +658,68 @@ async fn a_forwarded_request_waits_out_its_throttle_however_long() {
         assert!(back.iter().all(|b| *b == i as u8 + 1), "block {i}");
     }
 }
+
+/// A detach ends the throttle waits of the requests it disconnects: on the leader and through
+/// a follower, a volume held back by a low limit drains at once instead of keeping the detach
+/// waiting until its queue has been admitted (which failed a volume close after 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detach_does_not_wait_for_the_throttle() {
+    use head_node::replication::entry::EntryHeader;
+    let c = cluster_of(
+        64 << 20,
+        DriverConfig {
+            tick: Duration::from_millis(20),
+            ..DriverConfig::default()
+        },
+        &[42],
+        true,
+        Duration::from_secs(20),
+    )
+    .await;
+    let start = Instant::now();
+    while !c.volumes[&(1, 42)].handle().status().serving {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node 1 never led"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let qos = common::throttle::QosConfig {
+        iops: Some(2),
+        ..common::throttle::QosConfig::UNLIMITED
+    };
+    c.volumes[&(1, 42)]
+        .handle()
+        .propose_as_leader(EntryHeader::Qos(qos))
+        .await
+        .unwrap();
+    // Twenty writes on each node: at two a second, ten seconds' worth each.
+    let mut writes = Vec::new();
+    for node in [1u64, 2] {
+        for i in 0..20u64 {
+            let v = c.volumes[&(node, 42)].clone();
+            writes.push(tokio::spawn(async move {
+                v.write(i * 4096, buf(4096, 3), false).await
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for node in [1u64, 2] {
+        c.volumes[&(node, 42)].detach();
+    }
+    for node in [1u64, 2] {
+        tokio::time::timeout(Duration::from_secs(3), c.volumes[&(node, 42)].drained())
+            .await
+            .unwrap_or_else(|_| panic!("node {node}: the detach waited for the throttle"));
+    }
+    let mut failed = 0;
+    for w in writes {
+        if w.await.unwrap().is_err() {
+            failed += 1;
+        }
+    }
+    assert!(
+        failed >= 30,
+        "only {failed} of 40 held-back writes were ended by the detach"
+    );
+}

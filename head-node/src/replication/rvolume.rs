@@ -314,19 +314,28 @@ impl<T: Transport> ReplicatedVolume<T> {
     }
 
     /// Admits `req` through the throttle, as the serving leader, unless this request was
-    /// already charged on this node (`charged`: the request's flag, kept across retries).
-    async fn admit(&self, req: Request, charged: &AtomicBool) {
+    /// already charged on this node (`charged`: the request's flag, kept across retries). A
+    /// detach ends the wait: the request never started, and its client is being disconnected,
+    /// so it fails with `ShuttingDown` instead of keeping the detach waiting for the throttle.
+    async fn admit(&self, req: Request, charged: &AtomicBool) -> Result<(), Attempt> {
         let Some(t) = &self.throttle else {
-            return;
+            return Ok(());
         };
         if charged.swap(true, Ordering::SeqCst) {
-            return;
+            return Ok(());
         }
         let started = Instant::now();
-        t.admit(&self.group, req).await;
+        let mut detached = self.detached.subscribe();
+        tokio::select! {
+            _ = t.admit(&self.group, req) => {}
+            _ = detached.wait_for(|d| *d) => {
+                return Err(Attempt::Fatal(VolumeError::ShuttingDown));
+            }
+        }
         if let Some(store) = self.store() {
             store.metrics().observe_stage("throttle", started);
         }
+        Ok(())
     }
 
     /// The group's sled store, once the volume exists (without copying the whole status).
@@ -425,7 +434,11 @@ impl<T: Transport> ReplicatedVolume<T> {
             } else if let Some(l) = leader.filter(|l| *l != self.node) {
                 if slot.is_none() {
                     let waited = tokio::time::Instant::now();
-                    slot = Some(self.forward_slot(bytes).await);
+                    let mut detached = self.detached.subscribe();
+                    tokio::select! {
+                        s = self.forward_slot(bytes) => slot = Some(s),
+                        _ = detached.wait_for(|d| *d) => return Err(VolumeError::ShuttingDown),
+                    }
                     deadline += waited.elapsed();
                     // The leader may have changed while this request waited: look again.
                     continue;
@@ -681,8 +694,13 @@ impl<T: Transport> ReplicatedVolume<T> {
             VolumeRpc::WriteZeroes { .. } | VolumeRpc::Trim { .. } => Some(Request::new(1, 0)),
             VolumeRpc::BlockStatus { .. } | VolumeRpc::Group { .. } | VolumeRpc::Admin => None,
         };
-        if let Some(req) = req {
-            self.admit(req, &AtomicBool::new(false)).await;
+        if let Some(req) = req
+            && self.admit(req, &AtomicBool::new(false)).await.is_err()
+        {
+            return (
+                VolumeRpcReply::Failed("the volume is being detached".into()),
+                None,
+            );
         }
         let reply = |r: Result<VolumeRpcReply, Attempt>| match r {
             Ok(r) => r,
@@ -841,7 +859,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
             .with_leader(
                 stop - start,
                 || async move {
-                    self.admit(Request::io(stop - start), charged).await;
+                    self.admit(Request::io(stop - start), charged).await?;
                     self.local_read(start, stop - start).await
                 },
                 |l| async move {
@@ -880,7 +898,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
             || {
                 let bytes = bytes.clone();
                 async move {
-                    self.admit(Request::io(len), charged).await;
+                    self.admit(Request::io(len), charged).await?;
                     self.leader_write(offset, bytes).await
                 }
             },
@@ -910,7 +928,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
         self.with_leader(
             0,
             || async move {
-                self.admit(Request::new(1, 0), charged).await;
+                self.admit(Request::new(1, 0), charged).await?;
                 self.leader_trim(offset, len).await
             },
             |l| async move {
@@ -952,7 +970,7 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
         self.with_leader(
             0,
             || async move {
-                self.admit(Request::new(1, 0), charged).await;
+                self.admit(Request::new(1, 0), charged).await?;
                 self.leader_write_zeroes(offset, len, no_hole).await
             },
             |l| async move {
