@@ -517,59 +517,60 @@ async fn a_leader_fenced_while_allocating_stops_serving() {
     }
 }
 
+/// Three nodes hosting `groups` (see [`cluster_of`]), once node 1 leads them all, with the first
+/// group's volume limited to two IOPS; `failover` is how long a request rides through elections.
+async fn led_by_node_1_first_at_2_iops(groups: &[u64], failover: Duration) -> Cluster {
+    use head_node::replication::entry::EntryHeader;
+    let cfg = DriverConfig {
+        tick: Duration::from_millis(20),
+        ..DriverConfig::default()
+    };
+    let c = cluster_of(64 << 20, cfg, groups, true, failover).await;
+    let start = Instant::now();
+    while !groups
+        .iter()
+        .all(|g| c.volumes[&(1, *g)].handle().status().serving)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node 1 never led every group"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let qos = common::throttle::QosConfig {
+        iops: Some(2),
+        ..common::throttle::QosConfig::UNLIMITED
+    };
+    c.volumes[&(1, groups[0])]
+        .handle()
+        .propose_as_leader(EntryHeader::Qos(qos))
+        .await
+        .unwrap();
+    // Every node applies the limit before the test goes on: a follower sizes its forwarded
+    // calls' timeouts by the volume's QoS as it knows it.
+    let start = Instant::now();
+    while !(1..=3).all(|n| c.volumes[&(n, groups[0])].handle().status().qos == qos) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the limit never reached every node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c
+}
+
 /// A volume held back by its throttle, with far more requests waiting than it may run (more
 /// than the calls one node may have open to another), must not hold what the other volumes
 /// forwarded between the same two nodes need: a write to another volume through the same
 /// follower and leader goes through at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_volume_does_not_starve_the_others_forwarded_through_the_same_nodes() {
-    use head_node::replication::entry::EntryHeader;
     const SLOW: u64 = 42;
     const OTHER: u64 = 43;
     const WAITING: u64 = 1100;
-    let c = cluster_of(
-        64 << 20,
-        DriverConfig {
-            tick: Duration::from_millis(20),
-            ..DriverConfig::default()
-        },
-        &[SLOW, OTHER],
-        true,
-        Duration::from_secs(20),
-    )
-    .await;
     // One node leads both volumes, so their forwarded calls share its connection to a follower.
-    let lead = 1u64;
+    let c = led_by_node_1_first_at_2_iops(&[SLOW, OTHER], Duration::from_secs(20)).await;
     let follower = 2u64;
-    let start = Instant::now();
-    loop {
-        let serving = [SLOW, OTHER]
-            .iter()
-            .all(|g| c.volumes[&(lead, *g)].handle().status().serving);
-        if serving {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "node {lead} never led both"
-        );
-        for g in [SLOW, OTHER] {
-            let h = c.volumes[&(lead, g)].handle().clone();
-            if !h.status().serving {
-                h.campaign().await;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let qos = common::throttle::QosConfig {
-        iops: Some(2),
-        ..common::throttle::QosConfig::UNLIMITED
-    };
-    c.volumes[&(lead, SLOW)]
-        .handle()
-        .propose_as_leader(EntryHeader::Qos(qos))
-        .await
-        .unwrap();
     let slow = c.volumes[&(follower, SLOW)].clone();
     let mut waiting = Vec::new();
     for i in 0..WAITING {
@@ -605,37 +606,9 @@ async fn a_throttled_volume_does_not_starve_the_others_forwarded_through_the_sam
 /// may wait in its leader's throttle far longer than a request rides through an election.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_request_waits_out_its_throttle_however_long() {
-    use head_node::replication::entry::EntryHeader;
-    let c = cluster_of(
-        64 << 20,
-        DriverConfig {
-            tick: Duration::from_millis(20),
-            ..DriverConfig::default()
-        },
-        &[42],
-        true,
-        Duration::from_secs(2),
-    )
-    .await;
-    let start = Instant::now();
-    while !c.volumes[&(1, 42)].handle().status().serving {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "node 1 never led"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // Two writes a second: the last of twelve waits about five seconds, more than twice the
     // two seconds a request rides through an election.
-    let qos = common::throttle::QosConfig {
-        iops: Some(2),
-        ..common::throttle::QosConfig::UNLIMITED
-    };
-    c.volumes[&(1, 42)]
-        .handle()
-        .propose_as_leader(EntryHeader::Qos(qos))
-        .await
-        .unwrap();
+    let c = led_by_node_1_first_at_2_iops(&[42], Duration::from_secs(2)).await;
     let follower = c.volumes[&(2, 42)].clone();
     let t0 = Instant::now();
     let writes: Vec<_> = (0..12u64)
@@ -664,35 +637,7 @@ async fn a_forwarded_request_waits_out_its_throttle_however_long() {
 /// waiting until its queue has been admitted (which failed a volume close after 30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detach_does_not_wait_for_the_throttle() {
-    use head_node::replication::entry::EntryHeader;
-    let c = cluster_of(
-        64 << 20,
-        DriverConfig {
-            tick: Duration::from_millis(20),
-            ..DriverConfig::default()
-        },
-        &[42],
-        true,
-        Duration::from_secs(20),
-    )
-    .await;
-    let start = Instant::now();
-    while !c.volumes[&(1, 42)].handle().status().serving {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "node 1 never led"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let qos = common::throttle::QosConfig {
-        iops: Some(2),
-        ..common::throttle::QosConfig::UNLIMITED
-    };
-    c.volumes[&(1, 42)]
-        .handle()
-        .propose_as_leader(EntryHeader::Qos(qos))
-        .await
-        .unwrap();
+    let c = led_by_node_1_first_at_2_iops(&[42], Duration::from_secs(20)).await;
     // Twenty writes on each node: at two a second, ten seconds' worth each.
     let mut writes = Vec::new();
     for node in [1u64, 2] {
