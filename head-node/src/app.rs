@@ -324,6 +324,7 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
         .register(&registry)
         .map_err(|e| StartError::Setup(e.to_string()))?;
     node.set_throttle(throttle);
+    node.set_client_bytes(cfg.nbd.max_volume_inflight_bytes.bytes());
     let pool = Arc::new(
         SledPool::new(&cfg.sleds, key.clone(), cfg.node_id).with_request_timeout(cfg.sled_timeout),
     );

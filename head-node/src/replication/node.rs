@@ -56,6 +56,8 @@ pub struct ReplNode<T: Transport> {
     router: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     control: OnceLock<Arc<dyn ControlHandler>>,
     throttle: OnceLock<Arc<NodeThrottle>>,
+    /// What this node's NBD clients may have in flight on one volume (bytes).
+    client_bytes: OnceLock<u64>,
 }
 
 impl<T: Transport> std::fmt::Debug for ReplNode<T> {
@@ -99,6 +101,7 @@ impl<T: Transport> ReplNode<T> {
             router: std::sync::Mutex::new(None),
             control: OnceLock::new(),
             throttle: OnceLock::new(),
+            client_bytes: OnceLock::new(),
         });
         let (tx, mut rx) = mpsc::channel::<InboundRaft>(16384);
         let weak: Weak<Self> = Arc::downgrade(&this);
@@ -177,6 +180,13 @@ impl<T: Transport> ReplNode<T> {
         let _ = self.throttle.set(t);
     }
 
+    /// Tells the volumes of the groups added from now on how many payload bytes the NBD clients
+    /// of one node may have in flight on a volume (once, before any group): it sizes how long
+    /// a forwarded call waits for the leader's throttle.
+    pub fn set_client_bytes(&self, bytes: u64) {
+        let _ = self.client_bytes.set(bytes);
+    }
+
     /// Starts a group on this node over `log` (its persisted state).
     pub fn add_group<L: RaftLog>(
         &self,
@@ -204,6 +214,9 @@ impl<T: Transport> ReplNode<T> {
             self.transport.clone(),
             self.failover_timeout,
         );
+        if let Some(&bytes) = self.client_bytes.get() {
+            volume = volume.with_client_bytes(bytes);
+        }
         let mut throttle_task = None;
         if let Some(nt) = self.throttle.get().filter(|_| is_volume) {
             let vt = nt.volume(group, &handle);

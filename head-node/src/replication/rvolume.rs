@@ -66,24 +66,32 @@ pub const FORWARD_CALLS: usize = 128;
 /// connection (256 MiB). One largest request always fits.
 pub const FORWARD_BYTES: u64 = crate::volume::MAX_PAYLOAD as u64;
 
-/// The payload bytes that may wait in a volume's throttle on its leader, with the default
-/// limits: the NBD connections of the leader itself (`max-volume-inflight-bytes`, 256 MiB) and
-/// the forwarded calls of two other nodes ([`FORWARD_BYTES`] each).
-const BYTES_AHEAD: u64 = (256 << 20) + 2 * FORWARD_BYTES;
+/// The payload bytes the leader's own NBD clients may have waiting in one volume's throttle when
+/// no other value is given: the NBD server's default `max-volume-inflight-bytes`.
+pub const DEFAULT_CLIENT_BYTES: u64 = 256 << 20;
+
+/// The payload bytes that may wait in a volume's throttle on its leader: what the leader's own
+/// NBD connections may have in flight on the volume (`client_bytes`, its
+/// `max-volume-inflight-bytes`; head nodes of one cluster share their configuration) and the
+/// forwarded calls of the two other members ([`FORWARD_BYTES`] each).
+const fn bytes_ahead(client_bytes: u64) -> u64 {
+    client_bytes.saturating_add(2 * FORWARD_BYTES)
+}
 
 /// How long a forwarded request may wait in its leader's throttle: what may be queued ahead of
-/// it — the queue's places and [`BYTES_AHEAD`] — paid at the volume's baseline rates (bursts
+/// it — the queue's places and [`bytes_ahead`] — paid at the volume's baseline rates (bursts
 /// only go faster). A forwarded call gets this on top of the failover timeout, so a throttle
 /// delays a request through a follower as it does on the leader and never fails it, while a
 /// leader that took a call and never answers is still given up on (capped at an hour).
-fn throttle_allowance(qos: &common::throttle::QosConfig) -> Duration {
-    let ops_ahead = super::throttle::QUEUE_BOUND as u64 + BYTES_AHEAD / common::throttle::OP_SIZE;
+fn throttle_allowance(qos: &common::throttle::QosConfig, client_bytes: u64) -> Duration {
+    let ahead = bytes_ahead(client_bytes);
+    let ops_ahead = super::throttle::QUEUE_BOUND as u64 + ahead / common::throttle::OP_SIZE;
     let mut secs = 0.0;
     if let Some(iops) = qos.iops {
         secs += ops_ahead as f64 / iops.max(1) as f64;
     }
     if let Some(bandwidth) = qos.bandwidth {
-        secs += BYTES_AHEAD as f64 / bandwidth.max(1) as f64;
+        secs += ahead as f64 / bandwidth.max(1) as f64;
     }
     Duration::from_secs_f64(secs.min(3600.0))
 }
@@ -228,6 +236,9 @@ pub struct ReplicatedVolume<T: Transport> {
     forward_calls: tokio::sync::Semaphore,
     /// This volume's share of the payload in forwarded calls, in KiB ([`FORWARD_BYTES`]).
     forward_kib: tokio::sync::Semaphore,
+    /// What the NBD clients of one node may have in flight on the volume (see
+    /// [`throttle_allowance`]).
+    client_bytes: u64,
 }
 
 /// A request's place in its volume's share of the forwarded calls, held across its attempts.
@@ -282,7 +293,15 @@ impl<T: Transport> ReplicatedVolume<T> {
             throttle: None,
             forward_calls: tokio::sync::Semaphore::new(FORWARD_CALLS),
             forward_kib: tokio::sync::Semaphore::new(FORWARD_BYTES.div_ceil(1024) as usize),
+            client_bytes: DEFAULT_CLIENT_BYTES,
         }
+    }
+
+    /// Sizes the wait a forwarded call allows for the throttle by what one node's NBD clients
+    /// may have in flight on a volume (the NBD server's `max-volume-inflight-bytes`).
+    pub fn with_client_bytes(mut self, bytes: u64) -> Self {
+        self.client_bytes = bytes;
+        self
     }
 
     /// Waits for a place in this volume's share of the forwarded calls for a request of
@@ -468,7 +487,7 @@ impl<T: Transport> ReplicatedVolume<T> {
     /// may hold it back on the leader (the calls go to the throttled leader, whichever it is).
     fn call_timeout(&self) -> Duration {
         let qos = self.group.peek(|s| s.qos);
-        self.failover_timeout + throttle_allowance(&qos)
+        self.failover_timeout + throttle_allowance(&qos, self.client_bytes)
     }
 
     async fn forward(
@@ -1032,5 +1051,54 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
     async fn closed(&self) {
         let mut rx = self.detached.subscribe();
         let _ = rx.wait_for(|d| *d).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::throttle::QosConfig;
+
+    #[test]
+    fn a_forwarded_call_allows_for_what_the_configured_clients_may_queue_ahead() {
+        assert_eq!(
+            throttle_allowance(&QosConfig::UNLIMITED, DEFAULT_CLIENT_BYTES),
+            Duration::ZERO
+        );
+        let mib = 1u64 << 20;
+        let bandwidth = QosConfig {
+            bandwidth: Some(16 * mib),
+            ..QosConfig::UNLIMITED
+        };
+        // 256 MiB of the leader's clients and 32 MiB from each of two followers, at 16 MiB/s.
+        assert_eq!(
+            throttle_allowance(&bandwidth, DEFAULT_CLIENT_BYTES),
+            Duration::from_secs(20)
+        );
+        // A node whose clients may have 1 GiB in flight on a volume waits for all of it.
+        assert_eq!(
+            throttle_allowance(&bandwidth, 1024 * mib),
+            Duration::from_secs(68)
+        );
+        // Operations: the queue's places and the bytes ahead counted in 256 KiB operations.
+        let iops = QosConfig {
+            iops: Some(64),
+            ..QosConfig::UNLIMITED
+        };
+        let ops = super::super::throttle::QUEUE_BOUND as u64
+            + (1024 + 64) * mib / common::throttle::OP_SIZE;
+        assert_eq!(
+            throttle_allowance(&iops, 1024 * mib),
+            Duration::from_secs_f64(ops as f64 / 64.0)
+        );
+        // Never more than an hour.
+        let slow = QosConfig {
+            bandwidth: Some(64 << 10),
+            ..QosConfig::UNLIMITED
+        };
+        assert_eq!(
+            throttle_allowance(&slow, DEFAULT_CLIENT_BYTES),
+            Duration::from_secs(3600)
+        );
     }
 }
