@@ -46,7 +46,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(60);
 /// A head node answers slow requests within its own failover timeout (30 s); an attempt
 /// unanswered for longer than this means a hung head node.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(35);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(35);
 
 /// What the endpoint serves and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +63,8 @@ pub struct LocalConfig {
     pub ready_file: Option<PathBuf>,
     /// How long a request is retried through other head nodes before it fails with `EIO`.
     pub retry_deadline: Duration,
+    /// An attempt unanswered this long means a hung head node: the request goes to another.
+    pub request_timeout: Duration,
 }
 
 impl LocalConfig {
@@ -76,6 +78,7 @@ impl LocalConfig {
             metrics_listen: None,
             ready_file: None,
             retry_deadline: DEFAULT_RETRY_DEADLINE,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 
@@ -83,7 +86,7 @@ impl LocalConfig {
     pub fn remote(&self) -> RemoteConfig {
         RemoteConfig {
             retry_deadline: self.retry_deadline,
-            request_timeout: REQUEST_TIMEOUT.min(self.retry_deadline),
+            request_timeout: self.request_timeout.min(self.retry_deadline),
             ..RemoteConfig::new(self.export.clone(), self.heads.clone())
         }
     }
@@ -95,6 +98,14 @@ fn default_listen() -> SocketAddr {
 
 fn parse_duration(s: &str) -> Result<Duration, common::units::UnitError> {
     common::units::parse_duration(s)
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match common::units::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The `--local` options of `stockade volume attach`, to flatten into that command.
@@ -119,6 +130,12 @@ pub struct LocalArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration,
           requires = "local")]
     pub retry_deadline: Duration,
+    /// How long a request may go unanswered by one head node before it is sent through
+    /// another. Keep it above the head nodes' failover timeout (30 s by default), or a slow but
+    /// healthy cluster is taken for a hung head node.
+    #[arg(long, value_name = "DURATION", default_value = "35s", value_parser = positive_duration,
+          requires = "local")]
+    pub request_timeout: Duration,
 }
 
 impl LocalArgs {
@@ -131,6 +148,7 @@ impl LocalArgs {
             metrics_listen: self.metrics_listen,
             ready_file: self.ready_file.clone(),
             retry_deadline: self.retry_deadline,
+            request_timeout: self.request_timeout,
         }
     }
 }
@@ -438,6 +456,8 @@ mod tests {
             "/tmp/r.json",
             "--retry-deadline",
             "5m",
+            "--request-timeout",
+            "40s",
         ])
         .unwrap();
         let heads = vec!["127.0.0.1:1".parse().unwrap()];
@@ -447,7 +467,10 @@ mod tests {
         assert_eq!(cfg.listen.port(), 0);
         assert_eq!(cfg.metrics_listen.map(|a| a.port()), Some(9100));
         assert_eq!(cfg.retry_deadline, Duration::from_secs(300));
-        assert_eq!(cfg.remote().request_timeout, REQUEST_TIMEOUT);
+        assert_eq!(cfg.remote().request_timeout, Duration::from_secs(40));
+        let defaults = Cli::try_parse_from(["x", "--local"]).unwrap().local;
+        assert_eq!(defaults.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert!(Cli::try_parse_from(["x", "--local", "--request-timeout", "0s"]).is_err());
         assert!(Cli::try_parse_from(["x", "--local", "--retry-deadline", "soon"]).is_err());
         assert!(Cli::try_parse_from(["x", "--local", "--listen", "nowhere"]).is_err());
         let short = LocalConfig {
