@@ -82,6 +82,31 @@ async fn unknown_option_gets_unsup_and_negotiation_continues() {
     );
 }
 
+#[tokio::test]
+async fn a_client_session_needs_exactly_sixteen_bytes_and_then_selects_the_export_as_usual() {
+    let srv = TestServer::start(vec![vol("a")]).await;
+    let mut s = handshake(srv.addr).await;
+    for bad in [&[][..], &[0u8; 15][..], &[0u8; 17][..]] {
+        assert_eq!(
+            opt_result(&mut s, proto::OPT_SESSION, bad).await,
+            proto::REP_ERR_INVALID,
+            "{} bytes",
+            bad.len()
+        );
+    }
+    let session = head_node::volume::session::ClientSession {
+        client: 0xfeed,
+        generation: 3,
+    };
+    assert_eq!(
+        opt_result(&mut s, proto::OPT_SESSION, &session.encode()).await,
+        proto::REP_ACK
+    );
+    // An export served by this process alone records nothing and serves as usual.
+    let r = opt(&mut s, proto::OPT_GO, &info_request("a", &[])).await;
+    assert_eq!(r.last().unwrap().0, proto::REP_ACK);
+}
+
 fn info_flags(r: &[(u32, Vec<u8>)]) -> u16 {
     r.iter()
         .find_map(|(t, d)| match proto::InfoReply::decode(d) {

@@ -685,6 +685,104 @@ fn a_writer_through_the_cli_attach_local_endpoint_survives_a_head_node_kill() {
     a.fails(2, &["volume", "attach", "l", "--listen", "127.0.0.1:1"]);
 }
 
+/// A head node frozen with a write of the `attach --local` endpoint still in its socket must
+/// never apply that write once it wakes: the endpoint gave the node up, sent the write again
+/// through another head node and has written the block again since. Each connection of the
+/// endpoint is a client session the head nodes commit to the volume's log, and the leader
+/// refuses what is still proposed for an older one.
+#[test]
+fn a_write_left_on_a_frozen_head_node_never_overwrites_a_later_one() {
+    let c = Cluster3::start("ctl-session", 3, "2GiB", "8MiB", &[], &[]);
+    let a = Admin::of(&c);
+    a.wait_healthy(3, 3, 1);
+    a.ok(&["volume", "create", "s", "--size", "64MiB"]);
+
+    let ports = tests::head::free_ports(2);
+    let listen = format!("127.0.0.1:{}", ports[0]);
+    let metrics: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
+    let ready_file = c.dir.path().join("session.ready.json");
+    let mut args = a.global_args();
+    args.extend(
+        [
+            "volume",
+            "attach",
+            "s",
+            "--local",
+            "--listen",
+            &listen,
+            "--metrics-listen",
+            &metrics.to_string(),
+            "--ready-file",
+            &ready_file.display().to_string(),
+            // Give a silent head node up quickly (the head nodes' failover stays as it is).
+            "--request-timeout",
+            "3s",
+            "--retry-deadline",
+            "120s",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let mut ep = tests::Proc::spawn("attach-local", &bin("stockade"), &args, c.dir.path());
+    ep.ready_file = ready_file;
+    let ready: LocalReady = ep.wait_ready(Duration::from_secs(60));
+
+    let block = |b: u8| vec![b; 4096];
+    let mut nbd = tests::nbd::NbdClient::connect(ready.nbd, "s", Duration::from_secs(120)).unwrap();
+    nbd.write(0, &block(1)).unwrap();
+    let i = eventually(
+        Duration::from_secs(30),
+        "the endpoint on a head node",
+        || {
+            let idx = metric(metrics, "stockade_attach_head_index");
+            let head = *ready.heads.get(usize::try_from(idx as i64).ok()?)?;
+            c.heads.iter().position(|h| h.ready.nbd == head)
+        },
+    );
+    let errors_before = metric(c.heads[i].ready.admin, "stockade_nbd_request_errors_total");
+    eprintln!("freezing head{} under the endpoint", i + 1);
+    c.heads[i].proc.sigstop();
+    // This write reaches the frozen node's socket and stays there; after 3 s the endpoint
+    // sends it through another head node, which answers it.
+    let started = Instant::now();
+    nbd.write(0, &block(2)).unwrap();
+    eprintln!("the write was answered after {:?}", started.elapsed());
+    nbd.write(0, &block(3)).unwrap();
+    nbd.flush().unwrap();
+    c.heads[i].proc.sigcont();
+
+    // The woken node reads the old write from its socket, then the end of the connection the
+    // endpoint closed; the connection is gone once everything it read has been answered.
+    let frozen = c.heads[i].ready.admin;
+    eventually(
+        Duration::from_secs(60),
+        "the woken head node answered what it held",
+        || (metric(frozen, "stockade_nbd_connections") == 0.0).then_some(()),
+    );
+    for h in &c.heads {
+        let mut n =
+            tests::nbd::NbdClient::connect(h.ready.nbd, "s", Duration::from_secs(60)).unwrap();
+        assert!(
+            n.read(0, 4096).unwrap() == block(3),
+            "head {}: the old write overwrote the newer one",
+            h.ready.node_id
+        );
+    }
+    assert!(
+        nbd.read(0, 4096).unwrap() == block(3),
+        "through the endpoint"
+    );
+    // The old write was refused, not lost on the way.
+    assert!(
+        metric(frozen, "stockade_nbd_request_errors_total") > errors_before,
+        "the woken head node answered the old write without an error"
+    );
+    assert!(
+        ep.stop(Duration::from_secs(30)),
+        "the endpoint did not stop"
+    );
+}
+
 fn sha256sum(path: &std::path::Path) -> String {
     let o = Command::new("sha256sum")
         .arg(path)

@@ -246,6 +246,18 @@ pub trait Volume: Send + Sync + 'static {
     /// Resolves when the export is being detached: connections stop taking requests, answer the
     /// ones in flight and disconnect. Must resolve at once if the volume is already closed.
     fn closed(&self) -> impl Future<Output = ()> + Send;
+
+    /// A client names the connection being negotiated as its newest (see
+    /// [`crate::volume::session`]); requests of its older connections that have not taken
+    /// effect yet must never take effect once this returns `Ok`. The connection is refused
+    /// on an error. A backend that only this process serves has nothing to do (the default):
+    /// a client has no other server to move to while this one holds its old requests.
+    fn open_session(
+        &self,
+        _session: crate::volume::session::ClientSession,
+    ) -> impl Future<Output = Result<(), VolumeError>> + Send {
+        std::future::ready(Ok(()))
+    }
 }
 
 /// The set of exports a server offers.

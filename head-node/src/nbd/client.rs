@@ -87,6 +87,12 @@ pub struct ClientConfig {
     /// Ask for extended headers (64-bit lengths); falls back to structured replies when the
     /// server refuses.
     pub extended_headers: bool,
+    /// Name the connection as this client's newest ([`proto::OPT_SESSION`], a Stockade
+    /// extension): the server records it before it answers `NBD_OPT_GO`, ending the client's
+    /// older connections (see [`crate::volume::session`]). A server without the extension
+    /// refuses the option and serves the connection without it
+    /// ([`ExportDetails::session_recorded`]).
+    pub session: Option<crate::volume::session::ClientSession>,
 }
 
 impl Default for ClientConfig {
@@ -97,6 +103,7 @@ impl Default for ClientConfig {
             max_inflight_requests: 256,
             max_inflight_bytes: 128 << 20,
             extended_headers: true,
+            session: None,
         }
     }
 }
@@ -123,6 +130,8 @@ pub struct ExportDetails {
     pub reply_style: ReplyStyle,
     /// The context id of `base:allocation`, when the server selected it.
     pub base_allocation: Option<u32>,
+    /// The server recorded [`ClientConfig::session`] before it served the connection.
+    pub session_recorded: bool,
 }
 
 impl ExportDetails {
@@ -513,7 +522,7 @@ impl NbdClient {
         let mut wr = wr;
         let details = tokio::time::timeout(
             cfg.handshake_timeout,
-            handshake::negotiate(&mut rd, &mut wr, export, cfg.extended_headers),
+            handshake::negotiate(&mut rd, &mut wr, export, cfg),
         )
         .await
         .map_err(|_| ClientError::HandshakeTimeout)??;

@@ -99,6 +99,11 @@ pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
 /// Use 32-byte extended headers with 64-bit lengths.
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
+/// Stockade's own option (not in proto.md; other servers answer `NBD_REP_ERR_UNSUP`): 16
+/// bytes of data, a client id and a generation ([`ClientSession`](crate::volume::session)),
+/// sent before `NBD_OPT_GO`. The head node then commits the session before it answers `GO`,
+/// ending the client's older connections (see [`crate::volume::session`]).
+pub const OPT_SESSION: u32 = 0x5354_4b53;
 
 // ---------------------------------------------------------------------------------------------
 // Option reply types.
@@ -1151,6 +1156,7 @@ pub fn option_name(opt: u32) -> &'static str {
         OPT_LIST_META_CONTEXT => "list_meta_context",
         OPT_SET_META_CONTEXT => "set_meta_context",
         OPT_EXTENDED_HEADERS => "extended_headers",
+        OPT_SESSION => "stockade_session",
         _ => "unknown",
     }
 }

@@ -15,6 +15,10 @@
 //! structured replies, and a later `NBD_OPT_STRUCTURED_REPLY` gets
 //! `NBD_REP_ERR_EXT_HEADER_REQD`; meta contexts need structured replies or extended headers
 //! first, and only `base:allocation` exists.
+//!
+//! One option of Stockade's own, [`proto::OPT_SESSION`], names the connection as a client's
+//! newest: before answering `NBD_OPT_GO` the export records it ([`Volume::open_session`]), and
+//! answers `NBD_REP_ERR_SHUTDOWN` when it cannot (the client tries another head node).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,6 +41,7 @@ use super::backend::{ExportInfo, Exports, Volume};
 use super::metrics::NbdMetrics;
 use super::proto::{self, ProtoError, ReplyStyle};
 use super::transmission::{self, CloseReason};
+use crate::volume::session::ClientSession;
 
 /// Most bytes of an oversized option's data read (and dropped) after `NBD_REP_ERR_TOO_BIG`, so
 /// that closing does not reset the connection under the reply.
@@ -228,6 +233,8 @@ pub(crate) enum ConnError {
     TooManyOptions(u32),
     #[error("NBD_OPT_EXPORT_NAME for unknown export {0:?}")]
     UnknownExport(String),
+    #[error("the export could not record the client's session: {0}")]
+    Session(String),
 }
 
 impl ConnError {
@@ -237,6 +244,7 @@ impl ConnError {
             ConnError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
             ConnError::Io(_) => "io_error",
             ConnError::UnknownExport(_) => "unknown_export",
+            ConnError::Session(_) => "session_refused",
             ConnError::OptionTooLong { .. } | ConnError::TooManyOptions(_) => "limit",
             ConnError::Proto(_) | ConnError::Violation(_) | ConnError::ClientFlags(_) => {
                 "protocol_error"
@@ -502,6 +510,9 @@ pub(crate) struct Session<V> {
     /// The client asked for `NBD_INFO_BLOCK_SIZE` in `NBD_OPT_GO`, promising to honour the
     /// minimum block size; requests that do not are refused with `EINVAL`.
     pub(crate) enforce_alignment: bool,
+    /// The client session the connection serves ([`proto::OPT_SESSION`]), recorded by the
+    /// export: every request runs on its behalf.
+    pub(crate) client: Option<ClientSession>,
 }
 
 /// Block size constraints as advertised.
@@ -576,6 +587,8 @@ struct Haggle {
     /// The last `NBD_OPT_SET_META_CONTEXT`: canonical export name and whether it selected
     /// `base:allocation`.
     meta: Option<(String, bool)>,
+    /// The session the client named ([`proto::OPT_SESSION`]).
+    client: Option<ClientSession>,
 }
 
 impl Haggle {
@@ -659,6 +672,20 @@ async fn handshake<E: Exports>(
         );
         if let Some(name) = requested_export(h.option, &data) {
             wait_for_export(shared, &name).await;
+            if let Some(session) = st.client
+                && matches!(h.option, proto::OPT_GO | proto::OPT_EXPORT_NAME)
+                && let Some(volume) = shared.exports.get(&name)
+                && let Err(e) = volume.open_session(session).await
+            {
+                info!(volume = name, %session, error = %e, "client session not recorded");
+                if h.option == proto::OPT_EXPORT_NAME {
+                    return Err(ConnError::Session(e.to_string()));
+                }
+                let msg = format!("the client session could not be recorded: {e}");
+                reply(&mut out, h.option, proto::REP_ERR_SHUTDOWN, msg.as_bytes())?;
+                wr.write_all(&out).await?;
+                continue;
+            }
         }
         let next = handle_option(shared, &mut st, h.option, &data, &mut out)?;
         if !out.is_empty() {
@@ -734,6 +761,7 @@ fn session<V: Volume>(
         reply_style: style,
         base_allocation,
         enforce_alignment,
+        client: st.client,
     }
 }
 
@@ -859,6 +887,21 @@ fn handle_option<E: Exports>(
         }
         proto::OPT_STARTTLS => {
             reply(out, opt, proto::REP_ERR_UNSUP, b"TLS is not supported")?;
+            Ok(Next::Continue)
+        }
+        proto::OPT_SESSION => {
+            match ClientSession::decode(data) {
+                Some(s) => {
+                    st.client = Some(s);
+                    reply(out, opt, proto::REP_ACK, b"")?;
+                }
+                None => reply(
+                    out,
+                    opt,
+                    proto::REP_ERR_INVALID,
+                    b"a session is 16 bytes: client id and generation",
+                )?,
+            }
             Ok(Next::Continue)
         }
         _ => {

@@ -37,6 +37,7 @@ use super::metrics::{GaugeGuard, VolumeMetrics, op_index};
 use super::proto::{self, Cmd, HeaderStyle, ProtoError, ReplyStyle, Request};
 use super::server::{Session, Shared, WarnLimit};
 use super::stall::{self, StallGuard};
+use crate::volume::session;
 
 /// Most descriptors in one block status reply (the specification suggests at most 2^20; the
 /// client asks again for the rest).
@@ -446,6 +447,7 @@ pub(crate) async fn run<E, V: Volume>(
     ));
     let volume_bytes = shared.volume_bytes(&session.name);
     let volume = session.volume.clone();
+    let client = session.client;
     let closed = volume.closed();
     tokio::pin!(closed);
     let mut header = [0u8; Request::EXTENDED_LEN];
@@ -589,7 +591,7 @@ pub(crate) async fn run<E, V: Volume>(
         let tx = tx.clone();
         let m = metrics.clone();
         tokio::spawn(async move {
-            let body = execute(&*vol, op, data, &m).await;
+            let body = session::scope(client, execute(&*vol, op, data, &m)).await;
             let reply = Reply {
                 cookie: req.cookie,
                 offset: req.offset,

@@ -29,11 +29,12 @@ use crate::control::state::ClusterState;
 use crate::metrics::{HeadMetrics, VolumeMetrics};
 use crate::sleds::SledPool;
 use crate::volume::rangelock::RangeLock;
+use crate::volume::session::ClientSession;
 use crate::volume::store::{FlushFailure, SledStore, StoreError};
 use crate::volume::{BLOCK, VolumeSpec};
 use bytes::Bytes;
 use common::ClusterKey;
-use common::ids::{Epoch, NodeId, SledId, VolumeId};
+use common::ids::{Epoch, NodeId, SledId};
 use futures_util::future::BoxFuture;
 use raft::prelude::{ConfChangeV2, Message};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -42,6 +43,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use writeback::{FlushLimits, flusher};
 
+mod create;
 mod writeback;
 
 /// Timing and limits of a group driver.
@@ -125,6 +127,9 @@ pub enum ReplError {
     /// The group failed.
     #[error("{0}")]
     Failed(String),
+    /// The proposal was made for a client connection the client has replaced.
+    #[error("{0} has ended: the client connected again since")]
+    SessionEnded(ClientSession),
 }
 
 impl ReplError {
@@ -211,6 +216,7 @@ enum Input {
     Propose {
         header: EntryHeader,
         data: Bytes,
+        session: Option<ClientSession>,
         reply: ProposeReply,
     },
     Read {
@@ -351,6 +357,17 @@ impl GroupHandle {
 
     /// Proposes an entry and waits until it is committed and applied here.
     pub async fn propose(&self, header: EntryHeader, data: Bytes) -> Result<u64, ReplError> {
+        self.propose_for(header, data, None).await
+    }
+
+    /// Proposes an entry on behalf of a client `session` (refused once the client connected
+    /// again: [`ReplError::SessionEnded`]) and waits until it is committed and applied here.
+    pub async fn propose_for(
+        &self,
+        header: EntryHeader,
+        data: Bytes,
+        session: Option<ClientSession>,
+    ) -> Result<u64, ReplError> {
         let kib = u32::try_from(data.len() / 1024 + 1)
             .unwrap_or(u32::MAX)
             .min(self.proposing_kib);
@@ -364,6 +381,7 @@ impl GroupHandle {
             .send(Input::Propose {
                 header,
                 data,
+                session,
                 reply,
             })
             .await
@@ -508,7 +526,7 @@ struct Driver<L: RaftLog, T: Transport> {
     proposed_bytes: u64,
     /// Proposals held back above the unflushed bound; bounded by [`GroupHandle`]'s
     /// `proposing` budget.
-    deferred: VecDeque<(EntryHeader, Bytes, ProposeReply)>,
+    deferred: VecDeque<(EntryHeader, Bytes, Option<ClientSession>, ProposeReply)>,
     /// Reads waiting for the next ReadIndex round: they wait at most one round (write-back
     /// never holds them back), so this holds what arrives during one round trip.
     read_next: Vec<PendingRead>,
@@ -714,12 +732,13 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             Input::Propose {
                 header,
                 data,
+                session,
                 reply,
             } => {
                 if self.serving.is_none() {
                     let _ = reply.send(Err(self.not_leader()));
                 } else {
-                    self.deferred.push_back((header, data, reply));
+                    self.deferred.push_back((header, data, session, reply));
                 }
             }
             Input::Read { offset, len, reply } => {
@@ -976,12 +995,12 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 .bytes()
                 .saturating_add(self.proposed_bytes)
                 < self.cfg.max_unflushed_bytes
-            && let Some((header, data, reply)) = self.deferred.pop_front()
+            && let Some((header, data, session, reply)) = self.deferred.pop_front()
         {
             let tag = self.next_tag();
             // Charged as the overlay will charge it once applied (trims and write-zeroes too).
             let len = super::overlay::charge(data.len() as u64);
-            match self.core.propose(tag, &header, data) {
+            match self.core.propose_for(tag, &header, data, session) {
                 Ok(_) => {
                     self.proposals.insert(tag, reply);
                     self.proposed.insert(tag, len);
@@ -1246,7 +1265,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         let pool = self.sleds.pool.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            let spec = create_spec(&pool, &t).await;
+            let spec = create::create_spec(&pool, &t).await;
             let _ = tx.send(Input::SpecReady { term, spec }).await;
         });
     }
@@ -1349,7 +1368,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         self.flusher = None;
         self.flush_done.clear();
         let e = self.not_leader();
-        for (_, _, r) in self.deferred.drain(..) {
+        for (_, _, _, r) in self.deferred.drain(..) {
             let _ = r.send(Err(e.clone()));
         }
         for (_, _, r) in self.read_next.drain(..) {
@@ -1455,6 +1474,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
 fn group_error(e: GroupError) -> ReplError {
     match e {
         GroupError::NotLeader { leader } => ReplError::NotLeader { leader },
+        GroupError::SessionEnded(s) => ReplError::SessionEnded(s),
         other => ReplError::Failed(other.to_string()),
     }
 }
@@ -1465,27 +1485,4 @@ fn opt_arc_eq<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
         (None, None) => true,
         _ => false,
     }
-}
-
-/// Places a new volume over the sleds this node reaches.
-async fn create_spec(pool: &SledPool, t: &VolumeTemplate) -> Result<VolumeSpec, String> {
-    let reached = pool.discover().await;
-    if reached.is_empty() {
-        return Err("no sled reachable".into());
-    }
-    let mut chunk = None;
-    for (_, conn) in &reached {
-        if let Ok(c) = conn.client().await
-            && let Ok(st) = c.stat().await
-            && let Some(d) = st.devices.first()
-        {
-            chunk = Some(d.chunk_size);
-            break;
-        }
-    }
-    let chunk = chunk.ok_or("no sled reported its chunk size")?;
-    let ids: Vec<_> = reached.iter().map(|(id, _)| *id).collect();
-    let replicas = t.replicas.min(ids.len());
-    VolumeSpec::place(VolumeId::random(), &t.name, t.size, chunk, &ids, replicas)
-        .map_err(|e| e.to_string())
 }

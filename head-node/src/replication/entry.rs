@@ -9,10 +9,12 @@
 //! The Raft snapshot is only metadata ([`VolumeState`]): the data lives on the sleds, so a
 //! snapshot is taken at the flushed index and carries no blocks. Its own version byte
 //! ([`SNAPSHOT_FORMAT_VERSION`]) moves separately from the entries'; this build still reads
-//! version-1 snapshots (written before the state tracked which chunks changed).
+//! version-1 snapshots (written before the state tracked which chunks changed) and version-2
+//! ones (before it recorded client sessions).
 
 use crate::control::state::{ClusterState, MetaCmd};
 use crate::volume::VolumeSpec;
+use crate::volume::session::{ClientSession, SessionFloors};
 use common::ids::SledId;
 use common::throttle::{QosConfig, QosState};
 use serde::{Deserialize, Serialize};
@@ -21,8 +23,8 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Version byte of entry headers written by this build.
 pub const LOG_FORMAT_VERSION: u8 = 1;
 /// Version byte of snapshots written by this build (2: [`VolumeState`] records which chunks
-/// changed while a sled was stale). Version 1 is still read.
-pub const SNAPSHOT_FORMAT_VERSION: u8 = 2;
+/// changed while a sled was stale; 3: and the client sessions). Versions 1 and 2 are still read.
+pub const SNAPSHOT_FORMAT_VERSION: u8 = 3;
 
 /// Errors decoding log entries or snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,6 +92,9 @@ pub enum EntryHeader {
         /// Every write at or below this index is on the sled.
         since: u64,
     },
+    /// A client's new connection: the leader refuses whatever is still proposed for its older
+    /// connections (see [`crate::volume::session`]). An older head node cannot read this kind.
+    ClientSession(ClientSession),
 }
 
 impl EntryHeader {
@@ -175,6 +180,22 @@ pub struct VolumeState {
     /// `chunk_written` covers every data entry above this index (`u64::MAX` until the first
     /// entry is applied after a version-1 snapshot, which did not track it).
     pub written_from: u64,
+    /// Per client, the oldest connection whose requests are still accepted.
+    pub sessions: SessionFloors,
+}
+
+/// The state as version-2 snapshots hold it.
+#[derive(Deserialize)]
+struct VolumeStateV2 {
+    spec: Option<VolumeSpec>,
+    flushed: u64,
+    qos: QosConfig,
+    qos_state: Option<QosState>,
+    stale: BTreeSet<SledId>,
+    cluster: Option<ClusterState>,
+    stale_since: BTreeMap<SledId, u64>,
+    chunk_written: BTreeMap<u64, u64>,
+    written_from: u64,
 }
 
 /// The state as version-1 snapshots hold it.
@@ -224,6 +245,7 @@ impl VolumeState {
                 }
             }
             EntryHeader::Meta(cmd) => self.cluster.get_or_insert_default().apply(cmd),
+            EntryHeader::ClientSession(session) => self.sessions.raise(*session),
         }
     }
 
@@ -286,6 +308,22 @@ impl VolumeState {
         let malformed = |e: postcard::Error| EntryError::Malformed(e.to_string());
         match v {
             SNAPSHOT_FORMAT_VERSION => postcard::from_bytes(rest).map_err(malformed),
+            2 => {
+                let old: VolumeStateV2 = postcard::from_bytes(rest).map_err(malformed)?;
+                Ok(Self {
+                    spec: old.spec,
+                    flushed: old.flushed,
+                    qos: old.qos,
+                    qos_state: old.qos_state,
+                    stale: old.stale,
+                    cluster: old.cluster,
+                    stale_since: old.stale_since,
+                    chunk_written: old.chunk_written,
+                    written_from: old.written_from,
+                    // No client had a session with a head node of that version.
+                    sessions: SessionFloors::default(),
+                })
+            }
             1 => {
                 let old: VolumeStateV1 = postcard::from_bytes(rest).map_err(malformed)?;
                 Ok(Self {
@@ -300,6 +338,7 @@ impl VolumeState {
                     stale_since: BTreeMap::new(),
                     chunk_written: BTreeMap::new(),
                     written_from: u64::MAX,
+                    sessions: SessionFloors::default(),
                 })
             }
             found => Err(EntryError::Version { found }),
@@ -530,8 +569,46 @@ mod tests {
             ],
         );
         assert_eq!(s.missed_chunks(other), Some(BTreeSet::from([2])));
-        // And it is kept in a version-2 snapshot.
+        // And it is kept in a current snapshot.
         assert_eq!(s.encode()[0], SNAPSHOT_FORMAT_VERSION);
+        assert_eq!(VolumeState::decode(&s.encode()).unwrap(), s);
+    }
+
+    #[test]
+    fn version_2_snapshots_are_read_without_sessions_and_sessions_are_kept_in_version_3() {
+        let sled = Uuid128(2);
+        let mut v2 = vec![2u8];
+        v2.extend(
+            postcard::to_stdvec(&(
+                Some(four_chunk_spec()),
+                9u64,
+                QosConfig::default(),
+                None::<QosState>,
+                BTreeSet::from([sled]),
+                None::<ClusterState>,
+                BTreeMap::from([(sled, 7u64)]),
+                BTreeMap::from([(2u64, 8u64)]),
+                6u64,
+            ))
+            .unwrap(),
+        );
+        let mut s = VolumeState::decode(&v2).unwrap();
+        assert_eq!(s.flushed, 9);
+        assert_eq!(s.missed_chunks(sled), Some(BTreeSet::from([2])));
+        assert!(s.sessions.is_empty());
+
+        let session = ClientSession {
+            client: 5,
+            generation: 2,
+        };
+        let h = EntryHeader::ClientSession(session);
+        assert_eq!(EntryHeader::decode(&h.encode()).unwrap(), Some(h.clone()));
+        s.apply(&h);
+        assert!(!s.sessions.admits(ClientSession {
+            client: 5,
+            generation: 1
+        }));
+        assert_eq!(s.encode()[0], 3);
         assert_eq!(VolumeState::decode(&s.encode()).unwrap(), s);
     }
 

@@ -17,6 +17,7 @@ use super::GroupId;
 use super::entry::{EntryError, EntryHeader, VolumeState};
 use super::memlog::RaftLog;
 use super::overlay::Overlay;
+use crate::volume::session::{ClientSession, SessionFloors};
 use bytes::Bytes;
 use common::ids::NodeId;
 use raft::prelude::{
@@ -79,6 +80,10 @@ pub enum GroupError {
     /// A data entry that does not fit the volume (see [`EntryHeader::check_data`]).
     #[error("invalid entry: {0}")]
     Invalid(String),
+    /// A proposal for a client connection the client has replaced (see
+    /// [`crate::volume::session`]).
+    #[error("{0} has ended: the client connected again since")]
+    SessionEnded(ClientSession),
 }
 
 impl From<raft::Error> for GroupError {
@@ -192,6 +197,10 @@ pub struct GroupCore<L: RaftLog> {
     pub state: VolumeState,
     /// Committed data not yet known to be on the sleds.
     pub overlay: Overlay,
+    /// The session entries this node has proposed (applied or not): a proposal for an older
+    /// session is refused from the moment the newer one is in the log. Never lowered: a
+    /// session entry a leadership change dropped was still the client's choice.
+    proposed_sessions: SessionFloors,
     applied: u64,
     pending: BTreeMap<u64, (u64, u64)>,
     reads: Vec<u64>,
@@ -276,6 +285,7 @@ impl<L: RaftLog> GroupCore<L> {
             },
             state,
             overlay: Overlay::new(),
+            proposed_sessions: SessionFloors::default(),
             applied,
             pending: BTreeMap::new(),
             reads: Vec::new(),
@@ -400,10 +410,31 @@ impl<L: RaftLog> GroupCore<L> {
         header: &EntryHeader,
         data: Bytes,
     ) -> Result<u64, GroupError> {
+        self.propose_for(tag, header, data, None)
+    }
+
+    /// Proposes an entry on behalf of a client `session`: refused when the client has
+    /// connected again since (a session entry of a later generation is applied, or proposed
+    /// here). Proposing a session entry ends the older sessions at once, before it commits.
+    pub fn propose_for(
+        &mut self,
+        tag: u64,
+        header: &EntryHeader,
+        data: Bytes,
+        session: Option<ClientSession>,
+    ) -> Result<u64, GroupError> {
         if !self.is_leader() {
             return Err(GroupError::NotLeader {
                 leader: self.leader(),
             });
+        }
+        if let Some(s) = session
+            && !(self.state.sessions.admits(s) && self.proposed_sessions.admits(s))
+        {
+            return Err(GroupError::SessionEnded(s));
+        }
+        if let EntryHeader::ClientSession(s) = header {
+            self.proposed_sessions.raise(*s);
         }
         header
             .check_data(data.len(), self.state.spec.as_ref().map(|s| s.size))

@@ -137,20 +137,12 @@ impl<T: Transport> ReplNode<T> {
                             }
                         }
                         (Some(node), Ok(rpc)) => {
-                            let group = match &rpc {
-                                VolumeRpc::Read { group, .. }
-                                | VolumeRpc::Write { group, .. }
-                                | VolumeRpc::WriteZeroes { group, .. }
-                                | VolumeRpc::Trim { group, .. }
-                                | VolumeRpc::BlockStatus { group, .. } => *group,
-                                VolumeRpc::Group { group, .. } => *group,
-                                VolumeRpc::Admin => {
-                                    return (
-                                        postcard::to_stdvec(&VolumeRpcReply::NoGroup)
-                                            .unwrap_or_default(),
-                                        None,
-                                    );
-                                }
+                            let Some(group) = rpc.group() else {
+                                return (
+                                    postcard::to_stdvec(&VolumeRpcReply::NoGroup)
+                                        .unwrap_or_default(),
+                                    None,
+                                );
                             };
                             match node.volume(group) {
                                 Some(v) => v.serve_rpc(rpc, data).await,

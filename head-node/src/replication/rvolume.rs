@@ -36,6 +36,7 @@ use super::throttle::VolumeThrottle;
 use super::transport::{Transport, TransportError};
 use crate::nbd::{ExportInfo, Extent, Volume, VolumeError};
 use crate::volume::rangelock::RangeLock;
+use crate::volume::session::{self, ClientSession};
 use crate::volume::store::StoreError;
 use crate::volume::{BLOCK, VolumeSpec};
 use common::AlignedBuf;
@@ -155,6 +156,38 @@ pub enum VolumeRpc {
     /// An admin API request forwarded to the metadata leader; the call's data is the JSON
     /// request.
     Admin,
+    /// `rpc`, made for a client session: refused if the client has connected again since
+    /// (see [`crate::volume::session`]).
+    InSession {
+        /// The session.
+        session: ClientSession,
+        /// The call (not itself `InSession`).
+        rpc: Box<VolumeRpc>,
+    },
+    /// Record a client's new connection in the log: its older connections end.
+    OpenSession {
+        /// Group.
+        group: GroupId,
+        /// The new connection.
+        session: ClientSession,
+    },
+}
+
+impl VolumeRpc {
+    /// The group a volume call is for (`None` for an admin call).
+    pub fn group(&self) -> Option<GroupId> {
+        match self {
+            VolumeRpc::Read { group, .. }
+            | VolumeRpc::Write { group, .. }
+            | VolumeRpc::WriteZeroes { group, .. }
+            | VolumeRpc::Trim { group, .. }
+            | VolumeRpc::BlockStatus { group, .. }
+            | VolumeRpc::Group { group }
+            | VolumeRpc::OpenSession { group, .. } => Some(*group),
+            VolumeRpc::InSession { rpc, .. } => rpc.group(),
+            VolumeRpc::Admin => None,
+        }
+    }
 }
 
 /// The answer to a [`VolumeRpc`]. Append-only.
@@ -178,6 +211,9 @@ pub enum VolumeRpcReply {
     Group(crate::control::rpc::GroupReply),
     /// The answer to an `Admin` call: the HTTP status; the data is the JSON body.
     Admin(u16),
+    /// Refused without being done: the volume is detaching here, or the call's client session
+    /// has ended (ESHUTDOWN; a client that is still there connects again).
+    ShutDown,
 }
 
 /// Errors of one attempt.
@@ -191,6 +227,9 @@ fn repl_error(e: ReplError) -> Attempt {
     match e {
         ReplError::NotLeader { .. } | ReplError::NoVolume | ReplError::Stopped => Attempt::Retry,
         ReplError::NoSpace => Attempt::Fatal(VolumeError::NoSpace),
+        // The client gave this connection up: what it left here must not reach the log. (A
+        // live client seeing this connects again.)
+        ReplError::SessionEnded(_) => Attempt::Fatal(VolumeError::ShuttingDown),
         other => Attempt::Fatal(VolumeError::io(std::io::Error::other(other.to_string()))),
     }
 }
@@ -496,6 +535,13 @@ impl<T: Transport> ReplicatedVolume<T> {
         rpc: VolumeRpc,
         data: Option<Arc<AlignedBuf>>,
     ) -> Result<(VolumeRpcReply, AlignedBuf), Attempt> {
+        let rpc = match session::current() {
+            Some(session) => VolumeRpc::InSession {
+                session,
+                rpc: Box::new(rpc),
+            },
+            None => rpc,
+        };
         let ctl = postcard::to_stdvec(&rpc)
             .map_err(|e| Attempt::Fatal(VolumeError::io(std::io::Error::other(e))))?;
         match self
@@ -508,6 +554,7 @@ impl<T: Transport> ReplicatedVolume<T> {
                     Err(Attempt::Retry)
                 }
                 Ok(VolumeRpcReply::NoSpace) => Err(Attempt::Fatal(VolumeError::NoSpace)),
+                Ok(VolumeRpcReply::ShutDown) => Err(Attempt::Fatal(VolumeError::ShuttingDown)),
                 Ok(VolumeRpcReply::Failed(m)) => {
                     Err(Attempt::Fatal(VolumeError::io(std::io::Error::other(m))))
                 }
@@ -571,7 +618,7 @@ impl<T: Transport> ReplicatedVolume<T> {
         let started = Instant::now();
         let r = self
             .group
-            .propose(EntryHeader::Write { offset, len }, data)
+            .propose_for(EntryHeader::Write { offset, len }, data, session::current())
             .await
             .map(|_| ())
             .map_err(repl_error);
@@ -581,7 +628,11 @@ impl<T: Transport> ReplicatedVolume<T> {
 
     async fn local_zero(&self, offset: u64, len: u64, free: bool) -> Result<(), Attempt> {
         self.group
-            .propose(EntryHeader::Zero { offset, len, free }, bytes::Bytes::new())
+            .propose_for(
+                EntryHeader::Zero { offset, len, free },
+                bytes::Bytes::new(),
+                session::current(),
+            )
             .await
             .map(|_| ())
             .map_err(repl_error)
@@ -664,9 +715,13 @@ impl<T: Transport> ReplicatedVolume<T> {
             VolumeRpc::WriteZeroes { offset, len, .. } | VolumeRpc::Trim { offset, len, .. } => {
                 (*offset, *len, false)
             }
-            VolumeRpc::BlockStatus { .. } | VolumeRpc::Group { .. } | VolumeRpc::Admin => {
+            VolumeRpc::BlockStatus { .. }
+            | VolumeRpc::Group { .. }
+            | VolumeRpc::Admin
+            | VolumeRpc::OpenSession { .. } => {
                 return Ok(());
             }
+            VolumeRpc::InSession { .. } => return Err("a session inside a session".into()),
         };
         // A forwarded read is the client's read rounded out to whole blocks (see `read`):
         // up to a block less one more at either end than the largest payload a client may ask.
@@ -691,8 +746,22 @@ impl<T: Transport> ReplicatedVolume<T> {
         }
     }
 
-    /// Serves a forwarded call (this node is, or was, the leader).
+    /// Serves a forwarded call (this node is, or was, the leader); a call made for a client
+    /// session runs on its behalf.
     pub async fn serve_rpc(
+        &self,
+        rpc: VolumeRpc,
+        data: AlignedBuf,
+    ) -> (VolumeRpcReply, Option<AlignedBuf>) {
+        match rpc {
+            VolumeRpc::InSession { session, rpc } => {
+                session::scope(Some(session), self.serve_call(*rpc, data)).await
+            }
+            rpc => self.serve_call(rpc, data).await,
+        }
+    }
+
+    async fn serve_call(
         &self,
         rpc: VolumeRpc,
         data: AlignedBuf,
@@ -711,7 +780,11 @@ impl<T: Transport> ReplicatedVolume<T> {
             VolumeRpc::Read { len, .. } => Some(Request::io(*len)),
             VolumeRpc::Write { .. } => Some(Request::io(data.len() as u64)),
             VolumeRpc::WriteZeroes { .. } | VolumeRpc::Trim { .. } => Some(Request::new(1, 0)),
-            VolumeRpc::BlockStatus { .. } | VolumeRpc::Group { .. } | VolumeRpc::Admin => None,
+            VolumeRpc::BlockStatus { .. }
+            | VolumeRpc::Group { .. }
+            | VolumeRpc::Admin
+            | VolumeRpc::InSession { .. }
+            | VolumeRpc::OpenSession { .. } => None,
         };
         if let Some(req) = req
             && self.admit(req, &AtomicBool::new(false)).await.is_err()
@@ -725,6 +798,7 @@ impl<T: Transport> ReplicatedVolume<T> {
             Ok(r) => r,
             Err(Attempt::Retry) => VolumeRpcReply::NotLeader(self.group.peek(|s| s.leader)),
             Err(Attempt::Fatal(VolumeError::NoSpace)) => VolumeRpcReply::NoSpace,
+            Err(Attempt::Fatal(VolumeError::ShuttingDown)) => VolumeRpcReply::ShutDown,
             Err(Attempt::Fatal(e)) => VolumeRpcReply::Failed(e.to_string()),
         };
         match rpc {
@@ -761,9 +835,17 @@ impl<T: Transport> ReplicatedVolume<T> {
                 ),
                 None,
             ),
-            VolumeRpc::Group { .. } | VolumeRpc::Admin => {
+            VolumeRpc::Group { .. } | VolumeRpc::Admin | VolumeRpc::InSession { .. } => {
                 (VolumeRpcReply::Failed("not a volume call".into()), None)
             }
+            VolumeRpc::OpenSession { session, .. } => (
+                reply(
+                    self.leader_open_session(session)
+                        .await
+                        .map(|_| VolumeRpcReply::Ok),
+                ),
+                None,
+            ),
             VolumeRpc::BlockStatus { offset, len, .. } => (
                 reply(
                     self.local_allocation(offset, len)
@@ -838,6 +920,15 @@ impl<T: Transport> ReplicatedVolume<T> {
         }
         let _g = self.lock(start, stop - start).await;
         self.local_zero(start, stop - start, true).await
+    }
+
+    /// Records a client's new connection, as the serving leader.
+    async fn leader_open_session(&self, session: ClientSession) -> Result<(), Attempt> {
+        self.group
+            .propose(EntryHeader::ClientSession(session), bytes::Bytes::new())
+            .await
+            .map(|_| ())
+            .map_err(repl_error)
     }
 
     fn rpc_ok(r: (VolumeRpcReply, AlignedBuf)) -> Result<(), Attempt> {
@@ -1042,6 +1133,31 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
             .into_iter()
             .map(|(l, a)| if a { Extent::data(l) } else { Extent::hole(l) })
             .collect())
+    }
+
+    /// Commits the session to the log through the leader (not throttled: no I/O). A failure
+    /// — no leader within the failover timeout — refuses the connection, and the client tries
+    /// another head node.
+    async fn open_session(&self, session: ClientSession) -> Result<(), VolumeError> {
+        let gid = self.group.group();
+        self.with_leader(
+            0,
+            || self.leader_open_session(session),
+            |l| async move {
+                let r = self
+                    .forward(
+                        l,
+                        VolumeRpc::OpenSession {
+                            group: gid,
+                            session,
+                        },
+                        None,
+                    )
+                    .await?;
+                Self::rpc_ok(r)
+            },
+        )
+        .await
     }
 
     async fn cache(&self, _offset: u64, _len: u64) -> Result<(), VolumeError> {

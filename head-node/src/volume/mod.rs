@@ -8,6 +8,7 @@
 //! * [`rangelock::RangeLock`] — first-come-first-served block-range locks.
 
 pub mod rangelock;
+pub mod session;
 pub mod store;
 
 use common::ids::{ChunkIndex, SledId, VolumeId};

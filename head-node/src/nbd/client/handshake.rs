@@ -3,7 +3,7 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{ClientError, ExportDetails};
+use super::{ClientConfig, ClientError, ExportDetails};
 use crate::nbd::proto::{self, ReplyStyle};
 
 /// Longest option reply accepted during the handshake.
@@ -15,7 +15,7 @@ pub(super) async fn negotiate<R, W>(
     rd: &mut R,
     wr: &mut W,
     export: &str,
-    want_extended: bool,
+    cfg: &ClientConfig,
 ) -> Result<ExportDetails, ClientError>
 where
     R: AsyncRead + Unpin,
@@ -37,7 +37,7 @@ where
     wr.write_all(&cflags.to_be_bytes()).await.map_err(io)?;
 
     let mut style = ReplyStyle::Simple;
-    if want_extended {
+    if cfg.extended_headers {
         send_option(wr, proto::OPT_EXTENDED_HEADERS, &[]).await?;
         if simple_ack(rd, proto::OPT_EXTENDED_HEADERS).await? {
             style = ReplyStyle::Extended;
@@ -49,6 +49,13 @@ where
             return Err(ClientError::NoStructuredReplies);
         }
         style = ReplyStyle::Structured;
+    }
+
+    // The session, if asked: a server without the extension refuses it.
+    let mut session_recorded = false;
+    if let Some(s) = cfg.session {
+        send_option(wr, proto::OPT_SESSION, &s.encode()).await?;
+        session_recorded = simple_ack(rd, proto::OPT_SESSION).await?;
     }
 
     // base:allocation, if the server has it; a refusal only means no block status.
@@ -128,6 +135,7 @@ where
                     max_block: max,
                     reply_style: style,
                     base_allocation,
+                    session_recorded,
                 });
             }
             t if h.is_error() => {

@@ -49,16 +49,20 @@
 //! a FLUSH on a new connection would not cover writes acknowledged on the old one; then every
 //! write, trim and write-zeroes is sent with FUA, so an acknowledged write is already durable.
 //!
-//! Known limit: nothing here fences the head node that was left. A head node that is frozen
-//! rather than dead (SIGSTOP, a long pause) keeps the requests it had received; once the
-//! timeout moved them elsewhere and the client went on, such a node could still forward an old
-//! write to the leader when it wakes, overwriting a newer one. The request timeout is long
-//! (longer than a head node's own failover timeout) to make that unlikely. A killed head node
-//! sends nothing more: what it had already forwarded is in the leader's socket before the loss
-//! is even noticed here, so in practice it is applied long before a re-send and a later write
-//! arrive — but nothing guarantees that order. Closing the gap needs the head nodes' help (e.g.
-//! dropping forwarded writes whose NBD connection has closed, or a per-client sequence number
-//! the leader checks).
+//! # The head node that was left
+//!
+//! A head node that is frozen rather than dead (SIGSTOP, a paused VM, a long stall) keeps the
+//! requests it had received — in its socket or its tasks. Once the timeout moved them elsewhere
+//! and the client went on, such a node could still hand an old write to the volume's leader
+//! when it wakes, overwriting a newer one. So every connection is a new *session* of this
+//! client: a random client id for the volume's lifetime and a generation raised at every
+//! connection attempt, sent with the Stockade option `OPT_SESSION`. The head node commits the
+//! session to the volume's Raft log before it answers `NBD_OPT_GO`, and from then on the leader
+//! refuses whatever is still proposed for an older generation (see
+//! [`crate::volume::session`]). No request is sent on the new connection before that answer,
+//! so a re-sent write and every later one land after anything the old connection left behind.
+//! A server without the extension (not a Stockade head node) is used without it, with a
+//! warning: the protection is then lost.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -77,6 +81,7 @@ use tracing::{debug, info, warn};
 use super::{ClientConfig, ClientError, NbdClient, ZeroFlags};
 use crate::nbd::backend::{ExportInfo, Extent, Volume, VolumeError};
 use crate::nbd::proto::{self, Cmd};
+use crate::volume::session::ClientSession;
 
 /// How a [`RemoteVolume`] reaches its export and how hard it tries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -337,6 +342,10 @@ pub struct RemoteVolume {
     metrics: RemoteMetrics,
     clock: SystemClock,
     warn: RateLimit,
+    /// This client's id in the sessions of its connections (random, for its lifetime).
+    client_id: u64,
+    /// The generation of the last connection attempt's session.
+    session_generation: std::sync::atomic::AtomicU64,
 }
 
 impl RemoteVolume {
@@ -367,6 +376,8 @@ impl RemoteVolume {
             metrics,
             clock: SystemClock::new(),
             warn: RateLimit::new(Duration::from_secs(1)),
+            client_id: random_client_id(),
+            session_generation: std::sync::atomic::AtomicU64::new(0),
             cfg,
         });
         let deadline = Instant::now() + v.cfg.retry_deadline;
@@ -483,9 +494,13 @@ impl RemoteVolume {
         loop {
             let head = self.next_head.load(Ordering::Acquire) % n;
             let addr = self.cfg.heads[head];
+            let client_cfg = ClientConfig {
+                session: Some(self.next_session()),
+                ..self.cfg.client.clone()
+            };
             let attempt = tokio::time::timeout_at(
                 deadline,
-                NbdClient::connect(addr, &self.cfg.export, &self.cfg.client),
+                NbdClient::connect(addr, &self.cfg.export, &client_cfg),
             )
             .await;
             match attempt {
@@ -534,8 +549,22 @@ impl RemoteVolume {
     }
 
     /// Adopts what a new connection says about the export.
+    /// The session of the next connection attempt: each attempt a new generation, so a
+    /// connection never shares one with another.
+    fn next_session(&self) -> ClientSession {
+        ClientSession {
+            client: self.client_id,
+            generation: self.session_generation.fetch_add(1, Ordering::AcqRel) + 1,
+        }
+    }
+
     fn installed(&self, conn: &Conn, addr: SocketAddr) {
         let d = conn.client.details();
+        if !d.session_recorded {
+            warn!(volume = self.cfg.export, head = %addr,
+                "the server does not record client sessions: a head node this client leaves \
+                 could still apply its old requests after newer ones");
+        }
         let mut fresh = d.export_info();
         fresh.name = self.cfg.export.clone();
         self.force_fua.store(!d.multi_conn(), Ordering::Release);
@@ -744,6 +773,16 @@ impl Volume for RemoteVolume {
         // The sender lives in `self`; this resolves once `close` was called.
         let _ = rx.wait_for(|closed| *closed).await;
     }
+}
+
+/// A client id no other client is likely to have: 64 bits from the standard library's
+/// randomly seeded hasher, mixed with the time and the process.
+fn random_client_id() -> u64 {
+    use std::hash::BuildHasher;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    std::collections::hash_map::RandomState::new().hash_one((now, std::process::id()))
 }
 
 #[cfg(test)]
