@@ -30,6 +30,7 @@ pub struct HeadMetrics {
     rewrites: IntCounterVec,
     snapshots: IntCounterVec,
     lacking: IntCounterVec,
+    sessions_ended: IntCounterVec,
 }
 
 fn int_gauge_vec(r: &Registry, name: &str, help: &str) -> Result<IntGaugeVec, MetricsError> {
@@ -162,6 +163,12 @@ impl HeadMetrics {
                 "Raft snapshots this node installed for the volume (it had fallen behind the leader's compacted log).",
                 &["volume"],
             )?,
+            sessions_ended: counter_vec(
+                r,
+                "stockade_volume_session_ended_refusals_total",
+                "Proposals this leader refused because they were made for a client connection the client has replaced (what it left on a head node it gave up on).",
+                &["volume"],
+            )?,
         })
     }
 
@@ -189,6 +196,7 @@ impl HeadMetrics {
             rewrites: self.rewrites.with_label_values(&[name]),
             snapshots: self.snapshots.with_label_values(&[name]),
             lacking_chunks: self.lacking.with_label_values(&[name]),
+            session_ended_refusals: self.sessions_ended.with_label_values(&[name]),
         }
     }
 }
@@ -216,6 +224,7 @@ impl HeadMetrics {
         let _ = self.resync.remove_label_values(&one);
         let _ = self.rewrites.remove_label_values(&one);
         let _ = self.snapshots.remove_label_values(&one);
+        let _ = self.sessions_ended.remove_label_values(&one);
         for stage in [
             "throttle",
             "sled_read",
@@ -273,6 +282,8 @@ pub struct VolumeMetrics {
     pub snapshots: IntCounter,
     /// Chunks found missing on a sled that should hold them.
     pub lacking_chunks: IntCounter,
+    /// Proposals refused for a client connection the client has replaced.
+    pub session_ended_refusals: IntCounter,
 }
 
 impl VolumeMetrics {

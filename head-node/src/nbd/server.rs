@@ -672,22 +672,23 @@ async fn handshake<E: Exports>(
         );
         if let Some(name) = requested_export(h.option, &data) {
             wait_for_export(shared, &name).await;
-            if let Some(session) = st.client
-                && matches!(h.option, proto::OPT_GO | proto::OPT_EXPORT_NAME)
-                && let Some(volume) = shared.exports.get(&name)
-                && let Err(e) = volume.open_session(session).await
-            {
-                info!(volume = name, %session, error = %e, "client session not recorded");
-                if h.option == proto::OPT_EXPORT_NAME {
-                    return Err(ConnError::Session(e.to_string()));
-                }
-                let msg = format!("the client session could not be recorded: {e}");
-                reply(&mut out, h.option, proto::REP_ERR_SHUTDOWN, msg.as_bytes())?;
-                wr.write_all(&out).await?;
-                continue;
-            }
         }
-        let next = handle_option(shared, &mut st, h.option, &data, &mut out)?;
+        let mut next = handle_option(shared, &mut st, h.option, &data, &mut out)?;
+        // The session is recorded by the very volume the connection is about to serve, before
+        // the client hears that it may send requests.
+        if let (Next::Go(session), Some(client)) = (&next, st.client)
+            && let Err(e) = session.volume.open_session(client).await
+        {
+            info!(volume = session.name, session = %client, error = %e,
+                "client session not recorded; connection refused");
+            if h.option == proto::OPT_EXPORT_NAME {
+                return Err(ConnError::Session(e.to_string()));
+            }
+            out.clear();
+            let msg = format!("the client session could not be recorded: {e}");
+            reply(&mut out, h.option, proto::REP_ERR_SHUTDOWN, msg.as_bytes())?;
+            next = Next::Continue;
+        }
         if !out.is_empty() {
             wr.write_all(&out).await?;
         }

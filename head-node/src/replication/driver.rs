@@ -44,7 +44,11 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use writeback::{FlushLimits, flusher};
 
 mod create;
+mod error;
 mod writeback;
+
+pub use error::ReplError;
+use error::group_error;
 
 /// Timing and limits of a group driver.
 #[derive(Debug, Clone)]
@@ -100,42 +104,6 @@ pub struct NoPersist;
 impl Persist for NoPersist {
     fn persist<'a>(&'a self, _: GroupId, _: &'a LogWrite) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async { Ok(()) })
-    }
-}
-
-/// Errors of group operations, as callers see them.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReplError {
-    /// This node does not serve the volume now; `leader` does, if known.
-    #[error("not the serving leader (leader: {leader:?})")]
-    NotLeader {
-        /// The leader, if known.
-        leader: Option<NodeId>,
-    },
-    /// The group task has stopped.
-    #[error("the group is stopped")]
-    Stopped,
-    /// The volume has no description yet.
-    #[error("the volume is not created yet")]
-    NoVolume,
-    /// A sled error while serving.
-    #[error("{0}")]
-    Store(String),
-    /// The sleds are out of space.
-    #[error("no space left on the sleds")]
-    NoSpace,
-    /// The group failed.
-    #[error("{0}")]
-    Failed(String),
-    /// The proposal was made for a client connection the client has replaced.
-    #[error("{0} has ended: the client connected again since")]
-    SessionEnded(ClientSession),
-}
-
-impl ReplError {
-    /// True when retrying (possibly on another node) may succeed.
-    pub fn retryable(&self) -> bool {
-        matches!(self, ReplError::NotLeader { .. } | ReplError::NoVolume)
     }
 }
 
@@ -737,6 +705,15 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             } => {
                 if self.serving.is_none() {
                     let _ = reply.send(Err(self.not_leader()));
+                } else if let EntryHeader::ClientSession(_) = header {
+                    // No data: it does not wait behind the unflushed bound (a client could not
+                    // connect while the sleds are away). Overtaking the queue is safe: what
+                    // waits there is checked against the session when it is proposed.
+                    let tag = self.next_tag();
+                    match self.core.propose(tag, &header, data) {
+                        Ok(_) => drop(self.proposals.insert(tag, reply)),
+                        Err(e) => drop(reply.send(Err(group_error(e)))),
+                    }
                 } else {
                     self.deferred.push_back((header, data, session, reply));
                 }
@@ -1007,6 +984,11 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                     self.proposed_bytes += len;
                 }
                 Err(e) => {
+                    if let GroupError::SessionEnded(s) = &e {
+                        self.vm.session_ended_refusals.inc();
+                        tracing::info!(group = %self.group, session = %s,
+                            "refused a request its client gave up on");
+                    }
                     let _ = reply.send(Err(group_error(e)));
                 }
             }
@@ -1468,14 +1450,6 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             *old = st;
             changed
         });
-    }
-}
-
-fn group_error(e: GroupError) -> ReplError {
-    match e {
-        GroupError::NotLeader { leader } => ReplError::NotLeader { leader },
-        GroupError::SessionEnded(s) => ReplError::SessionEnded(s),
-        other => ReplError::Failed(other.to_string()),
     }
 }
 

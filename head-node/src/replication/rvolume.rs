@@ -1135,9 +1135,10 @@ impl<T: Transport> Volume for ReplicatedVolume<T> {
             .collect())
     }
 
-    /// Commits the session to the log through the leader (not throttled: no I/O). A failure
-    /// — no leader within the failover timeout — refuses the connection, and the client tries
-    /// another head node.
+    /// Commits the session to the log through the leader. It moves no data: the throttle and
+    /// the unflushed-data bound do not hold it back (on a follower it does take a place in the
+    /// volume's share of forwarded calls). A failure — no leader within the failover timeout —
+    /// refuses the connection, and the client tries another head node.
     async fn open_session(&self, session: ClientSession) -> Result<(), VolumeError> {
         let gid = self.group.group();
         self.with_leader(

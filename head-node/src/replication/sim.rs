@@ -1066,3 +1066,62 @@ fn a_leader_fenced_by_a_tombstone_steps_down_without_taking_its_epoch_as_term() 
     assert!(core.is_leader(), "elected again");
     assert_eq!(core.term(), term + 1);
 }
+
+/// A client's new session ends its older ones at the point where proposals enter the log: from
+/// the moment the session entry is proposed on this leader, and — through the applied state —
+/// on every node that applied it, a leader elected later included.
+#[test]
+fn a_proposal_for_an_ended_client_session_is_refused() {
+    use super::group::GroupError;
+    use crate::volume::BLOCK;
+    use crate::volume::session::ClientSession;
+    let log = MemLog::new(&[1]);
+    let mut core = elected_alone(&log);
+    let old = ClientSession {
+        client: 9,
+        generation: 1,
+    };
+    let new = ClientSession {
+        client: 9,
+        generation: 2,
+    };
+    let w = EntryHeader::Write {
+        offset: 0,
+        len: BLOCK as u32,
+    };
+    let data = || Bytes::from(vec![1u8; BLOCK as usize]);
+    let ended =
+        |r: Result<u64, GroupError>| matches!(r, Err(GroupError::SessionEnded(s)) if s == old);
+    core.propose_for(1, &w, data(), Some(old))
+        .expect("before the new session");
+    core.propose(2, &EntryHeader::ClientSession(new), Bytes::new())
+        .expect("the new session");
+    assert!(
+        ended(core.propose_for(3, &w, data(), Some(old))),
+        "refused while the session entry is only proposed"
+    );
+    core.propose_for(4, &w, data(), Some(new))
+        .expect("the new session's own writes");
+    let other = ClientSession {
+        client: 10,
+        generation: 1,
+    };
+    core.propose_for(5, &w, data(), Some(other))
+        .expect("another client");
+    core.propose_for(6, &w, data(), None)
+        .expect("a request without a session");
+    drive(&mut core);
+
+    // A restarted node knows only what it applied from the log.
+    log.crash();
+    let mut core = Sim::core(1, log.clone(), 8);
+    core.campaign().expect("campaign");
+    drive(&mut core);
+    assert!(core.is_leader());
+    assert!(
+        ended(core.propose_for(7, &w, data(), Some(old))),
+        "refused by the applied state"
+    );
+    core.propose_for(8, &w, data(), Some(new))
+        .expect("the new session after the restart");
+}
