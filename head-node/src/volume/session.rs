@@ -84,9 +84,11 @@ pub fn current() -> Option<ClientSession> {
     CURRENT.try_with(|s| *s).ok()
 }
 
-/// The most clients a volume remembers. Beyond it the client whose session was recorded
-/// longest ago is forgotten, and its older connections are no longer fenced: that takes this
-/// many other clients connecting after it, each with a new id.
+/// The most clients a volume remembers. Beyond it the client whose last connection was
+/// recorded longest ago is forgotten — by when it connected, not by how busy it is — and its
+/// older connections are no longer fenced. That takes this many other clients connecting after
+/// its last connection, each with a new id (every `attach --local` endpoint and every image
+/// copy is one).
 pub const MAX_CLIENTS: usize = 4096;
 
 /// Per client, the oldest generation whose requests are still accepted. Bounded by

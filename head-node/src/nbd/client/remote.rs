@@ -13,7 +13,9 @@
 //!   unanswered for [`RemoteConfig::request_timeout`] (the connection is then closed, so every
 //!   request on it is re-sent too): always retried, on the next head node.
 //! * **`ESHUTDOWN`**: the head node is stopping or detaching the export; always retried, on the
-//!   next head node. The old connection is retired, not killed: its other requests finish.
+//!   next head node. The old connection is retired, not killed: its other requests finish —
+//!   or, those that had not reached the volume's log when the new connection's session was
+//!   recorded, are refused with `ESHUTDOWN` in turn and re-sent on the new one.
 //! * **`EIO`**: a head node answers it when its Raft group failed (a dying node) but also when
 //!   the cluster really cannot do the I/O (a head node already retries through elections for
 //!   its own failover timeout before answering `EIO`). So `EIO` is retried on the next head
@@ -55,14 +57,14 @@
 //! requests it had received — in its socket or its tasks. Once the timeout moved them elsewhere
 //! and the client went on, such a node could still hand an old write to the volume's leader
 //! when it wakes, overwriting a newer one. So every connection is a new *session* of this
-//! client: a random client id for the volume's lifetime and a generation raised at every
-//! connection attempt, sent with the Stockade option `OPT_SESSION`. The head node commits the
+//! client: a random client id for this `RemoteVolume`'s lifetime and a generation raised at
+//! every connection attempt, sent with the Stockade option `OPT_SESSION`. The head node commits the
 //! session to the volume's Raft log before it answers `NBD_OPT_GO`, and from then on the leader
 //! refuses whatever is still proposed for an older generation (see
 //! [`crate::volume::session`]). No request is sent on the new connection before that answer,
 //! so a re-sent write and every later one land after anything the old connection left behind.
-//! A server without the extension (not a Stockade head node) is used without it, with a
-//! warning: the protection is then lost.
+//! A server without the extension (not a Stockade head node, or one of a release before it) is
+//! used without it, with a warning: the protection is then lost.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -548,7 +550,6 @@ impl RemoteVolume {
         }
     }
 
-    /// Adopts what a new connection says about the export.
     /// The session of the next connection attempt: each attempt a new generation, so a
     /// connection never shares one with another.
     fn next_session(&self) -> ClientSession {
@@ -558,6 +559,7 @@ impl RemoteVolume {
         }
     }
 
+    /// Adopts what a new connection says about the export.
     fn installed(&self, conn: &Conn, addr: SocketAddr) {
         let d = conn.client.details();
         if !d.session_recorded {
