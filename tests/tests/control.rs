@@ -580,6 +580,59 @@ fn metric(addr: SocketAddr, name: &str) -> f64 {
     tests::metric_sum(addr, name)
 }
 
+/// A running `stockade volume attach VOLUME --local` endpoint (`extra`: more flags).
+struct Endpoint {
+    proc: tests::Proc,
+    ready: LocalReady,
+    metrics: SocketAddr,
+}
+
+impl Endpoint {
+    fn start(c: &Cluster3, a: &Admin, volume: &str, extra: &[&str]) -> Self {
+        let ports = tests::head::free_ports(2);
+        let listen = format!("127.0.0.1:{}", ports[0]);
+        let metrics: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
+        let ready_file = c.dir.path().join(format!("{volume}.local.ready.json"));
+        let mut args = a.global_args();
+        let (metrics_arg, ready_arg) = (metrics.to_string(), ready_file.display().to_string());
+        let flags = [
+            "volume",
+            "attach",
+            volume,
+            "--local",
+            "--listen",
+            &listen,
+            "--metrics-listen",
+            &metrics_arg,
+            "--ready-file",
+            &ready_arg,
+        ];
+        args.extend(flags.iter().chain(extra).map(|s| s.to_string()));
+        let mut proc = tests::Proc::spawn("attach-local", &bin("stockade"), &args, c.dir.path());
+        proc.ready_file = ready_file;
+        let ready: LocalReady = proc.wait_ready(Duration::from_secs(60));
+        assert_eq!(ready.nbd.to_string(), listen);
+        Self {
+            proc,
+            ready,
+            metrics,
+        }
+    }
+
+    /// The index in `c.heads` of the head node the endpoint goes through now.
+    fn head(&self, c: &Cluster3) -> usize {
+        eventually(
+            Duration::from_secs(60),
+            "the endpoint on a head node",
+            || {
+                let idx = metric(self.metrics, "stockade_attach_head_index");
+                let head = *self.ready.heads.get(usize::try_from(idx as i64).ok()?)?;
+                c.heads.iter().position(|h| h.ready.nbd == head)
+            },
+        )
+    }
+}
+
 /// `stockade volume attach NAME --local`, the real command: a writer through its endpoint never
 /// sees an error while the head node the endpoint goes through is killed; the endpoint holds the
 /// volume's exclusive attachment while it runs and gives it back when it is stopped.
@@ -590,31 +643,8 @@ fn a_writer_through_the_cli_attach_local_endpoint_survives_a_head_node_kill() {
     a.wait_healthy(3, 3, 1);
     a.ok(&["volume", "create", "l", "--size", "128MiB"]);
 
-    let ports = tests::head::free_ports(2);
-    let listen = format!("127.0.0.1:{}", ports[0]);
-    let metrics: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
-    let mut args = a.global_args();
-    let ready_file = c.dir.path().join("local.ready.json");
-    args.extend(
-        [
-            "volume",
-            "attach",
-            "l",
-            "--local",
-            "--listen",
-            &listen,
-            "--metrics-listen",
-            &metrics.to_string(),
-            "--ready-file",
-            &ready_file.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
-    let mut ep = tests::Proc::spawn("attach-local", &bin("stockade"), &args, c.dir.path());
-    ep.ready_file = ready_file;
-    let ready: LocalReady = ep.wait_ready(Duration::from_secs(60));
-    assert_eq!(ready.nbd.to_string(), listen);
+    let mut ep = Endpoint::start(&c, &a, "l", &[]);
+    let ready = &ep.ready;
     assert_eq!(ready.heads.len(), 3, "{ready:?}");
 
     // The endpoint holds the exclusive attachment.
@@ -640,15 +670,7 @@ fn a_writer_through_the_cli_attach_local_endpoint_survives_a_head_node_kill() {
     // Kill the head node the endpoint goes through, twice (the second time, whichever it moved
     // to), restarting each before the next.
     for round in 0..2 {
-        let i = eventually(
-            Duration::from_secs(60),
-            "the endpoint on a head node",
-            || {
-                let idx = metric(metrics, "stockade_attach_head_index");
-                let head = *ready.heads.get(usize::try_from(idx as i64).ok()?)?;
-                c.heads.iter().position(|h| h.ready.nbd == head)
-            },
-        );
+        let i = ep.head(&c);
         eprintln!("round {round}: killing head{} under the writer", i + 1);
         c.heads[i].proc.kill9();
         writes(50, "writes after the kill");
@@ -674,7 +696,7 @@ fn a_writer_through_the_cli_attach_local_endpoint_survives_a_head_node_kill() {
 
     // SIGTERM: the endpoint stops and gives the attachment back.
     assert!(
-        ep.stop(Duration::from_secs(30)),
+        ep.proc.stop(Duration::from_secs(30)),
         "the endpoint did not stop"
     );
     let info: VolumeInfo = a.json(&["volume", "show", "l"]);
@@ -696,49 +718,19 @@ fn a_write_left_on_a_frozen_head_node_never_overwrites_a_later_one() {
     let a = Admin::of(&c);
     a.wait_healthy(3, 3, 1);
     a.ok(&["volume", "create", "s", "--size", "64MiB"]);
-
-    let ports = tests::head::free_ports(2);
-    let listen = format!("127.0.0.1:{}", ports[0]);
-    let metrics: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
-    let ready_file = c.dir.path().join("session.ready.json");
-    let mut args = a.global_args();
-    args.extend(
-        [
-            "volume",
-            "attach",
-            "s",
-            "--local",
-            "--listen",
-            &listen,
-            "--metrics-listen",
-            &metrics.to_string(),
-            "--ready-file",
-            &ready_file.display().to_string(),
-            // Give a silent head node up quickly (the head nodes' failover stays as it is).
-            "--request-timeout",
-            "3s",
-            "--retry-deadline",
-            "120s",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
+    // Give a silent head node up quickly (the head nodes' failover stays as it is).
+    let mut ep = Endpoint::start(
+        &c,
+        &a,
+        "s",
+        &["--request-timeout", "3s", "--retry-deadline", "120s"],
     );
-    let mut ep = tests::Proc::spawn("attach-local", &bin("stockade"), &args, c.dir.path());
-    ep.ready_file = ready_file;
-    let ready: LocalReady = ep.wait_ready(Duration::from_secs(60));
+    let ready = &ep.ready;
 
     let block = |b: u8| vec![b; 4096];
     let mut nbd = tests::nbd::NbdClient::connect(ready.nbd, "s", Duration::from_secs(120)).unwrap();
     nbd.write(0, &block(1)).unwrap();
-    let i = eventually(
-        Duration::from_secs(30),
-        "the endpoint on a head node",
-        || {
-            let idx = metric(metrics, "stockade_attach_head_index");
-            let head = *ready.heads.get(usize::try_from(idx as i64).ok()?)?;
-            c.heads.iter().position(|h| h.ready.nbd == head)
-        },
-    );
+    let i = ep.head(&c);
     eprintln!("freezing head{} under the endpoint", i + 1);
     c.heads[i].proc.sigstop();
     // This write reaches the frozen node's socket and stays there; after 3 s the endpoint
@@ -789,7 +781,7 @@ fn a_write_left_on_a_frozen_head_node_never_overwrites_a_later_one() {
         .sum();
     assert!(refused >= 1.0, "no leader refused the old write");
     assert!(
-        ep.stop(Duration::from_secs(30)),
+        ep.proc.stop(Duration::from_secs(30)),
         "the endpoint did not stop"
     );
 }

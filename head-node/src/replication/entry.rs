@@ -209,6 +209,42 @@ struct VolumeStateV1 {
     cluster: Option<ClusterState>,
 }
 
+impl From<VolumeStateV1> for VolumeStateV2 {
+    fn from(old: VolumeStateV1) -> Self {
+        Self {
+            spec: old.spec,
+            flushed: old.flushed,
+            qos: old.qos,
+            qos_state: old.qos_state,
+            stale: old.stale,
+            cluster: old.cluster,
+            // Nothing was tracked: stale sleds are copied in full, and tracking starts with the
+            // next entry applied.
+            stale_since: BTreeMap::new(),
+            chunk_written: BTreeMap::new(),
+            written_from: u64::MAX,
+        }
+    }
+}
+
+impl From<VolumeStateV2> for VolumeState {
+    fn from(old: VolumeStateV2) -> Self {
+        Self {
+            spec: old.spec,
+            flushed: old.flushed,
+            qos: old.qos,
+            qos_state: old.qos_state,
+            stale: old.stale,
+            cluster: old.cluster,
+            stale_since: old.stale_since,
+            chunk_written: old.chunk_written,
+            written_from: old.written_from,
+            // No client had a session with a head node of that version.
+            sessions: SessionFloors::default(),
+        }
+    }
+}
+
 impl VolumeState {
     /// Applies a metadata entry (data entries change nothing here). Every change is absolute,
     /// so replaying entries over a state that already has them is harmless — which is what
@@ -308,39 +344,12 @@ impl VolumeState {
         let malformed = |e: postcard::Error| EntryError::Malformed(e.to_string());
         match v {
             SNAPSHOT_FORMAT_VERSION => postcard::from_bytes(rest).map_err(malformed),
-            2 => {
-                let old: VolumeStateV2 = postcard::from_bytes(rest).map_err(malformed)?;
-                Ok(Self {
-                    spec: old.spec,
-                    flushed: old.flushed,
-                    qos: old.qos,
-                    qos_state: old.qos_state,
-                    stale: old.stale,
-                    cluster: old.cluster,
-                    stale_since: old.stale_since,
-                    chunk_written: old.chunk_written,
-                    written_from: old.written_from,
-                    // No client had a session with a head node of that version.
-                    sessions: SessionFloors::default(),
-                })
-            }
-            1 => {
-                let old: VolumeStateV1 = postcard::from_bytes(rest).map_err(malformed)?;
-                Ok(Self {
-                    spec: old.spec,
-                    flushed: old.flushed,
-                    qos: old.qos,
-                    qos_state: old.qos_state,
-                    stale: old.stale,
-                    cluster: old.cluster,
-                    // Nothing was tracked: stale sleds are copied in full, and tracking starts
-                    // with the next entry applied.
-                    stale_since: BTreeMap::new(),
-                    chunk_written: BTreeMap::new(),
-                    written_from: u64::MAX,
-                    sessions: SessionFloors::default(),
-                })
-            }
+            2 => postcard::from_bytes::<VolumeStateV2>(rest)
+                .map(Self::from)
+                .map_err(malformed),
+            1 => postcard::from_bytes::<VolumeStateV1>(rest)
+                .map(|v1| Self::from(VolumeStateV2::from(v1)))
+                .map_err(malformed),
             found => Err(EntryError::Version { found }),
         }
     }
