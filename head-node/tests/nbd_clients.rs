@@ -479,4 +479,10 @@ async fn acceptance_script_passes() {
     eprintln!("acceptance: {summary}");
     assert!(o.status.success(), "{t}");
     assert!(t.contains(" passed, 0 failed"), "{t}");
+    if t.contains("skipping") {
+        cannot_run(
+            "acceptance_script_passes",
+            "the script skipped part of its run (no multi-conn?)",
+        );
+    }
 }

@@ -241,6 +241,7 @@ async fn a_new_leader_serves_every_acknowledged_write_after_the_old_one_dies() {
     let mut c = cluster(64 << 20).await;
     let mut acked: Vec<(u64, u8)> = Vec::new();
     let leader = c.leader(Duration::from_secs(20)).await;
+    let old_term = c.nodes[&leader].2.handle().status().term;
     let survivor = (1..=3).find(|n| *n != leader).unwrap();
     let v = c.nodes[&survivor].2.clone();
     let write = |i: u64| (i * 65536, i as u8 + 1);
@@ -267,8 +268,14 @@ async fn a_new_leader_serves_every_acknowledged_write_after_the_old_one_dies() {
         started.elapsed()
     );
     // The new leader takes writes too, and serves them with the old ones, through both nodes.
+    // (The old leader is gone from `c.nodes`, so the new one is another node; an election
+    // happened if its term is newer.)
     let new_leader = c.leader(Duration::from_secs(20)).await;
-    assert_ne!(new_leader, leader);
+    let new_term = c.nodes[&new_leader].2.handle().status().term;
+    assert!(
+        new_term > old_term,
+        "node {new_leader} serves at term {new_term}, not after an election (term {old_term})"
+    );
     for i in 20..40u64 {
         let (off, byte) = write(i);
         v.write(off, buf(65536, byte), false).await.unwrap();

@@ -33,6 +33,9 @@ pub struct Ledger {
     pub history: HashMap<u64, (u64, &'static str)>,
     /// Acknowledged writes.
     pub writes: u64,
+    /// Writes that failed, and connection attempts that failed (each counted, unlike `maybe`,
+    /// from which a later acknowledged write to the same offset removes them).
+    pub errors: u64,
     /// Longest time between two acknowledged writes.
     pub longest_gap: Duration,
 }
@@ -67,6 +70,7 @@ pub fn writer(
                 match NbdClient::connect(addr, export, Duration::from_secs(60)) {
                     Ok(c) => conn.insert(c),
                     Err(_) => {
+                        ledger.lock().unwrap().errors += 1;
                         std::thread::sleep(Duration::from_millis(20));
                         continue;
                     }
@@ -92,6 +96,7 @@ pub fn writer(
                 let mut l = ledger.lock().unwrap();
                 l.maybe.entry(off).or_default().push(id);
                 l.history.insert(id, (off, "failed"));
+                l.errors += 1;
                 l.in_flight = None;
                 conn = None;
             }

@@ -185,13 +185,13 @@ fn volumes_with_thousands_of_chunks_are_created_and_grown_wherever_their_group_l
         let created: Created = a.json(&["volume", "create", &name, "--size", "12GiB"]);
         assert_eq!(created.volume.state, "ready", "{created:?}");
         assert_eq!(created.volume.chunks, 1536);
-        remote += usize::from(created.volume.leader != Some(meta));
+        remote += usize::from(created.volume.leader.is_some_and(|l| l != meta));
         calls += 1;
     }
     let grown: VolumeInfo = a.json(&["volume", "resize", "big1", "--size", "24GiB"]);
     assert_eq!((grown.size, grown.chunks), (24 << 30, 3072));
     let st = a.wait_healthy(3, 3, 0);
-    remote += usize::from(grown.leader != st.meta_leader);
+    remote += usize::from(grown.leader.is_some_and(|l| Some(l) != st.meta_leader));
     calls += 1;
     eprintln!("{remote} of {calls} group calls went to another head node than the metadata leader");
     assert!(
@@ -680,9 +680,9 @@ fn a_writer_through_the_cli_attach_local_endpoint_survives_a_head_node_kill() {
     stop.store(true, Ordering::SeqCst);
     w.join().unwrap();
     let l = ledger.lock().unwrap();
-    assert!(
-        l.maybe.is_empty(),
-        "the client saw failed writes through the endpoint: {:?}",
+    assert_eq!(
+        l.errors, 0,
+        "the client saw failed writes or connections through the endpoint: {:?}",
         l.maybe
     );
     eprintln!(

@@ -39,6 +39,10 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
+    assert!(
+        rounds >= 1,
+        "STOCKADE_FAILOVER_ROUNDS must be at least 1 (zero rounds would test nothing)"
+    );
     let seed: u64 = std::env::var("STOCKADE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -173,9 +177,12 @@ fn a_frozen_leader_is_fenced_at_the_sleds_and_steps_down() {
         .iter()
         .filter_map(|s| metric(s.ready.metrics, "stockade_sled_fenced_writes_total"))
         .sum();
-    // Resume the old leader cut off from the other head nodes (frozen in turn), so it cannot
-    // learn of the new term from them: its pending write-back of X goes to the sleds, which
-    // refuse it, and it steps down on that alone.
+    // Resume the old leader with the other head nodes frozen in turn: its pending write-back
+    // of X goes to the sleds, which refuse it. What the new leader sent it while it was frozen
+    // is still in its sockets, so it may learn of the new term from that first and step down
+    // through Raft; either way the sleds refuse the old write-back (counted below on both
+    // sides). That a refusal alone deposes a leader, with no word from its peers, is checked
+    // deterministically in the replication simulation (`head-node/src/replication/sim.rs`).
     for i in &others {
         c.heads[*i].proc.sigstop();
     }

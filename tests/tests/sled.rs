@@ -758,6 +758,10 @@ fn kill9_during_metadata_updates_always_reopens() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(6);
+    assert!(
+        rounds >= 1,
+        "STOCKADE_KILL_ROUNDS must be at least 1 (zero rounds would test nothing)"
+    );
     let seed: u64 = std::env::var("STOCKADE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -1081,6 +1085,12 @@ fn a_blank_device_joins_a_formatted_sled_only_when_forced() {
         nix::sys::signal::Signal::SIGTERM,
     );
     assert!(child.wait().unwrap().success());
+    // It joined: b now carries a superblock.
+    let head = std::fs::read(&b).unwrap();
+    assert!(
+        head.iter().take(1 << 20).any(|x| *x != 0),
+        "the forced device was not formatted"
+    );
 }
 
 #[test]
