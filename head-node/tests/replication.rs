@@ -586,8 +586,23 @@ async fn a_throttled_volume_does_not_starve_the_others_forwarded_through_the_sam
             v.write(i * 4096, buf(4096, 1), false).await
         }));
     }
-    // Let them reach the leader and queue in its throttle.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Wait until the follower's whole share of forwarded calls for the slow volume is held in
+    // the leader's throttle: that is the case this test is about.
+    let held = c.volumes[&(1, SLOW)]
+        .throttle()
+        .expect("the leader throttles the slow volume")
+        .queue()
+        .clone();
+    let share = head_node::replication::rvolume::FORWARD_CALLS as u64;
+    let start = Instant::now();
+    while held.waiting() < share {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "only {} of the slow volume's forwarded calls wait in the leader's throttle",
+            held.waiting()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let other = c.volumes[&(follower, OTHER)].clone();
     let t0 = Instant::now();
     tokio::time::timeout(Duration::from_secs(3), other.write(0, buf(4096, 7), false))
