@@ -40,9 +40,9 @@ echo "== cargo build"
 cargo build --workspace --all-targets
 threads="${STOCKADE_TEST_THREADS:-2}"
 start=$(date +%s)
-# cargo-nextest (when installed; .config/nextest.toml) runs the same tests in about half the
-# time: it keeps both slots busy across test binaries, where `cargo test` runs the binaries one
-# after another. It does not run doctests, so those follow. STOCKADE_NO_NEXTEST=1 forces
+# cargo-nextest (when installed; .config/nextest.toml) runs the same tests in about 6 minutes
+# here where `cargo test` took 9-16: it keeps both slots busy across test binaries, where
+# `cargo test` runs the binaries one after another. It does not run doctests, so those follow. STOCKADE_NO_NEXTEST=1 forces
 # `cargo test`.
 if [ -z "${STOCKADE_NO_NEXTEST:-}" ] && cargo nextest --version >/dev/null 2>&1; then
   echo "== cargo nextest run ($(cargo nextest --version | head -1))"

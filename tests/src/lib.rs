@@ -56,6 +56,34 @@ pub fn acceptance_script() -> PathBuf {
     }
 }
 
+/// Runs the acceptance script against `nbd`'s `export` with QEMU required to negotiate extended
+/// headers, and fails `test` unless every step ran and passed (a skipped step — not root, no
+/// multi-conn — is a test that cannot run here, see [`cannot_run`]).
+pub fn run_acceptance(test: &str, nbd: SocketAddr, export: &str) {
+    let out = Command::new("bash")
+        .arg(acceptance_script())
+        .arg(nbd.ip().to_string())
+        .arg(nbd.port().to_string())
+        .arg(export)
+        .env("REQUIRE_EXTENDED_HEADERS", "1")
+        .output()
+        .expect("acceptance script runs");
+    let t = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{t}");
+    assert!(out.status.success(), "acceptance failed:\n{t}");
+    assert!(t.contains(", 0 failed"), "{t}");
+    if t.contains("skipping") {
+        cannot_run(
+            test,
+            "the acceptance script skipped part of its run (not root, or no multi-conn?)",
+        );
+    }
+}
+
 /// The directory holding the binaries of the profile the tests were built with.
 pub fn bin_dir() -> PathBuf {
     // target/<profile>/deps/<test-binary>

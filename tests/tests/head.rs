@@ -47,27 +47,12 @@ fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
 /// volume, with QEMU required to negotiate extended headers.
 #[test]
 fn acceptance_with_real_clients_on_three_sleds() {
-    let script = tests::acceptance_script();
     let c = Cluster::start("head-accept", 3, "4GiB", "64MiB", &["vol0:5GiB"]);
-    let nbd = c.head.ready.nbd;
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(nbd.ip().to_string())
-        .arg(nbd.port().to_string())
-        .arg("vol0")
-        .env("REQUIRE_EXTENDED_HEADERS", "1")
-        .output()
-        .expect("acceptance script runs");
-    let t = text(&out);
-    eprintln!("{t}");
-    assert!(out.status.success(), "acceptance failed:\n{t}");
-    assert!(t.contains(", 0 failed"), "{t}");
-    if t.contains("skipping") {
-        tests::cannot_run(
-            "acceptance_with_real_clients_on_three_sleds",
-            "the script skipped part of its run (not root?)",
-        );
-    }
+    tests::run_acceptance(
+        "acceptance_with_real_clients_on_three_sleds",
+        c.head.ready.nbd,
+        "vol0",
+    );
     // Every replica was written: each sled holds chunks of the volume.
     for s in &c.sleds {
         assert!(metric(s.ready.metrics, "stockade_sled_device_chunks_used") > 0.0);

@@ -256,7 +256,6 @@ fn a_writer_through_attach_local_never_sees_a_head_node_die() {
 /// every command, flag and 64-bit request the clients send must survive the extra hop.
 #[test]
 fn acceptance_with_real_clients_through_attach_local() {
-    let script = tests::acceptance_script();
     let c = tests::head::Cluster::start("attach-accept", 3, "4GiB", "64MiB", &["vol0:5GiB"]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -270,24 +269,10 @@ fn acceptance_with_real_clients_through_attach_local() {
     let ep = rt
         .block_on(LocalEndpoint::start(cfg))
         .expect("endpoint starts");
-    let nbd = ep.nbd_addr();
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(nbd.ip().to_string())
-        .arg(nbd.port().to_string())
-        .arg("vol0")
-        .env("REQUIRE_EXTENDED_HEADERS", "1")
-        .output()
-        .expect("acceptance script runs");
-    let t = text(&out);
-    eprintln!("{t}");
-    assert!(out.status.success(), "acceptance failed:\n{t}");
-    assert!(t.contains(", 0 failed"), "{t}");
-    if t.contains("skipping") {
-        tests::cannot_run(
-            "acceptance_with_real_clients_through_attach_local",
-            "the script skipped part of its run (not root, or no multi-conn?)",
-        );
-    }
+    tests::run_acceptance(
+        "acceptance_with_real_clients_through_attach_local",
+        ep.nbd_addr(),
+        "vol0",
+    );
     rt.block_on(ep.stop()).expect("endpoint stops");
 }
