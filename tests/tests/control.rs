@@ -746,7 +746,32 @@ fn a_write_left_on_a_frozen_head_node_never_overwrites_a_later_one() {
     let block = |b: u8| vec![b; 4096];
     let mut nbd = tests::nbd::NbdClient::connect(ready.nbd, "s", Duration::from_secs(120)).unwrap();
     nbd.write(0, &block(1)).unwrap();
-    let i = ep.head(&c);
+    // The case of this test is a follower holding the old write: woken, it forwards the write
+    // to the leader, which must refuse it. (A frozen *leader* never gets its old proposal
+    // committed at all: Raft drops it with the term it was made in.) When the endpoint goes
+    // through the volume's leader, freeze that node briefly, with no request pending, so that
+    // another one takes the lead while the endpoint stays where it is.
+    let leader = |a: &Admin| a.json::<VolumeInfo>(&["volume", "show", "s"]).leader;
+    let i = eventually(
+        Duration::from_secs(120),
+        "the endpoint on a follower",
+        || {
+            let i = ep.head(&c);
+            let id = c.heads[i].ready.node_id;
+            let l = leader(&a)?;
+            if l != id {
+                return Some(i);
+            }
+            eprintln!("the endpoint goes through the leader, head{id}: moving the lead away");
+            c.heads[i].proc.sigstop();
+            std::thread::sleep(Duration::from_secs(2));
+            c.heads[i].proc.sigcont();
+            eventually(Duration::from_secs(60), "another leader", || {
+                leader(&a).is_some_and(|l| l != id).then_some(())
+            });
+            None
+        },
+    );
     eprintln!("freezing head{} under the endpoint", i + 1);
     c.heads[i].proc.sigstop();
     // This write reaches the frozen node's socket and stays there; after 3 s the endpoint
