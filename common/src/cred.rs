@@ -74,14 +74,18 @@ impl ClusterKey {
 
     /// Reads a key file: 64 hex digits, surrounding whitespace ignored.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+        let bytes = std::fs::read(path).map_err(|source| KeyError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(text.trim()).ok_or_else(|| KeyError::Format {
+        let format = |found: String| KeyError::Format {
             path: path.display().to_string(),
-            found: format!("{} characters", text.trim().len()),
-        })
+            found,
+        };
+        // A file of raw key bytes is the likely mistake here: say so rather than "not UTF-8".
+        let text = String::from_utf8(bytes)
+            .map_err(|e| format(format!("{} bytes of binary data", e.as_bytes().len())))?;
+        Self::parse(text.trim()).ok_or_else(|| format(format!("{} characters", text.trim().len())))
     }
 
     /// Reads the key file, or creates it with a fresh key (mode 0600) when it does not exist.
@@ -445,6 +449,13 @@ mod tests {
         std::fs::write(&p, "abc").unwrap();
         let e = ClusterKey::load(&p).unwrap_err().to_string();
         assert!(e.contains("64 hex digits"), "{e}");
+        // Raw key bytes instead of hex text: named as such.
+        std::fs::write(&p, [0xffu8, 0xfe, 0x00, 0x9c]).unwrap();
+        let e = ClusterKey::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("64 hex digits") && e.contains("4 bytes of binary data"),
+            "{e}"
+        );
         assert!(ClusterKey::load(&dir.path().join("missing")).is_err());
     }
 }
