@@ -338,6 +338,16 @@ impl Superblock {
         }))
     }
 
+    /// True when one copy of the superblock is damaged or gone (it fails its checksum or lacks
+    /// the magic) and should be rewritten from the valid other copy. A copy written by another
+    /// format version is not damaged: it is left for that version to read.
+    pub fn copy_damaged(b: &[u8]) -> bool {
+        matches!(
+            Self::decode_one(b),
+            Ok(None) | Err(LayoutError::SuperblockCorrupt)
+        )
+    }
+
     /// Decodes from the two copies (A then B), preferring a valid A. A version mismatch is
     /// reported as such even when the other copy is damaged.
     pub fn decode(a: &[u8], b: &[u8]) -> Result<Self, LayoutError> {
@@ -634,6 +644,9 @@ mod tests {
         let mut bad = a.clone();
         bad[100] ^= 0xff;
         assert_eq!(Superblock::decode(&bad, &a).unwrap(), s);
+        assert!(Superblock::copy_damaged(&bad));
+        assert!(!Superblock::copy_damaged(&a));
+        assert!(Superblock::copy_damaged(&[0u8; 4096]));
         // Both damaged: a clear error.
         assert_eq!(
             Superblock::decode(&bad, &bad).unwrap_err(),
@@ -650,6 +663,10 @@ mod tests {
         put_u32(&mut v2, 8, 2);
         let crc = crc32fast::hash(&v2[..SB_CRC_AT]);
         put_u32(&mut v2, SB_CRC_AT, crc);
+        assert!(
+            !Superblock::copy_damaged(&v2),
+            "another version's copy is left alone"
+        );
         let e = Superblock::decode(&v2, &v2).unwrap_err();
         assert_eq!(e, LayoutError::Version { found: 2 });
         assert!(e.to_string().contains("version 2"));

@@ -315,6 +315,20 @@ impl<E: IoEngine> DeviceCore<E> {
     ) -> Result<(Self, u64), super::open::OpenError> {
         let opened = super::open::open(&mut engine, path, expect_sled)?;
         let recovered = opened.recovered_regions;
+        for &copy in &opened.repaired_superblock {
+            tracing::warn!(
+                device = path,
+                copy = if copy == 0 { "A" } else { "B" },
+                "a superblock copy was damaged; rewrote it from the valid copy"
+            );
+        }
+        if opened.repaired_pages > 0 {
+            tracing::warn!(
+                device = path,
+                pages = opened.repaired_pages,
+                "table pages had one copy damaged (a torn write or a bad sector); rewrote them from the valid copy"
+            );
+        }
         if recovered > 0 {
             tracing::warn!(
                 device = path,

@@ -5,7 +5,7 @@ use crate::engine::{IoEngine, OpKind, read_sync, run_sync, write_sync};
 use crate::layout::{
     BLOCK, CRC_ENTRY, CT_ENTRY, CT_PER_PAGE, ChunkEntry, CrcEntry, FT_ENTRY, FT_PER_PAGE,
     FenceEntry, Geometry, LayoutError, PAGE, REGION_BLOCKS, REGION_BYTES, Superblock, Table,
-    encode_page, pick_page,
+    decode_page, encode_page, pick_page,
 };
 use common::AlignedBuf;
 use common::ids::{SledId, Uuid128};
@@ -71,6 +71,10 @@ pub(crate) struct Opened {
     pub tables: Tables,
     /// Regions whose checksums were recomputed from data after an unclean shutdown.
     pub recovered_regions: u64,
+    /// Superblock copies (0 = A, 1 = B) found damaged and rewritten from the other one.
+    pub repaired_superblock: Vec<u8>,
+    /// Table pages with one copy damaged, rewritten from the valid one.
+    pub repaired_pages: u64,
 }
 
 fn io_err<'a>(path: &'a str, what: &'static str) -> impl FnOnce(io::Error) -> OpenError + 'a {
@@ -193,7 +197,7 @@ fn load_table(
     table: Table,
     base: u64,
     pages: u64,
-) -> Result<Vec<(PageState, Vec<u8>)>, OpenError> {
+) -> Result<Vec<(PageState, Vec<u8>, bool)>, OpenError> {
     let mut out = Vec::with_capacity(pages as usize);
     // Read in slices of up to 4 MiB (256 page pairs).
     let per_read = 256u64;
@@ -211,7 +215,9 @@ fn load_table(
                     path: path.to_string(),
                     source,
                 })?;
-            out.push((PageState { copy, seq }, body.to_vec()));
+            let other = if copy == 0 { b } else { a };
+            let damaged = decode_page(table, p + i, other).is_none();
+            out.push((PageState { copy, seq }, body.to_vec(), damaged));
         }
         p += n;
     }
@@ -234,12 +240,19 @@ pub(crate) fn open(
             expected,
         });
     }
+    let repaired_superblock = repair_superblock(engine, path, &sb)?;
     let g = sb.geometry;
     let mut tables = Tables::empty(&g);
-    for (p, (st, body)) in load_table(engine, path, Table::Chunks, g.ct_offset, g.ct_pages)?
+    // Pages with one copy damaged (a torn write of a newer version, or a bad sector): rewritten
+    // below, so that every page again has a valid older copy to fall back on.
+    let mut damaged = Vec::new();
+    for (p, (st, body, bad)) in load_table(engine, path, Table::Chunks, g.ct_offset, g.ct_pages)?
         .into_iter()
         .enumerate()
     {
+        if bad {
+            damaged.push((Table::Chunks, p as u64));
+        }
         tables.ct_pages[p] = st;
         for i in 0..CT_PER_PAGE as usize {
             let slot = p * CT_PER_PAGE as usize + i;
@@ -248,10 +261,13 @@ pub(crate) fn open(
             }
         }
     }
-    for (p, (st, body)) in load_table(engine, path, Table::Fences, g.ft_offset, g.ft_pages)?
+    for (p, (st, body, bad)) in load_table(engine, path, Table::Fences, g.ft_offset, g.ft_pages)?
         .into_iter()
         .enumerate()
     {
+        if bad {
+            damaged.push((Table::Fences, p as u64));
+        }
         tables.ft_pages[p] = st;
         for i in 0..FT_PER_PAGE as usize {
             let slot = p * FT_PER_PAGE as usize + i;
@@ -270,12 +286,55 @@ pub(crate) fn open(
             });
         }
     }
+    for &(table, page) in &damaged {
+        // The next version goes to the other copy (the damaged one), with the same contents.
+        let w = tables.next_version(&g, table, page);
+        write_sync(engine, w.pos, w.bytes)
+            .map_err(io_err(path, "rewriting a damaged table page copy"))?;
+        *tables.page_state(table, page) = PageState {
+            copy: w.copy,
+            seq: w.seq,
+        };
+    }
+    if !damaged.is_empty() {
+        run_sync(engine, OpKind::Fsync).map_err(io_err(path, "syncing table page repairs"))?;
+    }
+    let repaired_pages = damaged.len() as u64;
     let recovered_regions = recover(engine, path, &g, &mut tables)?;
     Ok(Opened {
         sb,
         tables,
         recovered_regions,
+        repaired_superblock,
+        repaired_pages,
     })
+}
+
+/// Rewrites a damaged superblock copy from the valid one (the one `sb` was read from), so the
+/// device again survives the loss of either copy instead of running on one until that one goes
+/// too. The valid copy is never written. Returns the copies rewritten (0 = A, 1 = B).
+fn repair_superblock(
+    engine: &mut dyn IoEngine,
+    path: &str,
+    sb: &Superblock,
+) -> Result<Vec<u8>, OpenError> {
+    let pages =
+        read_sync(engine, 0, 2 * PAGE as usize).map_err(io_err(path, "reading the superblock"))?;
+    let page = PAGE as usize;
+    let damaged: Vec<u8> = (0..2u8)
+        .filter(|&c| Superblock::copy_damaged(&pages[c as usize * page..(c as usize + 1) * page]))
+        .collect();
+    if damaged.is_empty() {
+        return Ok(damaged);
+    }
+    for &c in &damaged {
+        let mut good = AlignedBuf::zeroed(page);
+        good.copy_from_slice(&sb.encode());
+        write_sync(engine, u64::from(c) * PAGE, good)
+            .map_err(io_err(path, "rewriting a damaged superblock copy"))?;
+    }
+    run_sync(engine, OpKind::Fsync).map_err(io_err(path, "syncing the superblock repair"))?;
+    Ok(damaged)
 }
 
 /// The checksum page of a region, from each block's entry.
