@@ -216,7 +216,9 @@ fn load_table(
                     source,
                 })?;
             let other = if copy == 0 { b } else { a };
-            let damaged = decode_page(table, p + i, other).is_none();
+            // A copy never written yet (all zeros: format writes copy A only) is not damaged.
+            let damaged =
+                decode_page(table, p + i, other).is_none() && other.iter().any(|&x| x != 0);
             out.push((PageState { copy, seq }, body.to_vec(), damaged));
         }
         p += n;

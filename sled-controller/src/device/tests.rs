@@ -1172,6 +1172,17 @@ fn a_damaged_superblock_copy_is_rewritten_from_the_other_at_open() {
 }
 
 #[test]
+fn a_fresh_device_opens_with_nothing_to_repair() {
+    let image = MemImage::new(SIZE);
+    let mut e = MemEngine::new(image.clone());
+    format(&mut e, "mem", Uuid128(1), CHUNK).unwrap();
+    // Copy B of every table page is still unwritten (zeros): that is not damage.
+    let opened = super::open::open(&mut e, "mem", None).unwrap();
+    assert_eq!(opened.repaired_pages, 0);
+    assert!(opened.repaired_superblock.is_empty());
+}
+
+#[test]
 fn a_damaged_older_copy_of_a_table_page_is_rewritten_at_open() {
     use crate::engine::{read_sync, write_sync};
     use crate::layout::{Table, decode_page};
