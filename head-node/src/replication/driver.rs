@@ -171,6 +171,8 @@ pub struct GroupStatus {
     pub qos: common::throttle::QosConfig,
     /// The volume's burst-credit balance as last replicated (`None`: never recorded).
     pub qos_state: Option<common::throttle::QosState>,
+    /// This node rejoins the group after losing its Raft state and does not vote yet.
+    pub rejoining: bool,
 }
 
 type ProposeReply = oneshot::Sender<Result<u64, ReplError>>;
@@ -1421,6 +1423,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
             cluster: self.cluster.clone(),
             qos: self.core.state.qos,
             qos_state: self.core.state.qos_state,
+            rejoining: self.core.rejoining(),
         };
         {
             let prev = self.status.borrow();
@@ -1446,6 +1449,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 || old.progress != st.progress
                 || old.qos != st.qos
                 || old.qos_state != st.qos_state
+                || old.rejoining != st.rejoining
                 || !opt_arc_eq(&old.cluster, &st.cluster);
             *old = st;
             changed

@@ -21,9 +21,10 @@ use crate::volume::session::{ClientSession, SessionFloors};
 use bytes::Bytes;
 use common::ids::NodeId;
 use raft::prelude::{
-    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
+    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, MessageType,
+    Snapshot,
 };
-use raft::{RawNode, ReadOnlyOption, StateRole};
+use raft::{ProgressState, RawNode, ReadOnlyOption, StateRole};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -46,6 +47,10 @@ pub struct GroupConfig {
     pub exact_snapshots: bool,
     /// State entries between two exact snapshots.
     pub compact_every: u64,
+    /// This node lost its Raft state and rejoins: the group neither votes nor campaigns until
+    /// it holds everything its leader has committed, up to an entry of the leader's own term
+    /// (see [`GroupCore::rejoining`]).
+    pub rejoining: bool,
 }
 
 impl Default for GroupConfig {
@@ -58,6 +63,7 @@ impl Default for GroupConfig {
             max_committed_size_per_ready: 64 << 20,
             exact_snapshots: false,
             compact_every: 256,
+            rejoining: false,
         }
     }
 }
@@ -185,6 +191,16 @@ impl LogWrite {
     }
 }
 
+/// The context of a rejoining node's ReadIndex request starts with this, followed by the
+/// node's last log index (little-endian u64): 17 bytes, so never taken for a read's 8-byte tag.
+const REJOIN_CTX: &[u8] = b"rejoining";
+
+/// The last log index a rejoining node's ReadIndex context carries.
+fn rejoin_last_index(ctx: &[u8]) -> Option<u64> {
+    let rest = ctx.strip_prefix(REJOIN_CTX)?;
+    Some(u64::from_le_bytes(rest.try_into().ok()?))
+}
+
 /// The group core.
 pub struct GroupCore<L: RaftLog> {
     group: GroupId,
@@ -216,6 +232,12 @@ pub struct GroupCore<L: RaftLog> {
     conf_unwritten: bool,
     /// State entries applied since the last exact snapshot.
     since_snapshot: u64,
+    /// Set while this node rejoins after losing its state (see [`GroupCore::rejoining`]).
+    rejoining: bool,
+    /// The leader's commit index, once it answered this node's rejoining ReadIndex.
+    rejoin_target: Option<u64>,
+    /// Ticks spent rejoining (paces the ReadIndex requests).
+    rejoin_ticks: u64,
     events: Vec<Event>,
     /// Every applied entry `(index, term, context, data)`, for the simulation's invariants.
     #[cfg(test)]
@@ -273,6 +295,7 @@ impl<L: RaftLog> GroupCore<L> {
         let rcfg = raft::Config { applied, ..rcfg };
         let logger = super::slog_bridge::logger(&group, node.0);
         let raw = RawNode::new(&rcfg, log.clone(), &logger)?;
+        let rejoining = cfg.rejoining;
         let mut core = Self {
             group,
             node,
@@ -297,6 +320,9 @@ impl<L: RaftLog> GroupCore<L> {
             pending_compact: None,
             conf_unwritten: false,
             since_snapshot: 0,
+            rejoining,
+            rejoin_target: None,
+            rejoin_ticks: 0,
             events: Vec::new(),
             #[cfg(test)]
             trace: Vec::new(),
@@ -377,24 +403,134 @@ impl<L: RaftLog> GroupCore<L> {
         }
     }
 
-    /// One tick of the logical clock.
+    /// True while this node rejoins the group after losing its Raft state (its log and the
+    /// votes it cast are gone, though its peers counted them). Such a node must not vote: it
+    /// could elect a peer that lacks entries committed with this node's help before the loss
+    /// (with a third node down, nobody would be left to object), and acknowledged writes would
+    /// be lost. Nor may it campaign: a lagging peer could elect it. It only follows: it asks
+    /// the leader for its commit index (a ReadIndex round, which a leader answers only once it
+    /// has committed an entry of its own term, so the index covers everything committed
+    /// before, in any term) and rejoins for good once its own log is committed that far.
+    pub fn rejoining(&self) -> bool {
+        self.rejoining
+    }
+
+    /// One tick of the logical clock. A rejoining follower's election clock stands still, so
+    /// it never campaigns; every election timeout it asks the leader for its commit index
+    /// again (a leader that has not committed in its term yet, or a lost message, gives no
+    /// answer), telling it where its log ends: a leader that recorded more as replicated to
+    /// this node before it lost its state replicates to it afresh (see `forget_progress`).
     pub fn tick(&mut self) {
+        if self.rejoining && !self.is_leader() {
+            self.rejoin_ticks += 1;
+            if self.rejoin_ticks % self.cfg.election_tick.max(1) as u64 == 1
+                && self.leader().is_some()
+            {
+                let mut ctx = REJOIN_CTX.to_vec();
+                ctx.extend_from_slice(&self.raw.raft.raft_log.last_index().to_le_bytes());
+                self.raw.read_index(ctx);
+            }
+            return;
+        }
         self.raw.tick();
         self.sync_jitter();
     }
 
-    /// Starts an election now (tests, leadership transfer).
+    /// Starts an election now (tests, leadership transfer). A rejoining node does not.
     pub fn campaign(&mut self) -> Result<(), GroupError> {
+        if self.rejoining {
+            return Ok(());
+        }
         let r = self.raw.campaign();
         self.sync_jitter();
         Ok(r?)
     }
 
     /// Delivers a message from a peer.
-    pub fn step(&mut self, msg: Message) -> Result<(), GroupError> {
+    pub fn step(&mut self, mut msg: Message) -> Result<(), GroupError> {
+        match msg.get_msg_type() {
+            MessageType::MsgHeartbeat => self.guard_heartbeat(&mut msg),
+            MessageType::MsgReadIndex if self.is_leader() => {
+                if let Some(last) = msg.entries.first().and_then(|e| rejoin_last_index(&e.data)) {
+                    self.forget_progress(msg.from, last);
+                }
+            }
+            _ => {}
+        }
+        if self.rejoining
+            && matches!(
+                msg.get_msg_type(),
+                MessageType::MsgRequestVote
+                    | MessageType::MsgRequestPreVote
+                    | MessageType::MsgTimeoutNow
+            )
+        {
+            // No vote, no pre-vote, no leadership handed over: the candidate hears nothing and
+            // its election times out.
+            return Ok(());
+        }
         let r = self.raw.step(msg);
         self.sync_jitter();
+        self.check_rejoined();
         Ok(r?)
+    }
+
+    /// A leader's heartbeat carries the commit index up to what it believes this node holds.
+    /// A node that lost its state holds less: raft would take the index as committed here
+    /// (and abort when it lies past the log's end). While rejoining, and whenever the index
+    /// lies past the end, only appends (which check that the logs match) advance the commit.
+    fn guard_heartbeat(&mut self, msg: &mut Message) {
+        let log = &self.raw.raft.raft_log;
+        if msg.commit > log.last_index() && !self.rejoining {
+            tracing::warn!(group = %self.group, node_id = self.node.0, leader = msg.from,
+                leader_commit = msg.commit, last_index = log.last_index(),
+                "the leader believes this node holds log entries it does not: its Raft state \
+                 was lost; stop it and start it with --rejoin");
+        }
+        if self.rejoining || msg.commit > log.last_index() {
+            msg.commit = msg.commit.min(log.committed);
+        }
+    }
+
+    /// On the leader: a rejoining peer said its log ends at `last`. What this leader recorded
+    /// as replicated to it before it lost its state is gone: its progress starts again from
+    /// `last` as a probe (the logs' first mismatch, or a snapshot, is found from there). Safe
+    /// for the commit index, which never moves back and only counts acknowledgements to come.
+    fn forget_progress(&mut self, peer: u64, last: u64) {
+        let leader_last = self.raw.raft.raft_log.last_index();
+        let Some(pr) = self.raw.raft.mut_prs().get_mut(peer) else {
+            return;
+        };
+        if pr.matched <= last {
+            // The progress may still be stale: a snapshot sent to the emptied peer that is no
+            // newer than what the leader recorded as its match is acknowledged with an index
+            // that raises nothing, and the progress would wait for it forever.
+            if pr.state == ProgressState::Snapshot && pr.matched >= pr.pending_snapshot {
+                pr.become_probe();
+            }
+            return;
+        }
+        tracing::info!(group = %self.group, peer, recorded = pr.matched, last,
+            "a rejoining peer lost log entries it had acknowledged; replicating to it afresh");
+        pr.matched = 0;
+        pr.become_probe();
+        pr.next_idx = last.min(leader_last) + 1;
+    }
+
+    /// Ends rejoining once this node's log is committed up to the leader's answer.
+    fn check_rejoined(&mut self) {
+        let Some(target) = self.rejoin_target.filter(|_| self.rejoining) else {
+            return;
+        };
+        if self.raw.raft.raft_log.committed >= target {
+            self.rejoining = false;
+            tracing::info!(
+                group = %self.group,
+                node_id = self.node.0,
+                committed = target,
+                "rejoined: this node holds everything committed and votes again"
+            );
+        }
     }
 
     /// Tells raft a peer could not be reached (it slows down sending to it).
@@ -799,6 +935,11 @@ impl<L: RaftLog> GroupCore<L> {
         }
         self.conf_unwritten = false;
         for rs in rd.take_read_states() {
+            if rejoin_last_index(&rs.request_ctx).is_some() {
+                self.rejoin_target = self.rejoin_target.max(Some(rs.index));
+                self.check_rejoined();
+                continue;
+            }
             let tag = rs
                 .request_ctx
                 .get(..8)

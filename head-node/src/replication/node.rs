@@ -58,6 +58,9 @@ pub struct ReplNode<T: Transport> {
     throttle: OnceLock<Arc<NodeThrottle>>,
     /// What this node's NBD clients may have in flight on one volume (bytes).
     client_bytes: OnceLock<u64>,
+    /// This node lost its Raft state: groups started while this is set rejoin (they neither
+    /// vote nor campaign until caught up; see `GroupCore::rejoining`).
+    rejoining: std::sync::atomic::AtomicBool,
 }
 
 impl<T: Transport> std::fmt::Debug for ReplNode<T> {
@@ -102,6 +105,7 @@ impl<T: Transport> ReplNode<T> {
             control: OnceLock::new(),
             throttle: OnceLock::new(),
             client_bytes: OnceLock::new(),
+            rejoining: std::sync::atomic::AtomicBool::new(false),
         });
         let (tx, mut rx) = mpsc::channel::<InboundRaft>(16384);
         let weak: Weak<Self> = Arc::downgrade(&this);
@@ -179,6 +183,13 @@ impl<T: Transport> ReplNode<T> {
         let _ = self.client_bytes.set(bytes);
     }
 
+    /// Says whether this node rejoins after losing its Raft state: every group started while
+    /// it does rejoins (groups already running keep their own state).
+    pub fn set_rejoining(&self, on: bool) {
+        self.rejoining
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Starts a group on this node over `log` (its persisted state).
     pub fn add_group<L: RaftLog>(
         &self,
@@ -189,11 +200,13 @@ impl<T: Transport> ReplNode<T> {
         kind: GroupKind,
     ) -> Result<Arc<ReplicatedVolume<T>>, GroupError> {
         let is_volume = matches!(kind, GroupKind::Volume { .. });
+        let mut cfg = self.cfg.clone();
+        cfg.group.rejoining = self.rejoining.load(std::sync::atomic::Ordering::SeqCst);
         let (handle, task) = driver::spawn(
             group,
             self.node,
             log,
-            self.cfg.clone(),
+            cfg,
             self.transport.clone(),
             self.persist.clone(),
             sleds,

@@ -112,6 +112,8 @@ struct Sim {
     /// Steps in which a majority of the nodes was up and not frozen (the chaos can leave a
     /// run without a quorum for most of its length; liveness is asked only of runs with one).
     quorum_steps: u64,
+    /// Random crashes, restarts, cuts and freezes (off for scripted scenarios).
+    chaos_on: bool,
 }
 
 fn trace_on() -> bool {
@@ -168,17 +170,36 @@ impl Sim {
             reads_ok: 0,
             writes_acked: 0,
             quorum_steps: 0,
+            chaos_on: true,
         }
     }
 
     fn core(id: u64, log: MemLog, seed: u64) -> GroupCore<MemLog> {
+        Self::core_with(id, log, seed, false)
+    }
+
+    fn core_with(id: u64, log: MemLog, seed: u64, rejoining: bool) -> GroupCore<MemLog> {
         let cfg = GroupConfig {
             election_tick: 10,
             heartbeat_tick: 2,
             max_size_per_msg: 64 << 10,
+            rejoining,
             ..GroupConfig::default()
         };
         GroupCore::new(GroupId(7), NodeId(id), log, cfg, seed).expect("core")
+    }
+
+    /// Crashes node `i`: what it had not persisted is lost, its messages in flight too.
+    fn crash(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.log.crash();
+        node.core = None;
+        node.outstanding = None;
+        node.serving = None;
+        node.flushing.clear();
+        node.reads.clear();
+        let id = node.id;
+        self.net.retain(|(_, from, to, _)| *from != id && *to != id);
     }
 
     fn send(&mut self, from: u64, msgs: Vec<Message>) {
@@ -596,17 +617,9 @@ impl Sim {
             0..=3 => {
                 // Crash a node: what it had not persisted is lost.
                 let i = self.rng.gen_range(0..n);
-                let node = &mut self.nodes[i];
-                if node.core.is_some() {
-                    strace!("step {} crash node {}", self.step, node.id);
-                    node.log.crash();
-                    node.core = None;
-                    node.outstanding = None;
-                    node.serving = None;
-                    node.flushing.clear();
-                    node.reads.clear();
-                    let id = node.id;
-                    self.net.retain(|(_, from, to, _)| *from != id && *to != id);
+                if self.nodes[i].core.is_some() {
+                    strace!("step {} crash node {}", self.step, self.nodes[i].id);
+                    self.crash(i);
                 }
             }
             4..=12 => {
@@ -656,7 +669,9 @@ impl Sim {
     fn run(&mut self, steps: u64) {
         for _ in 0..steps {
             self.step += 1;
-            self.chaos();
+            if self.chaos_on {
+                self.chaos();
+            }
             let up = self
                 .nodes
                 .iter()
@@ -1124,4 +1139,100 @@ fn a_proposal_for_an_ended_client_session_is_refused() {
     );
     core.propose_for(8, &w, data(), Some(new))
         .expect("the new session after the restart");
+}
+
+/// One scripted run: node A loses its whole Raft state while it and the leader hold entries the
+/// third node B lacks, then the leader dies. Returns the simulation, run until `steps` after the
+/// loss, with the roles `(leader, a, b)`. A starts again empty, as a rejoining node or not.
+fn lost_state_run(seed: u64, rejoining: bool, steps: u64) -> (Sim, usize, usize, usize) {
+    let mut sim = Sim::new(seed, 3);
+    sim.chaos_on = false;
+    sim.drop_p = 0.0;
+    sim.run(400);
+    let l = sim
+        .nodes
+        .iter()
+        .position(|n| n.serving.is_some())
+        .unwrap_or_else(|| fail(seed, "no leader to start from".into()));
+    let (a, b) = ((l + 1) % 3, (l + 2) % 3);
+    let (lid, aid, bid) = (sim.nodes[l].id, sim.nodes[a].id, sim.nodes[b].id);
+    // B falls behind: only the leader and A hold what is committed from now on.
+    for (x, y) in [(bid, lid), (bid, aid)] {
+        sim.cut.insert((x, y));
+        sim.cut.insert((y, x));
+    }
+    let acked = sim.writes_acked;
+    sim.run(400);
+    assert!(
+        sim.writes_acked > acked,
+        "seed {seed}: nothing committed without B"
+    );
+    // The leader dies; A comes back with none of its state; B is reachable again.
+    sim.crash(l);
+    sim.crash(a);
+    sim.nodes[a].log = MemLog::new(&[1, 2, 3]);
+    sim.nodes[a].core = Some(Sim::core_with(
+        aid,
+        sim.nodes[a].log.clone(),
+        seed,
+        rejoining,
+    ));
+    sim.cut.clear();
+    sim.run(steps);
+    (sim, l, a, b)
+}
+
+#[test]
+fn a_node_that_lost_its_state_votes_again_only_once_it_holds_everything_committed() {
+    for seed in seeds().into_iter().take(4) {
+        // The hazard itself: A, empty, votes for B, which lacks acknowledged writes, and B's
+        // term overwrites them. (Shown so that this test could fail: without the rule below,
+        // the committed history breaks.)
+        let r = std::panic::catch_unwind(|| lost_state_run(seed, false, 1500));
+        assert!(
+            r.is_err(),
+            "seed {seed}: a node with no state elected a lagging peer without breaking anything?"
+        );
+        // Rejoining, A neither votes nor campaigns: no leader while the old one is down...
+        let (mut sim, l, a, _) = lost_state_run(seed, true, 1500);
+        assert!(
+            sim.nodes
+                .iter()
+                .all(|n| n.core.as_ref().is_none_or(|c| !c.is_leader())),
+            "seed {seed}: a leader was elected with the only full copy down"
+        );
+        assert!(sim.nodes[a].core.as_ref().is_some_and(|c| c.rejoining()));
+        // ...and once it is back, A catches up and votes again; nothing acknowledged is lost.
+        let (lid, seed2) = (sim.nodes[l].id, sim.seed);
+        sim.nodes[l].core = Some(Sim::core(lid, sim.nodes[l].log.clone(), seed2));
+        sim.settle_and_check();
+        assert!(
+            sim.nodes[a].core.as_ref().is_some_and(|c| !c.rejoining()),
+            "seed {seed}: the rejoining node never caught up"
+        );
+    }
+}
+
+#[test]
+fn a_node_that_lost_its_state_rejoins_under_a_leader_that_counted_its_acknowledgements() {
+    for seed in seeds().into_iter().take(4) {
+        let mut sim = Sim::new(seed, 3);
+        sim.chaos_on = false;
+        sim.drop_p = 0.0;
+        sim.run(400);
+        let l = (sim.nodes.iter().position(|n| n.serving.is_some()))
+            .unwrap_or_else(|| fail(seed, "no leader to start from".into()));
+        let a = (l + 1) % 3;
+        let aid = sim.nodes[a].id;
+        // A acknowledged entries, then loses them; the leader still records them as A's.
+        sim.crash(a);
+        sim.nodes[a].log = MemLog::new(&[1, 2, 3]);
+        sim.nodes[a].core = Some(Sim::core_with(aid, sim.nodes[a].log.clone(), seed, true));
+        sim.run(1500);
+        sim.settle_and_check();
+        assert!(
+            sim.nodes[a].core.as_ref().is_some_and(|c| !c.rejoining()),
+            "seed {seed}: the rejoining node never caught up"
+        );
+    }
 }
