@@ -31,10 +31,12 @@ pub enum StartError {
     #[error(transparent)]
     Key(#[from] KeyError),
     /// The Raft log.
-    #[error("raft log in {dir}: {source}")]
+    #[error("raft log in {dir}: {source}{hint}")]
     Wal {
         /// Its directory.
         dir: String,
+        /// What the operator can do about it (empty, or starting with a separator).
+        hint: &'static str,
         /// Cause.
         #[source]
         source: crate::replication::wal::WalError,
@@ -252,6 +254,117 @@ fn read_token(path: &std::path::Path) -> Result<String, StartError> {
     Ok(t)
 }
 
+/// What to do about a Raft log that cannot be opened.
+fn wal_hint(e: &crate::replication::wal::WalError) -> &'static str {
+    use crate::replication::wal::WalError as W;
+    match e {
+        W::Corrupt { .. } | W::MissingSegment { .. } | W::Inconsistent { .. } => {
+            "; the log is damaged: keep the state directory for inspection, move it away and \
+             start this node with --rejoin to rebuild its state from its peers (docs/deploy.md, \
+             \"A head node that lost its state\")"
+        }
+        _ => "",
+    }
+}
+
+/// The file a rejoining node keeps in its state directory until it holds everything committed
+/// in every group it runs: a restart meanwhile rejoins again.
+const REJOIN_MARKER: &str = "REJOIN";
+
+/// Decides whether this node rejoins (see `GroupCore::rejoining`): it does while the marker
+/// is there, and `--rejoin` puts it there, but only on a node whose Raft log is empty (one
+/// with a log would throw away its votes' protection for nothing).
+fn prepare_rejoin(
+    cfg: &HeadConfig,
+    marker: &std::path::Path,
+    log_empty: bool,
+) -> Result<bool, StartError> {
+    if marker.exists() {
+        tracing::warn!(marker = %marker.display(),
+            "rejoining: this node lost its Raft state; it neither votes nor campaigns until it \
+             holds everything the cluster committed");
+        return Ok(true);
+    }
+    if !cfg.rejoin {
+        if log_empty && !cfg.peer.is_empty() {
+            tracing::info!(state_dir = %cfg.state_dir.display(),
+                "starting with an empty Raft log, as a new cluster member; if this node ran \
+                 before and lost its state, stop it and start it with --rejoin");
+        }
+        return Ok(false);
+    }
+    if cfg.peer.is_empty() {
+        return Err(StartError::Setup(
+            "--rejoin: this node has no peers to catch up from (a single head node's lost state \
+             cannot be rebuilt)"
+                .into(),
+        ));
+    }
+    if !log_empty {
+        return Err(StartError::Setup(format!(
+            "--rejoin is for a node that lost its Raft state, but {} holds a Raft log: start it \
+             without --rejoin (a damaged log: move the state directory away first)",
+            cfg.state_dir.join("wal").display()
+        )));
+    }
+    crate::state::write_atomic(
+        marker,
+        b"rejoining: lost Raft state, catching up from peers\n",
+    )
+    .map_err(|e| StartError::Setup(format!("rejoin marker: {e}")))?;
+    tracing::warn!(marker = %marker.display(),
+        "rejoining: this node neither votes nor campaigns until it holds everything the cluster \
+         committed");
+    Ok(true)
+}
+
+/// Ends rejoining once the metadata group and every group the cluster state has this node
+/// run hold everything committed: the marker goes and groups started later vote at once.
+async fn finish_rejoin(
+    node: Arc<ReplNode<TcpTransport>>,
+    me: u64,
+    marker: std::path::PathBuf,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+        let Some(meta) = node.handle(GroupId::META) else {
+            continue;
+        };
+        let ms = meta.status();
+        let Some(st) = ms.cluster.clone().filter(|_| !ms.rejoining) else {
+            continue;
+        };
+        if ms.applied < ms.committed {
+            continue;
+        }
+        let mine: Vec<GroupId> = (st.groups.values())
+            .filter(|g| g.runners().any(|n| n == me))
+            .map(|g| g.id)
+            .collect();
+        if (mine.iter()).any(|g| node.handle(*g).is_none_or(|h| h.status().rejoining)) {
+            continue;
+        }
+        if let Err(e) = std::fs::remove_file(&marker).and_then(|()| {
+            let dir = marker.parent().unwrap_or(std::path::Path::new("."));
+            std::fs::File::open(dir)?.sync_all()
+        }) {
+            tracing::error!(marker = %marker.display(), error = %e,
+                "removing the rejoin marker failed; retrying");
+            continue;
+        }
+        node.set_rejoining(false);
+        tracing::info!(
+            groups = mine.len(),
+            "rejoined: this node holds everything committed in its groups and votes again"
+        );
+        return;
+    }
+}
+
 /// Starts a head node. `registry` receives its metrics.
 pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Running, StartError> {
     cfg.validate()?;
@@ -270,9 +383,12 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
             .map_err(|e| StartError::Setup(e.to_string()))?
             .map_err(|source| StartError::Wal {
                 dir: wal_dir.display().to_string(),
+                hint: wal_hint(&source),
                 source,
             })?
     };
+    let marker = cfg.state_dir.join(REJOIN_MARKER);
+    let rejoining = prepare_rejoin(&cfg, &marker, recovered.groups.is_empty())?;
     if let Some(t) = &recovered.torn_tail {
         tracing::warn!(file = %t.file.display(), offset = t.offset, dropped_bytes = t.dropped_bytes,
             "cut a torn tail off the raft log (an unacknowledged write)");
@@ -337,6 +453,8 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
     voters.push(cfg.node_id.0);
     voters.sort_unstable();
 
+    // Every group a rejoining node starts (the metadata group first) waits to vote.
+    node.set_rejoining(rejoining);
     // The metadata group, on every configured head node.
     let fresh_meta = !recovered.groups.contains_key(&GroupId::META);
     let meta_log = match recovered.groups.remove(&GroupId::META) {
@@ -356,7 +474,7 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
     let meta = node
         .handle(GroupId::META)
         .ok_or_else(|| StartError::Setup("metadata group did not start".into()))?;
-    if fresh_meta && voters.first() == Some(&cfg.node_id.0) {
+    if fresh_meta && !rejoining && voters.first() == Some(&cfg.node_id.0) {
         // A new cluster: the lowest id starts the first election at once.
         meta.campaign().await;
     }
@@ -411,6 +529,14 @@ pub async fn start(cfg: HeadConfig, registry: prometheus::Registry) -> Result<Ru
         ControlMetrics::new(&registry).map_err(|e| StartError::Setup(e.to_string()))?,
     );
     tasks.extend(control.start(rx.clone()));
+    if rejoining {
+        tasks.push(tokio::spawn(finish_rejoin(
+            node.clone(),
+            cfg.node_id.0,
+            marker,
+            rx.clone(),
+        )));
+    }
     // Volumes named in the configuration: created (or grown) and attached through the
     // control plane, like an operator would.
     if !cfg.volume.is_empty() {

@@ -250,6 +250,11 @@ pub struct HeadConfig {
     /// The correlated-events engine (`GET /v1/events`).
     #[serde(default)]
     pub events: crate::events::EventsConfig,
+    /// This node lost its Raft state and rejoins its cluster (`--rejoin`, never from a file:
+    /// it is a one-time act, remembered in the state directory until done). See
+    /// `docs/deploy.md`, "A head node that lost its state".
+    #[serde(skip)]
+    pub rejoin: bool,
 }
 
 fn default_sled_timeout() -> std::time::Duration {
@@ -281,6 +286,7 @@ impl HeadConfig {
             control: ControlConfig::default(),
             throttle: ThrottleConfig::default(),
             events: crate::events::EventsConfig::default(),
+            rejoin: false,
         }
     }
 

@@ -72,6 +72,11 @@ struct Args {
     /// Deadline of a sled request (e.g. `5s`): past it the connection is closed.
     #[arg(long, value_parser = common::units::parse_duration)]
     sled_timeout: Option<std::time::Duration>,
+    /// This node lost its Raft state (its state directory is new or was moved away) and
+    /// rejoins its cluster: it neither votes nor campaigns until it holds everything the
+    /// cluster committed. Refused when the state directory holds a Raft log.
+    #[arg(long)]
+    rejoin: bool,
 }
 
 fn config(a: Args) -> anyhow::Result<HeadConfig> {
@@ -142,6 +147,7 @@ fn config(a: Args) -> anyhow::Result<HeadConfig> {
     if let Some(v) = a.stale_after {
         cfg.raft.stale_after = v;
     }
+    cfg.rejoin = a.rejoin;
     if a.capacity_iops.is_some() {
         cfg.throttle.capacity_iops = a.capacity_iops;
     }

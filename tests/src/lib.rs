@@ -225,6 +225,36 @@ impl Proc {
         }
     }
 
+    /// Adds a flag without a value (e.g. `--rejoin`) to the arguments of the next
+    /// [`Proc::start`], once.
+    pub fn add_flag(&mut self, flag: &str) {
+        if !self.args.iter().any(|a| a == flag) {
+            self.args.push(flag.to_string());
+        }
+    }
+
+    /// Removes a flag without a value from the arguments of the next [`Proc::start`].
+    pub fn remove_flag(&mut self, flag: &str) {
+        self.args.retain(|a| a != flag);
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status, or `None` if it
+    /// still runs (it is left running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            let c = self.child.as_mut()?;
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Its PID, while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

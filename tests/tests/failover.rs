@@ -1,6 +1,6 @@
 //! Three head nodes replicating a volume with Raft over three sleds: leader kills under load,
 //! a frozen (SIGSTOP) leader fenced out at the sleds, followers catching up from the log and
-//! from a snapshot, a torn log tail.
+//! from a snapshot, a torn log tail, a node that lost its state rejoining.
 
 use rand::{Rng, SeedableRng};
 use std::net::SocketAddr;
@@ -405,5 +405,131 @@ fn a_torn_log_tail_is_cut_on_restart() {
         NbdClient::connect(c.heads[victim].ready.nbd, "vol0", Duration::from_secs(60)).unwrap();
     for i in 0..20u64 {
         assert_eq!(r.read(i * BS as u64, BS as u32).unwrap(), block(i + 1));
+    }
+}
+
+/// True when some head node serves the volume (role 3) at some moment within `window`.
+fn any_serving_within(heads: &[HeadProc], window: Duration) -> bool {
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        if heads
+            .iter()
+            .any(|h| metric(h.ready.admin, "stockade_raft_role") == Some(3.0))
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn a_head_that_lost_its_state_rejoins_and_votes_only_once_caught_up() {
+    let mut c = Cluster3::start("failover-rejoin", 3, "2GiB", "8MiB", &["vol0:64MiB"], &[]);
+    let leader = serving(&c.heads, Duration::from_secs(60));
+    let mut cl =
+        NbdClient::connect(c.heads[leader].ready.nbd, "vol0", Duration::from_secs(30)).unwrap();
+    for i in 0..20u64 {
+        cl.write(i * BS as u64, &block(i + 1)).unwrap();
+    }
+    drop(cl);
+    let victim = (leader + 1) % 3;
+    let state = c.dir.path().join(format!("head{}-state", victim + 1));
+    let marker = state.join("REJOIN");
+    c.heads[victim].proc.kill9();
+
+    // --rejoin on a node that still has its log is refused: it would give up its votes'
+    // protection for nothing.
+    c.heads[victim].proc.add_flag("--rejoin");
+    c.heads[victim].proc.start();
+    let status = c.heads[victim]
+        .proc
+        .wait_exit(Duration::from_secs(30))
+        .expect("head-node --rejoin over an existing log kept running");
+    assert!(!status.success(), "head-node --rejoin over a log succeeded");
+    let log = c.heads[victim].proc.log_text();
+    assert!(
+        log.contains("holds a Raft log"),
+        "no clear refusal:\n{}",
+        c.heads[victim].proc.log_tail(20)
+    );
+    assert!(!marker.exists(), "the refused start left a rejoin marker");
+
+    // Its log is damaged (a flipped byte in its first record, not a torn tail): it refuses to
+    // start and says how to rebuild it.
+    let mut segs: Vec<_> = std::fs::read_dir(state.join("wal"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    segs.sort();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&segs[0])
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 100).unwrap();
+        f.write_all_at(&[b[0] ^ 0xff], 100).unwrap();
+    }
+    c.heads[victim].proc.remove_flag("--rejoin");
+    c.heads[victim].proc.start();
+    let status = c.heads[victim]
+        .proc
+        .wait_exit(Duration::from_secs(30))
+        .expect("head-node kept running over a damaged log");
+    assert!(!status.success());
+    let log = c.heads[victim].proc.log_text();
+    let error = (log.lines())
+        .find(|l| l.contains("the log is damaged"))
+        .unwrap_or_else(|| panic!("no clear error:\n{}", c.heads[victim].proc.log_tail(60)));
+    assert!(error.contains("--rejoin"), "no way out named: {error}");
+    c.heads[victim].proc.add_flag("--rejoin");
+
+    // Its state is lost. With the old leader down too, the survivor alone must not be elected
+    // with the empty node's vote: it might lack entries only the lost log had helped commit.
+    std::fs::remove_dir_all(&state).unwrap();
+    c.heads[leader].proc.kill9();
+    c.heads[victim].restart();
+    assert!(marker.exists(), "the rejoining node keeps no marker");
+    assert!(
+        !any_serving_within(&c.heads, Duration::from_secs(4)),
+        "a leader was elected with the vote of a node that lost its state"
+    );
+    // (Its metadata group may have caught up, from a metadata leader that outlived the
+    // volume's; the node as a whole rejoins only once every group it runs has.)
+    assert!(
+        marker.exists(),
+        "the node finished rejoining while its volume had no leader to catch up from"
+    );
+
+    // The old leader returns: the node catches up, leaves the marker behind and votes again.
+    c.heads[leader].restart();
+    tests::eventually(Duration::from_secs(60), "the rejoin to finish", || {
+        (!marker.exists()).then_some(())
+    });
+    tests::eventually(Duration::from_secs(10), "the rejoin to be logged", || {
+        (c.heads[victim].proc.log_text())
+            .contains("rejoined: this node holds everything committed in its groups")
+            .then_some(())
+    });
+    // Now an election needs its vote: stop whoever leads the volume, unless it leads itself
+    // (then it already won one); the other two must elect, and every write is there.
+    let now = serving(&c.heads, Duration::from_secs(60));
+    if now != victim {
+        c.heads[now].proc.kill9();
+        let next = serving(&c.heads, Duration::from_secs(60));
+        assert_ne!(next, now);
+    }
+    let mut r =
+        NbdClient::connect(c.heads[victim].ready.nbd, "vol0", Duration::from_secs(60)).unwrap();
+    for i in 0..20u64 {
+        assert_eq!(
+            r.read(i * BS as u64, BS as u32).unwrap(),
+            block(i + 1),
+            "block {i}"
+        );
     }
 }
