@@ -461,3 +461,64 @@ fn a_signal_during_the_start_stops_what_had_started() {
     assert_eq!(info.processes.len(), 6);
     assert!(p2.stop(Duration::from_secs(60)), "{}", p2.log_tail(30));
 }
+
+#[test]
+fn a_head_node_that_lost_its_state_rebuilds_it_on_the_next_up() {
+    let dir = scratch("up-rejoin");
+    let (mut p, info) = up(dir.path(), "first");
+    let uri = info.nbd_uri.clone().expect("NBD URI");
+    let w = qemu_io(&uri, &["write -P 0x5e 0 1M"]);
+    assert!(ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+    // vol0 starts with one member and grows to three (partial provisioning): its state is
+    // replicated, and so can be rebuilt, once all three hold it.
+    eventually(
+        Duration::from_secs(60),
+        "vol0 to have its three members",
+        || {
+            let o = std::process::Command::new(bin("stockade"))
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .args(["volume", "show", "vol0"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&o.stdout).to_string();
+            (o.status.success()
+                && text.lines().any(|l| {
+                    l.starts_with("members:")
+                        && l.matches(',').count() == 2
+                        && !l.contains("growing")
+                }))
+            .then_some(())
+        },
+    );
+    assert!(p.stop(Duration::from_secs(60)));
+    // head-2's disk dies: its state directory is gone.
+    let state = dir.path().join("data/head-2/state");
+    std::fs::rename(&state, dir.path().join("head-2-state.lost")).unwrap();
+    // (cluster.json of the first run is still there: wait for this run to say it is up.)
+    let (mut p, _) = up(dir.path(), "second");
+    eventually(Duration::from_secs(120), "the second run to be up", || {
+        assert!(p.is_running(), "stockade up exited:\n{}", p.log_tail(30));
+        p.log_text().contains("Stockade is up").then_some(())
+    });
+    let out = p.log_text();
+    assert!(out.contains("head-2 has lost its state"), "{out}");
+    assert!(
+        !out.contains("head-1 has lost") && !out.contains("head-3 has lost"),
+        "{out}"
+    );
+    let log = dir.path().join("data/head-2/log");
+    eventually(
+        Duration::from_secs(60),
+        "head-2 to rebuild its state",
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            (!state.join("REJOIN").exists()
+                && text.contains("rejoined: this node holds everything committed in its groups"))
+            .then_some(())
+        },
+    );
+    let r = qemu_io(&uri, &["read -P 0x5e 0 1M"]);
+    assert!(ok(&r), "{}", String::from_utf8_lossy(&r.stdout));
+    assert!(p.stop(Duration::from_secs(60)));
+}

@@ -440,6 +440,22 @@ fn stop_all(members: &mut [Member], signalled: &tokio::sync::watch::Receiver<u32
     }
 }
 
+/// Written in the data directory once every head node of the cluster has registered (each has
+/// a Raft log from then on).
+const FORMED_FILE: &str = "formed";
+
+/// True when head node state directory `state` has lost the Raft log of a cluster that has
+/// formed (see [`FORMED_FILE`]); a run interrupted before that has nothing to rejoin. Such a node must start with `--rejoin` (voting with an empty log could elect a peer
+/// that lacks acknowledged writes). A node already rejoining keeps its marker and needs no flag.
+fn lost_state(dir: &Path, heads: usize, state: &Path) -> bool {
+    let has_log = std::fs::read_dir(state.join("wal")).is_ok_and(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .any(|e| e.path().extension().is_some_and(|x| x == "wal"))
+    });
+    heads > 1 && dir.join(FORMED_FILE).exists() && !has_log && !state.join("REJOIN").exists()
+}
+
 /// A TOML string literal (paths may hold quotes or backslashes).
 fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
@@ -739,7 +755,14 @@ pub fn run(args: UpArgs, data_dir: &Path) -> anyhow::Result<()> {
                     replicas,
                 ),
             )?;
-            let a = vec!["--config".to_string(), cfg.display().to_string()];
+            let mut a = vec!["--config".to_string(), cfg.display().to_string()];
+            if lost_state(&dir, args.heads, &hdir.join("state")) {
+                say(&format!(
+                    "{name} has lost its state (its Raft log is gone): it rebuilds it from the \
+                     other head nodes, and votes again once it holds everything committed\n"
+                ));
+                a.push("--rejoin".into());
+            }
             members.push(spawn("head", name, &head_bin, &a, &hdir, p, detach)?);
             configs.insert(name.clone(), cfg);
         }
@@ -831,6 +854,14 @@ fn serve(
         admin_token_file: Some(token.to_path_buf()),
         nbd_uri: Some(uri.clone()),
     };
+    // Every head node registered, so each has a Raft log from now on (see `lost_state`).
+    let formed = dir.join(FORMED_FILE);
+    if !formed.exists() {
+        std::fs::write(&formed, "every head node of this cluster has run\n")
+            .and_then(|()| File::open(&formed)?.sync_all())
+            .and_then(|()| File::open(dir)?.sync_all())
+            .with_context(|| format!("writing {}", formed.display()))?;
+    }
     let cluster_json = dir.join("cluster.json");
     let tmp = dir.join("cluster.json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(&info)?)
@@ -1001,5 +1032,30 @@ mod tests {
             std::fs::create_dir_all(d.path().join(h)).unwrap();
         }
         assert_eq!(existing_heads(d.path()).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_head_node_rejoins_only_when_a_cluster_that_ran_lost_its_log() {
+        let d = tempfile::tempdir().unwrap();
+        let state = d.path().join("head-2/state");
+        // A first run (or one interrupted before the cluster formed): nothing to rejoin.
+        assert!(!lost_state(d.path(), 3, &state));
+        std::fs::write(d.path().join(FORMED_FILE), "").unwrap();
+        // The cluster ran; this node's state is gone.
+        assert!(lost_state(d.path(), 3, &state));
+        std::fs::create_dir_all(state.join("wal")).unwrap();
+        assert!(
+            lost_state(d.path(), 3, &state),
+            "an empty log directory is no log"
+        );
+        // A single head node has no peers to rebuild from.
+        assert!(!lost_state(d.path(), 1, &state));
+        // Already rejoining: the node keeps doing so by itself.
+        std::fs::write(state.join("REJOIN"), "").unwrap();
+        assert!(!lost_state(d.path(), 3, &state));
+        std::fs::remove_file(state.join("REJOIN")).unwrap();
+        // A log: a normal restart.
+        std::fs::write(state.join("wal/00000000000000000001.wal"), "x").unwrap();
+        assert!(!lost_state(d.path(), 3, &state));
     }
 }
