@@ -18,6 +18,7 @@ pub struct HeadMetrics {
     epoch: IntGaugeVec,
     term: IntGaugeVec,
     role: IntGaugeVec,
+    rejoining: IntGaugeVec,
     commit: IntGaugeVec,
     applied: IntGaugeVec,
     flushed: IntGaugeVec,
@@ -94,6 +95,11 @@ impl HeadMetrics {
                 r,
                 "stockade_raft_role",
                 "Raft role of this node in the volume's group: 0 follower, 1 pre-candidate, 2 candidate, 3 leader serving, 4 leader not yet serving.",
+            )?,
+            rejoining: int_gauge_vec(
+                r,
+                "stockade_raft_rejoining",
+                "1 while this node rejoins the volume's group after losing its Raft state (it does not vote until it holds everything committed).",
             )?,
             commit: int_gauge_vec(
                 r,
@@ -184,6 +190,7 @@ impl HeadMetrics {
             epoch: self.epoch.with_label_values(&[name]),
             term: self.term.with_label_values(&[name]),
             role: self.role.with_label_values(&[name]),
+            rejoining: self.rejoining.with_label_values(&[name]),
             commit_index: self.commit.with_label_values(&[name]),
             applied_index: self.applied.with_label_values(&[name]),
             flushed_index: self.flushed.with_label_values(&[name]),
@@ -213,6 +220,7 @@ impl HeadMetrics {
         let _ = self.epoch.remove_label_values(&one);
         let _ = self.term.remove_label_values(&one);
         let _ = self.role.remove_label_values(&one);
+        let _ = self.rejoining.remove_label_values(&one);
         let _ = self.commit.remove_label_values(&one);
         let _ = self.applied.remove_label_values(&one);
         let _ = self.flushed.remove_label_values(&one);
@@ -225,6 +233,7 @@ impl HeadMetrics {
         let _ = self.rewrites.remove_label_values(&one);
         let _ = self.snapshots.remove_label_values(&one);
         let _ = self.sessions_ended.remove_label_values(&one);
+        let _ = self.lacking.remove_label_values(&one);
         for stage in [
             "throttle",
             "sled_read",
@@ -258,6 +267,8 @@ pub struct VolumeMetrics {
     pub term: IntGauge,
     /// Raft role code.
     pub role: IntGauge,
+    /// 1 while rejoining after a lost Raft state.
+    pub rejoining: IntGauge,
     /// Commit index.
     pub commit_index: IntGauge,
     /// Applied index.

@@ -515,6 +515,15 @@ fn a_head_that_lost_its_state_rejoins_and_votes_only_once_caught_up() {
             .contains("rejoined: this node holds everything committed in its groups")
             .then_some(())
     });
+    // Its groups say so on /metrics too (the alert on a stuck rejoin watches this).
+    let (_, body) = http_get(c.heads[victim].ready.admin, "/metrics").unwrap();
+    let rejoining: Vec<&str> = (body.lines())
+        .filter(|l| l.starts_with("stockade_raft_rejoining{"))
+        .collect();
+    assert!(
+        !rejoining.is_empty() && rejoining.iter().all(|l| l.ends_with(" 0")),
+        "{rejoining:?}"
+    );
     // Now an election needs its vote: stop whoever leads the volume, unless it leads itself
     // (then it already won one); the other two must elect, and every write is there.
     let now = serving(&c.heads, Duration::from_secs(60));

@@ -1394,6 +1394,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         };
         let m = &self.vm;
         m.term.set(self.core.term() as i64);
+        m.rejoining.set(i64::from(self.core.rejoining()));
         m.role.set(match self.core.role() {
             raft::StateRole::Follower => 0,
             raft::StateRole::PreCandidate => 1,
