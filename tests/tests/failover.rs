@@ -372,25 +372,50 @@ fn followers_catch_up_from_the_log_and_from_a_snapshot() {
     }
 }
 
-#[test]
-fn a_torn_log_tail_is_cut_on_restart() {
-    let mut c = Cluster3::start("failover-torn", 3, "2GiB", "8MiB", &["vol0:64MiB"], &[]);
+/// Three head nodes serving vol0 with blocks 0..20 written (block `i` holds `block(i + 1)`);
+/// the index of the leader.
+fn three_heads_with_20_blocks(name: &str) -> (Cluster3, usize) {
+    let c = Cluster3::start(name, 3, "2GiB", "8MiB", &["vol0:64MiB"], &[]);
     let leader = serving(&c.heads, Duration::from_secs(60));
     let mut cl =
         NbdClient::connect(c.heads[leader].ready.nbd, "vol0", Duration::from_secs(30)).unwrap();
     for i in 0..20u64 {
         cl.write(i * BS as u64, &block(i + 1)).unwrap();
     }
-    let victim = (leader + 1) % 3;
-    c.heads[victim].proc.kill9();
-    // Append half a record's worth of garbage to its newest log segment.
-    let wal = c.dir.path().join(format!("head{}-state/wal", victim + 1));
-    let mut segs: Vec<_> = std::fs::read_dir(&wal)
+    (c, leader)
+}
+
+/// Starts `head` expecting it to refuse (exit non-zero by itself); its whole log.
+fn refused_start(head: &mut HeadProc, what: &str) -> String {
+    head.proc.start();
+    let status = (head.proc.wait_exit(Duration::from_secs(30)))
+        .unwrap_or_else(|| panic!("head-node started over {what} and kept running"));
+    assert!(
+        !status.success(),
+        "head-node over {what} exited with success"
+    );
+    head.proc.log_text()
+}
+
+/// The segments of a head node's Raft log, oldest first.
+fn wal_segments(wal: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut segs: Vec<_> = std::fs::read_dir(wal)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "wal"))
         .collect();
     segs.sort();
+    segs
+}
+
+#[test]
+fn a_torn_log_tail_is_cut_on_restart() {
+    let (mut c, leader) = three_heads_with_20_blocks("failover-torn");
+    let victim = (leader + 1) % 3;
+    c.heads[victim].proc.kill9();
+    // Append half a record's worth of garbage to its newest log segment.
+    let wal = c.dir.path().join(format!("head{}-state/wal", victim + 1));
+    let segs = wal_segments(&wal);
     let last = segs.last().expect("a segment");
     {
         use std::io::Write;
@@ -425,14 +450,7 @@ fn any_serving_within(heads: &[HeadProc], window: Duration) -> bool {
 
 #[test]
 fn a_head_that_lost_its_state_rejoins_and_votes_only_once_caught_up() {
-    let mut c = Cluster3::start("failover-rejoin", 3, "2GiB", "8MiB", &["vol0:64MiB"], &[]);
-    let leader = serving(&c.heads, Duration::from_secs(60));
-    let mut cl =
-        NbdClient::connect(c.heads[leader].ready.nbd, "vol0", Duration::from_secs(30)).unwrap();
-    for i in 0..20u64 {
-        cl.write(i * BS as u64, &block(i + 1)).unwrap();
-    }
-    drop(cl);
+    let (mut c, leader) = three_heads_with_20_blocks("failover-rejoin");
     let victim = (leader + 1) % 3;
     let state = c.dir.path().join(format!("head{}-state", victim + 1));
     let marker = state.join("REJOIN");
@@ -441,13 +459,7 @@ fn a_head_that_lost_its_state_rejoins_and_votes_only_once_caught_up() {
     // --rejoin on a node that still has its log is refused: it would give up its votes'
     // protection for nothing.
     c.heads[victim].proc.add_flag("--rejoin");
-    c.heads[victim].proc.start();
-    let status = c.heads[victim]
-        .proc
-        .wait_exit(Duration::from_secs(30))
-        .expect("head-node --rejoin over an existing log kept running");
-    assert!(!status.success(), "head-node --rejoin over a log succeeded");
-    let log = c.heads[victim].proc.log_text();
+    let log = refused_start(&mut c.heads[victim], "--rejoin over an existing log");
     assert!(
         log.contains("holds a Raft log"),
         "no clear refusal:\n{}",
@@ -457,12 +469,7 @@ fn a_head_that_lost_its_state_rejoins_and_votes_only_once_caught_up() {
 
     // Its log is damaged (a flipped byte in its first record, not a torn tail): it refuses to
     // start and says how to rebuild it.
-    let mut segs: Vec<_> = std::fs::read_dir(state.join("wal"))
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
-        .collect();
-    segs.sort();
+    let segs = wal_segments(&state.join("wal"));
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
@@ -475,13 +482,7 @@ fn a_head_that_lost_its_state_rejoins_and_votes_only_once_caught_up() {
         f.write_all_at(&[b[0] ^ 0xff], 100).unwrap();
     }
     c.heads[victim].proc.remove_flag("--rejoin");
-    c.heads[victim].proc.start();
-    let status = c.heads[victim]
-        .proc
-        .wait_exit(Duration::from_secs(30))
-        .expect("head-node kept running over a damaged log");
-    assert!(!status.success());
-    let log = c.heads[victim].proc.log_text();
+    let log = refused_start(&mut c.heads[victim], "a damaged log");
     let error = (log.lines())
         .find(|l| l.contains("the log is damaged"))
         .unwrap_or_else(|| panic!("no clear error:\n{}", c.heads[victim].proc.log_tail(60)));
