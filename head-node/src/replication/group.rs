@@ -517,12 +517,14 @@ impl<L: RaftLog> GroupCore<L> {
         pr.next_idx = last.min(leader_last) + 1;
     }
 
-    /// Ends rejoining once this node's log is committed up to the leader's answer.
+    /// Ends rejoining once this node's log is committed up to the leader's answer, and durable
+    /// that far (a vote must never rest on entries a crash could still take back).
     fn check_rejoined(&mut self) {
         let Some(target) = self.rejoin_target.filter(|_| self.rejoining) else {
             return;
         };
-        if self.raw.raft.raft_log.committed >= target {
+        let log = &self.raw.raft.raft_log;
+        if log.committed.min(log.persisted) >= target {
             self.rejoining = false;
             tracing::info!(
                 group = %self.group,
@@ -1015,6 +1017,7 @@ impl<L: RaftLog> GroupCore<L> {
             }
             self.raw.advance_apply();
         }
+        self.check_rejoined();
         self.observe_role();
         self.maybe_leader_ready();
         Ok(msgs)
