@@ -269,7 +269,7 @@ fn wal_hint(e: &crate::replication::wal::WalError) -> &'static str {
 
 /// The file a rejoining node keeps in its state directory until it holds everything committed
 /// in every group it runs: a restart meanwhile rejoins again.
-const REJOIN_MARKER: &str = "REJOIN";
+pub const REJOIN_MARKER: &str = "REJOIN";
 
 /// Decides whether this node rejoins (see `GroupCore::rejoining`): it does while the marker
 /// is there, and `--rejoin` puts it there, but only on a node whose Raft log is empty (one

@@ -445,15 +445,19 @@ fn stop_all(members: &mut [Member], signalled: &tokio::sync::watch::Receiver<u32
 const FORMED_FILE: &str = "formed";
 
 /// True when head node state directory `state` has lost the Raft log of a cluster that has
-/// formed (see [`FORMED_FILE`]); a run interrupted before that has nothing to rejoin. Such a node must start with `--rejoin` (voting with an empty log could elect a peer
-/// that lacks acknowledged writes). A node already rejoining keeps its marker and needs no flag.
+/// formed (see [`FORMED_FILE`]); a run interrupted before that has nothing to rejoin. Such a
+/// node must start with `--rejoin` (voting with an empty log could elect a peer that lacks
+/// acknowledged writes). A node already rejoining keeps its marker and needs no flag.
 fn lost_state(dir: &Path, heads: usize, state: &Path) -> bool {
     let has_log = std::fs::read_dir(state.join("wal")).is_ok_and(|entries| {
         entries
             .filter_map(Result::ok)
             .any(|e| e.path().extension().is_some_and(|x| x == "wal"))
     });
-    heads > 1 && dir.join(FORMED_FILE).exists() && !has_log && !state.join("REJOIN").exists()
+    heads > 1
+        && dir.join(FORMED_FILE).exists()
+        && !has_log
+        && !state.join(head_node::app::REJOIN_MARKER).exists()
 }
 
 /// A TOML string literal (paths may hold quotes or backslashes).
@@ -1051,9 +1055,9 @@ mod tests {
         // A single head node has no peers to rebuild from.
         assert!(!lost_state(d.path(), 1, &state));
         // Already rejoining: the node keeps doing so by itself.
-        std::fs::write(state.join("REJOIN"), "").unwrap();
+        std::fs::write(state.join(head_node::app::REJOIN_MARKER), "").unwrap();
         assert!(!lost_state(d.path(), 3, &state));
-        std::fs::remove_file(state.join("REJOIN")).unwrap();
+        std::fs::remove_file(state.join(head_node::app::REJOIN_MARKER)).unwrap();
         // A log: a normal restart.
         std::fs::write(state.join("wal/00000000000000000001.wal"), "x").unwrap();
         assert!(!lost_state(d.path(), 3, &state));
