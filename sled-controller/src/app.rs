@@ -1,10 +1,10 @@
 //! Starting and stopping a sled controller: open (or format) the devices, start their threads,
 //! serve the protocol and `/metrics`, and stop cleanly.
 
-use crate::config::{ConfigError, EngineKind, FormatPolicy, SledConfig};
+use crate::config::{ConfigError, EngineKind, FormatPolicy, SledConfig, Threading};
 use crate::device::core::{CoreConfig, DeviceCore};
 use crate::device::open::{OpenError, format, looks_empty, read_superblock};
-use crate::device::thread::spawn_device;
+use crate::device::thread::{spawn_device, spawn_device_task};
 use crate::engine::IoEngine;
 use crate::engine::devfile::{DevFile, DevFileError};
 use crate::engine::sync::SyncEngine;
@@ -111,6 +111,7 @@ pub struct Running {
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    device_tasks: Vec<tokio::task::JoinHandle<()>>,
     sled: Option<Arc<Sled>>,
 }
 
@@ -125,6 +126,9 @@ impl Running {
         // Dropping the last reference to the sled drops the device handles: each thread sees
         // its queue close, finishes, writes back its checksums and exits.
         self.sled.take();
+        for t in self.device_tasks.drain(..) {
+            let _ = t.await;
+        }
         let threads = std::mem::take(&mut self.threads);
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -186,6 +190,12 @@ impl IoEngine for Box<dyn IoEngine> {
     }
     fn kind(&self) -> crate::engine::DeviceKind {
         (**self).kind()
+    }
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        (**self).completion_fd()
+    }
+    fn unsubmitted(&self) -> bool {
+        (**self).unsubmitted()
     }
 }
 
@@ -263,6 +273,7 @@ pub async fn start(cfg: SledConfig, registry: prometheus::Registry) -> Result<Ru
     };
     let mut devices = Vec::new();
     let mut threads = Vec::new();
+    let mut device_tasks = Vec::new();
     for (path, policy, mut engine, formatted) in engines {
         if !formatted {
             let erase = match policy {
@@ -286,19 +297,26 @@ pub async fn start(cfg: SledConfig, registry: prometheus::Registry) -> Result<Ru
             metrics.device(&path),
         )?;
         let chunks_total = core.superblock().geometry.chunk_count;
-        let (handle, join) =
-            spawn_device(path.clone(), core, 1024).map_err(|source| StartError::Engine {
-                engine: cfg.io_engine,
-                path: path.clone(),
-                source,
-            })?;
+        let engine_err = |source| StartError::Engine {
+            engine: cfg.io_engine,
+            path: path.clone(),
+            source,
+        };
+        let handle = if cfg.threading == Threading::EventLoop {
+            let (handle, task) = spawn_device_task(path.clone(), core, 1024).map_err(engine_err)?;
+            device_tasks.push(task);
+            handle
+        } else {
+            let (handle, join) = spawn_device(path.clone(), core, 1024).map_err(engine_err)?;
+            threads.push(join);
+            handle
+        };
         tracing::info!(device = %path, chunks_total, "device ready");
         devices.push(Device {
             handle,
             path,
             chunks_total,
         });
-        threads.push(join);
     }
     let sled = Arc::new(Sled::new(sled_id, key, chunk_size, devices, metrics, pool).await);
 
@@ -365,6 +383,7 @@ pub async fn start(cfg: SledConfig, registry: prometheus::Registry) -> Result<Ru
         shutdown,
         tasks,
         threads,
+        device_tasks,
         sled: Some(sled),
     })
 }

@@ -45,6 +45,21 @@ pub enum EngineKind {
     Sync,
 }
 
+/// How the sled's work is spread over threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Threading {
+    /// One thread runs everything: connections, every device's io_uring (its completions are
+    /// waited for in the same event loop as the sockets) and `/metrics`. No hand-off between
+    /// threads on the data path; the fastest for a sled with one or a few devices.
+    #[default]
+    EventLoop,
+    /// A thread per device blocking in its ring, a pool of network threads (one per core) for
+    /// the connections; requests and replies cross between them through bounded queues. Spreads
+    /// a sled with many fast devices over more cores, at a higher cost per request.
+    Threads,
+}
+
 /// What to do with a device that holds no Stockade format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -142,6 +157,9 @@ pub struct SledConfig {
     /// When a write is durable (`dsync` per write, or `batch-fsync`).
     #[serde(default = "default_durability")]
     pub durability: Durability,
+    /// How work is spread over threads.
+    #[serde(default)]
+    pub threading: Threading,
     /// io_uring entries per device.
     #[serde(default = "default_depth")]
     pub queue_depth: u32,
@@ -168,6 +186,7 @@ impl SledConfig {
             chunk_size: default_chunk(),
             io_engine: EngineKind::default(),
             durability: default_durability(),
+            threading: Threading::default(),
             queue_depth: default_depth(),
             registered_buffers: default_registered_buffers(),
             clean_after: default_clean_after(),

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use common::units::ByteSize;
-use sled_controller::config::{DeviceConfig, EngineKind, FormatPolicy, SledConfig};
+use sled_controller::config::{DeviceConfig, EngineKind, FormatPolicy, SledConfig, Threading};
 use sled_controller::device::core::Durability;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +38,10 @@ struct Args {
     /// Write durability: dsync or batch-fsync.
     #[arg(long, value_parser = parse_durability)]
     durability: Option<Durability>,
+    /// How work is spread over threads: event-loop (one thread for everything) or threads (a
+    /// thread per device and a pool of network threads).
+    #[arg(long, value_enum)]
+    threading: Option<Threading>,
     /// Memory for I/O buffers registered with every device's io_uring (0: none).
     #[arg(long)]
     registered_buffers: Option<ByteSize>,
@@ -89,6 +93,9 @@ fn config(args: Args) -> anyhow::Result<SledConfig> {
     if let Some(v) = args.durability {
         cfg.durability = v;
     }
+    if let Some(v) = args.threading {
+        cfg.threading = v;
+    }
     if let Some(v) = args.registered_buffers {
         cfg.registered_buffers = v;
     }
@@ -108,10 +115,15 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::logging::init("sled-controller");
     let cfg = config(args)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("sled-net")
-        .build()?;
+    let rt = match cfg.threading {
+        Threading::EventLoop => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        Threading::Threads => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("sled-net")
+            .build()?,
+    };
     rt.block_on(async move {
         let registry = common::metrics::new_registry();
         let running = sled_controller::app::start(cfg, registry).await?;

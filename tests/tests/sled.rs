@@ -40,18 +40,16 @@ fn fixture(name: &str) -> Fixture {
 
 /// A sled on one device file of `size` with chunks of `chunk`.
 fn fixture_sized(name: &str, size: &str, chunk: &str) -> Fixture {
+    fixture_with(name, size, &["--chunk-size", chunk])
+}
+
+/// A sled on one device file of `size`, started with `args`.
+fn fixture_with(name: &str, size: &str, args: &[&str]) -> Fixture {
     let dir = scratch(name);
     let path = dir.path().to_path_buf();
     let (key_path, key) = key_file(&path);
     let dev = format!("{}:{size}", path.join("dev0.img").display());
-    let sled = SledProc::start(
-        name,
-        &path,
-        &key_path,
-        &[dev],
-        None,
-        &["--chunk-size", chunk],
-    );
+    let sled = SledProc::start(name, &path, &key_path, &[dev], None, args);
     Fixture {
         dir: path,
         _dir: dir,
@@ -83,7 +81,20 @@ fn metric(addr: SocketAddr, name: &str) -> f64 {
 
 #[test]
 fn write_read_trim_and_stat_over_the_network() {
-    let f = fixture("sled-basic");
+    write_read_trim_and_stat(fixture("sled-basic"));
+}
+
+/// The same with the sled's other threading: a thread per device, a pool of network threads.
+#[test]
+fn write_read_trim_and_stat_over_the_network_with_device_threads() {
+    write_read_trim_and_stat(fixture_with(
+        "sled-basic-threads",
+        "256M",
+        &["--chunk-size", "8MiB", "--threading", "threads"],
+    ));
+}
+
+fn write_read_trim_and_stat(f: Fixture) {
     rt().block_on(async {
         let c = client(f.sled.ready.listen, &f.key, 1).await;
         let cred = f.key.mint(V, Epoch(1), NodeId(1));

@@ -285,6 +285,8 @@ pub struct DeviceCore<E: IoEngine> {
     sync_wanted: bool,
     ready: VecDeque<u64>,
     completions: Vec<Completion>,
+    /// Completions collected from the engine and not processed yet ([`DeviceCore::poll_some`]).
+    pending: VecDeque<Completion>,
     use_counter: u64,
     last_tick_ns: u64,
     /// Connections with replies pushed since the last [`DeviceCore::deliver`].
@@ -423,6 +425,7 @@ impl<E: IoEngine> DeviceCore<E> {
             sync_wanted: false,
             ready: VecDeque::new(),
             completions: Vec::new(),
+            pending: VecDeque::new(),
             use_counter: 0,
             last_tick_ns: 0,
             wakes: Wakes::default(),
@@ -1095,6 +1098,28 @@ impl<E: IoEngine> DeviceCore<E> {
         polled
     }
 
+    /// Pushes I/O to the device, collects what completed without waiting, and processes at most
+    /// `limit` completions, delivering their replies; the rest wait for the next call. Returns
+    /// whether completions are left over. A driver that lets connections run between calls gets
+    /// the first replies of a burst onto the wire while the device thread works through the rest.
+    pub fn poll_some(&mut self, limit: usize, doorbell: &Doorbell) -> std::io::Result<bool> {
+        self.deliver();
+        self.drain_backlog();
+        let mut done = std::mem::take(&mut self.completions);
+        let polled = self.engine.poll(None, doorbell, &mut done);
+        self.pending.extend(done.drain(..));
+        self.completions = done;
+        for _ in 0..limit.max(1) {
+            let Some(c) = self.pending.pop_front() else {
+                break;
+            };
+            self.complete(c);
+        }
+        self.run_ready();
+        self.deliver();
+        polled.map(|()| !self.pending.is_empty())
+    }
+
     fn complete(&mut self, c: Completion) {
         let Some(ctx) = self.ops.remove(&c.tag) else {
             tracing::error!(tag = c.tag, "completion for an unknown operation");
@@ -1419,6 +1444,16 @@ impl<E: IoEngine> DeviceCore<E> {
             Some(SlotState::Ready(slot)) => Some(self.geo.data_pos(*slot, 0)),
             _ => None,
         }
+    }
+
+    /// Whether I/O was queued in the engine after the last poll pushed it to the device.
+    pub fn unsubmitted(&self) -> bool {
+        self.engine.unsubmitted()
+    }
+
+    /// The engine's completion descriptor (see [`IoEngine::completion_fd`]).
+    pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.engine.completion_fd()
     }
 
     /// How many operations the engine holds at once.

@@ -114,6 +114,19 @@ pub trait IoEngine: Send + fmt::Debug {
 
     /// The device's kind, for choosing how to discard and for logs.
     fn kind(&self) -> DeviceKind;
+
+    /// A descriptor that polls readable while completions wait to be collected, for a driver
+    /// that waits in an event loop instead of in [`IoEngine::poll`]; `None` when the engine
+    /// completes operations without the kernel's help.
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// Whether operations were queued since the last [`IoEngine::poll`] pushed them to the device
+    /// (such a driver must poll again before it waits).
+    fn unsubmitted(&self) -> bool {
+        false
+    }
 }
 
 /// What backs an engine.

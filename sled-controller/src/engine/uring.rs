@@ -46,6 +46,8 @@ pub struct UringEngine {
     pool: Option<BufPool>,
     /// Reads and writes submitted with the registered buffer.
     fixed_ops: u64,
+    /// Entries pushed since the last successful submission.
+    queued: bool,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -76,6 +78,7 @@ impl UringEngine {
             doorbell_armed: None,
             pool: None,
             fixed_ops: 0,
+            queued: false,
         })
     }
 
@@ -177,7 +180,9 @@ impl UringEngine {
         // SAFETY: the entry's buffers live in self.slots (heap memory owned by the AlignedBuf,
         // which does not move when the slot vector is reallocated) until the completion for this
         // user_data is reaped; the registered file stays open for the ring's life.
-        unsafe { self.ring.submission().push(sqe).is_ok() }
+        let pushed = unsafe { self.ring.submission().push(sqe).is_ok() };
+        self.queued |= pushed;
+        pushed
     }
 
     fn arm_doorbell(&mut self, doorbell: &Doorbell) {
@@ -314,6 +319,14 @@ impl IoEngine for UringEngine {
         self.dev.kind
     }
 
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.ring.as_raw_fd())
+    }
+
+    fn unsubmitted(&self) -> bool {
+        self.queued
+    }
+
     fn submit(&mut self, op: Op) -> Result<(), Op> {
         let Some(slot) = self.free.pop() else {
             return Err(op);
@@ -358,7 +371,7 @@ impl IoEngine for UringEngine {
             None => self.ring.submit(),
         };
         match res {
-            Ok(_) => {}
+            Ok(_) => self.queued = false,
             Err(e)
                 if matches!(
                     e.raw_os_error(),
