@@ -151,16 +151,7 @@ pub fn spawn_device<E: IoEngine + 'static>(
                     break;
                 }
             }
-            if let Err(e) = core.flush_all(&bell.doorbell) {
-                tracing::error!(device = %name, error = %e, "writing back checksums at shutdown");
-            }
-            core.deliver();
-            // Anything still queued is refused.
-            rx.close();
-            while let Ok(req) = rx.try_recv() {
-                req.fail(DevError::ShuttingDown);
-            }
-            tracing::info!(device = %name, "device thread stopped");
+            finish(&name, &mut core, &mut rx, &bell.doorbell);
         })?;
     Ok((
         DeviceHandle {
@@ -295,7 +286,18 @@ async fn drive<E: IoEngine>(
     }
     let Driver { ring, mut core } = d;
     drop(ring);
-    if let Err(e) = core.flush_all(&bell.doorbell) {
+    finish(&name, &mut core, &mut rx, &bell.doorbell);
+}
+
+/// The end of a driver: writes back the checksums, answers what the core holds, and refuses
+/// anything still queued.
+fn finish<E: IoEngine>(
+    name: &str,
+    core: &mut DeviceCore<E>,
+    rx: &mut mpsc::Receiver<DevRequest>,
+    doorbell: &Doorbell,
+) {
+    if let Err(e) = core.flush_all(doorbell) {
         tracing::error!(device = %name, error = %e, "writing back checksums at shutdown");
     }
     core.deliver();
@@ -303,5 +305,5 @@ async fn drive<E: IoEngine>(
     while let Ok(req) = rx.try_recv() {
         req.fail(DevError::ShuttingDown);
     }
-    tracing::info!(device = %name, "device task stopped");
+    tracing::info!(device = %name, "device driver stopped");
 }
