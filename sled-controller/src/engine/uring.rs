@@ -37,8 +37,6 @@ pub struct UringEngine {
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     in_flight: usize,
-    /// Completions produced without the kernel (block-device zeroing).
-    local: Vec<Completion>,
     /// The doorbell whose poll is armed in the ring (a poll armed on another doorbell, such as
     /// one used while opening the device, would never wake the device thread).
     doorbell_armed: Option<u64>,
@@ -74,7 +72,6 @@ impl UringEngine {
             slots: (0..cap).map(|_| None).collect(),
             free: (0..cap).rev().collect(),
             in_flight: 0,
-            local: Vec::new(),
             doorbell_armed: None,
             pool: None,
             fixed_ops: 0,
@@ -357,7 +354,6 @@ impl IoEngine for UringEngine {
         doorbell: &Doorbell,
         out: &mut Vec<Completion>,
     ) -> io::Result<()> {
-        out.append(&mut self.local);
         let block = wait.filter(|_| out.is_empty());
         if block.is_some() {
             self.arm_doorbell(doorbell);
