@@ -1,4 +1,4 @@
-//! Starting and stopping a sled controller: open (or format) the devices, start their threads,
+//! Starting and stopping a sled controller: open (or format) the devices, start their drivers,
 //! serve the protocol and `/metrics`, and stop cleanly.
 
 use crate::config::{ConfigError, EngineKind, FormatPolicy, SledConfig, Threading};
@@ -117,13 +117,13 @@ pub struct Running {
 
 impl Running {
     /// Stops serving, lets every device answer what it holds and write back its checksums, and
-    /// waits for the device threads.
+    /// waits for the device drivers (tasks or threads).
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
-        // Dropping the last reference to the sled drops the device handles: each thread sees
+        // Dropping the last reference to the sled drops the device handles: each driver sees
         // its queue close, finishes, writes back its checksums and exits.
         self.sled.take();
         for t in self.device_tasks.drain(..) {
