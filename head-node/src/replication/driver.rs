@@ -21,7 +21,7 @@
 
 use super::GroupId;
 use super::entry::EntryHeader;
-use super::group::{Event, GroupConfig, GroupCore, GroupError, LogWrite};
+use super::group::{Event, GroupConfig, GroupCore, GroupError, LogWrite, ReadyWork};
 use super::memlog::RaftLog;
 use super::overlay::Piece;
 use super::transport::Transport;
@@ -35,7 +35,9 @@ use crate::volume::{BLOCK, VolumeSpec};
 use bytes::Bytes;
 use common::ClusterKey;
 use common::ids::{Epoch, NodeId, SledId};
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
 use raft::prelude::{ConfChangeV2, Message};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -87,14 +89,18 @@ impl Default for DriverConfig {
     }
 }
 
+/// Completes once a log write is durable.
+pub type Durable = BoxFuture<'static, Result<(), String>>;
+
 /// Makes log writes durable (the node's write-ahead log, or nothing in tests).
 pub trait Persist: Send + Sync + 'static {
-    /// Returns once `write` of `group` is durable.
+    /// Queues `write` of `group`, returning once it is queued, with what completes once it is
+    /// durable. Writes queued one after another become durable in that order.
     fn persist<'a>(
         &'a self,
         group: GroupId,
         write: &'a LogWrite,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<Durable, String>>;
 }
 
 /// Persists nothing (the log is in memory): for tests.
@@ -102,10 +108,23 @@ pub trait Persist: Send + Sync + 'static {
 pub struct NoPersist;
 
 impl Persist for NoPersist {
-    fn persist<'a>(&'a self, _: GroupId, _: &'a LogWrite) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async { Ok(()) })
+    fn persist<'a>(
+        &'a self,
+        _: GroupId,
+        _: &'a LogWrite,
+    ) -> BoxFuture<'a, Result<Durable, String>> {
+        Box::pin(async { Ok(Box::pin(async { Ok(()) }) as Durable) })
     }
 }
+
+/// Log writes a group keeps in flight at once. One at a time, every write waits for the one
+/// before it *and* the group's next `Ready`; with a few, entries proposed while a write is
+/// being made durable are queued behind it at once (the log merges them into its next
+/// `fdatasync`), which takes the driver's own turn out of each commit.
+const WRITES_IN_FLIGHT: usize = 4;
+
+/// A `Ready`'s log write on its way to disk.
+type Persisting = BoxFuture<'static, (ReadyWork, Result<(), String>)>;
 
 /// How to create the volume when the group has no description yet (until the control plane
 /// assigns volumes).
@@ -478,6 +497,8 @@ struct Driver<L: RaftLog, T: Transport> {
     spec_shared: Option<Arc<VolumeSpec>>,
     transport: Arc<T>,
     persist: Arc<dyn Persist>,
+    /// Log writes in flight, in the order they were queued (at most [`WRITES_IN_FLIGHT`]).
+    persisting: FuturesOrdered<Persisting>,
     sleds: SledAccess,
     kind: GroupKind,
     vm: VolumeMetrics,
@@ -578,6 +599,7 @@ pub fn spawn<L: RaftLog, T: Transport>(
         spec_shared: None,
         transport,
         persist,
+        persisting: FuturesOrdered::new(),
         sleds,
         kind,
         vm,
@@ -647,6 +669,9 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                             Err(_) => break,
                         }
                     }
+                }
+                Some((work, result)) = self.persisting.next(), if !self.persisting.is_empty() => {
+                    self.write_durable(work, result);
                 }
                 _ = tick.tick() => self.core.tick(),
                 _ = report.tick() => self.flush_due = true,
@@ -1036,8 +1061,13 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
         }
     }
 
+    /// Takes the core's `Ready`s, sends what may go at once and queues their log writes (up
+    /// to [`WRITES_IN_FLIGHT`]); [`Driver::write_durable`] finishes each.
     async fn process_ready(&mut self) {
-        while self.core.has_ready() {
+        while self.failed.is_none()
+            && self.persisting.len() < WRITES_IN_FLIGHT
+            && self.core.has_ready()
+        {
             let Some(mut work) = self.core.ready() else {
                 break;
             };
@@ -1053,24 +1083,46 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                     .observe(work.write.entries.len() as f64);
             }
             self.handle_events();
-            if !work.write.is_empty()
-                && let Err(e) = self.persist.persist(self.group, &work.write).await
-            {
-                // A node that cannot write its log must not take part any more.
-                tracing::error!(group = %self.group, error = %e, "log write failed; stopping the group");
-                self.failed = Some(format!("log write failed: {e}"));
+            // Even a `Ready` with nothing to write waits its turn: raft-rs takes the
+            // persistence of one as that of every earlier one.
+            let durable = if work.write.is_empty() {
+                Ok(Box::pin(async { Ok(()) }) as Durable)
+            } else {
+                self.persist.persist(self.group, &work.write).await
+            };
+            match durable {
+                Ok(durable) => self
+                    .persisting
+                    .push_back(Box::pin(async move { (work, durable.await) })),
+                Err(e) => self.log_write_failed(&e),
+            }
+        }
+    }
+
+    /// A `Ready`'s log write is durable (or failed).
+    fn write_durable(&mut self, work: ReadyWork, result: Result<(), String>) {
+        if self.failed.is_some() {
+            return;
+        }
+        if let Err(e) = result {
+            self.log_write_failed(&e);
+            return;
+        }
+        match self.core.persisted(work) {
+            Ok(msgs) => send_all(&*self.transport, self.group, &self.tx, msgs),
+            Err(e) => {
+                tracing::error!(group = %self.group, error = %e, "advancing raft failed");
+                self.failed = Some(e.to_string());
                 return;
             }
-            match self.core.persisted(work) {
-                Ok(msgs) => send_all(&*self.transport, self.group, &self.tx, msgs),
-                Err(e) => {
-                    tracing::error!(group = %self.group, error = %e, "advancing raft failed");
-                    self.failed = Some(e.to_string());
-                    return;
-                }
-            }
-            self.handle_events();
         }
+        self.handle_events();
+    }
+
+    fn log_write_failed(&mut self, e: &str) {
+        // A node that cannot write its log must not take part any more.
+        tracing::error!(group = %self.group, error = %e, "log write failed; stopping the group");
+        self.failed = Some(format!("log write failed: {e}"));
     }
 
     /// Reacts to the core's events (no calls into the core that feed it input).

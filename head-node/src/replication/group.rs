@@ -6,12 +6,15 @@
 //! what it returns, and acts on its [`Event`]s. The same core runs under the async driver in
 //! production and under the deterministic simulation in tests.
 //!
-//! `Ready` handling follows the order documented by raft-rs (`examples/five_mem_node`):
+//! `Ready` handling is raft-rs's asynchronous form (`advance_append_async`, as TiKV drives it),
+//! so a driver may make several log writes durable at once, in order, while the group goes on:
 //! [`GroupCore::ready`] returns the messages to send at once, applies a snapshot and the
-//! committed entries to the state machine and returns the log write to make durable;
-//! [`GroupCore::persisted`], called once that write is durable, updates the log, returns the
-//! messages that had to wait for it, advances, applies what the light ready commits and
-//! `advance_apply`s.
+//! committed entries to the state machine, applies the log write to the in-memory log (raft-rs
+//! reads entries from there before they are durable), advances, and returns the write to make
+//! durable with the messages that must wait for it; [`GroupCore::persisted`], called for each
+//! write once it is durable, in order, tells raft-rs (`on_persist_ready`, which lets it count
+//! this node's copy towards a commit) and hands back those messages. raft-rs applies only
+//! entries that are durable here as well as committed.
 
 use super::GroupId;
 use super::entry::{EntryError, EntryHeader, VolumeState};
@@ -159,9 +162,14 @@ pub enum Event {
 pub struct ReadyWork {
     /// Messages to send now (before the write is durable).
     pub messages: Vec<Message>,
-    /// What to make durable.
+    /// What to make durable (already applied to the in-memory log).
     pub write: LogWrite,
-    ready: raft::Ready,
+    /// The raft-rs ready number (0: a write of this core's own, no ready).
+    number: u64,
+    /// Messages to send once the write is durable (a follower's answers, votes).
+    after: Vec<Message>,
+    /// The index of the snapshot it installs: applied (for raft-rs) once it is durable.
+    snapshot_index: Option<u64>,
 }
 
 /// A durable change of a group's log.
@@ -227,9 +235,6 @@ pub struct GroupCore<L: RaftLog> {
     leader_ready_at: Option<u64>,
     leader_ready_sent: bool,
     pending_compact: Option<u64>,
-    /// A membership applied from a light ready (after `advance`), so not yet in any log write:
-    /// the next write carries it.
-    conf_unwritten: bool,
     /// State entries applied since the last exact snapshot.
     since_snapshot: u64,
     /// Set while this node rejoins after losing its state (see [`GroupCore::rejoining`]).
@@ -238,6 +243,12 @@ pub struct GroupCore<L: RaftLog> {
     rejoin_target: Option<u64>,
     /// Ticks spent rejoining (paces the ReadIndex requests).
     rejoin_ticks: u64,
+    /// Writes handed out by [`GroupCore::ready`] and not yet [`GroupCore::persisted`].
+    writes_in_flight: usize,
+    /// Ticks held back, and whether a campaign was asked for, while the sole voter, not
+    /// leading, has writes in flight (see [`GroupCore::tick`]).
+    ticks_owed: u64,
+    campaign_owed: bool,
     events: Vec<Event>,
     /// Every applied entry `(index, term, context, data)`, for the simulation's invariants.
     #[cfg(test)]
@@ -318,11 +329,13 @@ impl<L: RaftLog> GroupCore<L> {
             leader_ready_at: None,
             leader_ready_sent: false,
             pending_compact: None,
-            conf_unwritten: false,
             since_snapshot: 0,
             rejoining,
             rejoin_target: None,
             rejoin_ticks: 0,
+            writes_in_flight: 0,
+            ticks_owed: 0,
+            campaign_owed: false,
             events: Vec::new(),
             #[cfg(test)]
             trace: Vec::new(),
@@ -420,7 +433,29 @@ impl<L: RaftLog> GroupCore<L> {
     /// again (a leader that has not committed in its term yet, or a lost message, gives no
     /// answer), telling it where its log ends: a leader that recorded more as replicated to
     /// this node before it lost its state replicates to it afresh (see `forget_progress`).
+    ///
+    /// The group's only voter, when not leading, ticks only with none of its log writes in
+    /// flight (ticks meanwhile are held and given once the last one is durable): it becomes
+    /// leader the moment it campaigns, and raft-rs requires every entry of a new leader's log
+    /// to be durable. In a larger group the vote requests go out only once the candidate's
+    /// earlier writes are durable, so an election cannot end before they are.
     pub fn tick(&mut self) {
+        if self.must_wait_for_writes() {
+            self.ticks_owed += 1;
+            return;
+        }
+        self.tick_now();
+    }
+
+    /// True while this node may not campaign: the only voter, not leading, with log writes in
+    /// flight.
+    fn must_wait_for_writes(&self) -> bool {
+        self.writes_in_flight > 0
+            && !self.is_leader()
+            && self.raw.raft.prs().conf().voters().ids().len() <= 1
+    }
+
+    fn tick_now(&mut self) {
         if self.rejoining && !self.is_leader() {
             self.rejoin_ticks += 1;
             if self.rejoin_ticks % self.cfg.election_tick.max(1) as u64 == 1
@@ -437,8 +472,13 @@ impl<L: RaftLog> GroupCore<L> {
     }
 
     /// Starts an election now (tests, leadership transfer). A rejoining node does not.
+    /// With log writes in flight, it starts once they are durable (see [`GroupCore::tick`]).
     pub fn campaign(&mut self) -> Result<(), GroupError> {
         if self.rejoining {
+            return Ok(());
+        }
+        if self.must_wait_for_writes() {
+            self.campaign_owed = true;
             return Ok(());
         }
         let r = self.raw.campaign();
@@ -677,7 +717,7 @@ impl<L: RaftLog> GroupCore<L> {
 
     /// True when the core has something for the driver.
     pub fn has_ready(&self) -> bool {
-        self.raw.has_ready() || self.pending_compact.is_some() || self.conf_unwritten
+        self.raw.has_ready() || self.pending_compact.is_some()
     }
 
     /// The membership in effect (applied).
@@ -884,20 +924,25 @@ impl<L: RaftLog> GroupCore<L> {
         if !self.raw.has_ready() {
             self.observe_role();
             // Only a compaction (the persisted hard state must cover it: raft-rs refuses to
-            // restart with a commit index below the snapshot), or a membership to write.
-            if compact.is_none() && !self.conf_unwritten {
+            // restart with a commit index below the snapshot).
+            compact.as_ref()?;
+            let write = LogWrite {
+                hard_state: Some(self.raw.raft.hard_state()),
+                conf_state: Some(self.conf_state()),
+                compact,
+                ..LogWrite::default()
+            };
+            if let Err(e) = self.write_in_memory(&write) {
+                self.events.push(Event::Fatal(e.to_string()));
                 return None;
             }
-            self.conf_unwritten = false;
+            self.writes_in_flight += 1;
             return Some(ReadyWork {
                 messages: Vec::new(),
-                write: LogWrite {
-                    hard_state: Some(self.raw.raft.hard_state()),
-                    conf_state: Some(self.conf_state()),
-                    compact,
-                    ..LogWrite::default()
-                },
-                ready: raft::Ready::default(),
+                write,
+                number: 0,
+                after: Vec::new(),
+                snapshot_index: None,
             });
         }
         let mut rd = self.raw.ready();
@@ -922,20 +967,18 @@ impl<L: RaftLog> GroupCore<L> {
             write.snapshot = Some(snap);
         }
         let committed = rd.take_committed_entries();
+        let applied_to = committed.last().map(|e| e.index);
         if let Some(cs) = self.apply_entries(committed) {
             write.conf_state = Some(cs);
         }
         // A write that drops entries (a compaction) or replaces the log (a snapshot) also
-        // writes the membership in effect, and so does the first write after a membership
-        // was applied from a light ready: otherwise a compaction could drop the entry of a
+        // writes the membership in effect: otherwise a compaction could drop the entry of a
         // membership change no log record holds, and a restart would bring the node back
-        // with the members it had before.
-        if write.conf_state.is_none()
-            && (self.conf_unwritten || write.compact.is_some() || write.snapshot.is_some())
-        {
+        // with the members it had before. (Committed entries are applied only here, so a
+        // membership applied is always written with the write of the ready that applied it.)
+        if write.conf_state.is_none() && (write.compact.is_some() || write.snapshot.is_some()) {
             write.conf_state = Some(self.conf_state());
         }
-        self.conf_unwritten = false;
         for rs in rd.take_read_states() {
             if rejoin_last_index(&rs.request_ctx).is_some() {
                 self.rejoin_target = self.rejoin_target.max(Some(rs.index));
@@ -968,58 +1011,85 @@ impl<L: RaftLog> GroupCore<L> {
         if must_sync {
             write.hard_state = Some(self.raw.raft.hard_state());
         } else if let Some(hs) = rd.hs() {
-            // In memory only, like a commit index from a light ready.
+            // In memory only.
             self.log.set_commit(hs.commit);
         }
+        let after = rd.take_persisted_messages();
+        let number = rd.number();
+        // raft-rs reads the entries from the log before they are durable, so they go there
+        // first; then it may go on (`on_persist_ready` tells it when they are durable).
+        if let Err(e) = self.write_in_memory(&write) {
+            self.events.push(Event::Fatal(e.to_string()));
+        }
+        let snapshot_index = write.snapshot.as_ref().map(|s| s.get_metadata().index);
+        self.raw.advance_append_async(rd);
+        // The committed entries taken above are applied (raft-rs hands out only entries that
+        // are durable here too; a snapshot counts as applied once it is).
+        if let Some(i) = applied_to {
+            self.raw.advance_apply_to(i);
+        }
+        self.writes_in_flight += 1;
         self.observe_role();
         Some(ReadyWork {
             messages,
             write,
-            ready: rd,
+            number,
+            after,
+            snapshot_index,
         })
     }
 
-    /// Phase two, once `work.write` is durable: updates the log, advances raft and returns the
-    /// messages that had to wait for the write.
-    pub fn persisted(&mut self, work: ReadyWork) -> Result<Vec<Message>, GroupError> {
-        let ReadyWork {
-            write, mut ready, ..
-        } = work;
-        if let Some(s) = write.snapshot {
-            self.log.apply_snapshot(s)?;
+    /// Applies a log write to the in-memory log, in the order the WAL replays it.
+    fn write_in_memory(&mut self, write: &LogWrite) -> raft::Result<()> {
+        if let Some(s) = &write.snapshot {
+            self.log.apply_snapshot(s.clone())?;
         }
         self.log.append(&write.entries)?;
-        if let Some(hs) = write.hard_state {
-            self.log.set_hard_state(hs);
+        if let Some(hs) = &write.hard_state {
+            self.log.set_hard_state(hs.clone());
         }
-        if let Some(cs) = write.conf_state {
-            self.log.conf_state_written(&cs);
-            self.log.set_conf_state(cs);
+        if let Some(cs) = &write.conf_state {
+            self.log.set_conf_state(cs.clone());
         }
-        if let Some(snap) = write.compact {
-            self.log.compact(snap)?;
+        if let Some(snap) = &write.compact {
+            self.log.compact(snap.clone())?;
         }
-        let mut msgs = ready.take_persisted_messages();
-        // A work item made only for a compaction carries an empty ready (number 0): nothing to
-        // advance.
-        if ready.number() != 0 {
-            let mut light = self.raw.advance(ready);
-            if let Some(c) = light.commit_index() {
-                self.log.set_commit(c);
+        Ok(())
+    }
+
+    /// Phase two, once `work.write` is durable (writes become durable in the order
+    /// [`GroupCore::ready`] handed them out): tells raft-rs, and returns the messages that had to
+    /// wait for the write.
+    pub fn persisted(&mut self, work: ReadyWork) -> Result<Vec<Message>, GroupError> {
+        let ReadyWork {
+            write,
+            number,
+            after,
+            snapshot_index,
+            ..
+        } = work;
+        self.log.made_durable(&write);
+        self.writes_in_flight = self.writes_in_flight.saturating_sub(1);
+        // A write of this core's own (a compaction) has no ready number.
+        if number != 0 {
+            self.raw.on_persist_ready(number);
+        }
+        if let Some(i) = snapshot_index
+            && i > self.raw.raft.raft_log.applied()
+        {
+            self.raw.advance_apply_to(i);
+        }
+        if !self.must_wait_for_writes() {
+            for _ in 0..std::mem::take(&mut self.ticks_owed) {
+                self.tick_now();
             }
-            msgs.extend(light.take_messages());
-            let committed = light.take_committed_entries();
-            if let Some(cs) = self.apply_entries(committed) {
-                // In memory now (a snapshot built meanwhile must carry it); written with the
-                // next log write (`conf_unwritten`).
-                self.log.set_conf_state(cs);
-                self.conf_unwritten = true;
+            if std::mem::take(&mut self.campaign_owed) {
+                self.campaign()?;
             }
-            self.raw.advance_apply();
         }
         self.check_rejoined();
         self.observe_role();
         self.maybe_leader_ready();
-        Ok(msgs)
+        Ok(after)
     }
 }

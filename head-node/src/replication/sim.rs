@@ -14,7 +14,7 @@ use common::ids::NodeId;
 use raft::prelude::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 const BLOCK: u64 = 4096;
 const BLOCKS: u64 = 32;
@@ -66,11 +66,16 @@ impl SimSled {
     }
 }
 
+/// Log writes a simulated node keeps in flight (the driver's `WRITES_IN_FLIGHT`).
+const SIM_WRITES_IN_FLIGHT: usize = 4;
+
 struct SimNode {
     id: u64,
     log: MemLog,
     core: Option<GroupCore<MemLog>>,
-    outstanding: Option<(u64, ReadyWork)>,
+    /// Log writes being made durable, in order, each with the step it completes at (never
+    /// before the one ahead of it: a log is durable in order).
+    outstanding: VecDeque<(u64, ReadyWork)>,
     /// Leader state: serving once claimed, and the flush pipeline.
     serving: Option<u64>,
     flush_next: u64,
@@ -141,7 +146,7 @@ impl Sim {
                     id,
                     core: Some(Self::core(id, log.clone(), seed)),
                     log,
-                    outstanding: None,
+                    outstanding: VecDeque::new(),
                     serving: None,
                     flush_next: 0,
                     flush_done: BTreeMap::new(),
@@ -194,7 +199,7 @@ impl Sim {
         let node = &mut self.nodes[i];
         node.log.crash();
         node.core = None;
-        node.outstanding = None;
+        node.outstanding.clear();
         node.serving = None;
         node.flushing.clear();
         node.reads.clear();
@@ -342,13 +347,13 @@ impl Sim {
 
     fn drive_node(&mut self, i: usize) {
         let step = self.step;
-        // Finish a persist whose (simulated) latency has passed.
-        if self.nodes[i]
+        // Finish the persists whose (simulated) latency has passed, in order.
+        while self.nodes[i]
             .outstanding
-            .as_ref()
+            .front()
             .is_some_and(|(due, _)| *due <= step)
         {
-            let (_, work) = self.nodes[i].outstanding.take().expect("checked");
+            let (_, work) = self.nodes[i].outstanding.pop_front().expect("checked");
             let core = self.nodes[i].core.as_mut().expect("up");
             let msgs = core
                 .persisted(work)
@@ -362,7 +367,8 @@ impl Sim {
     }
 
     fn ready_node(&mut self, i: usize) {
-        if self.nodes[i].outstanding.is_some() {
+        // Like the driver, a few writes in flight at once.
+        if self.nodes[i].outstanding.len() >= SIM_WRITES_IN_FLIGHT {
             return;
         }
         let Some(core) = self.nodes[i].core.as_mut() else {
@@ -377,17 +383,15 @@ impl Sim {
         let events = core.take_events();
         let msgs = std::mem::take(&mut work.messages);
         let id = self.nodes[i].id;
-        let due = self.step + self.rng.gen_range(0..3);
-        self.nodes[i].outstanding = Some((due, work));
+        let after = self.nodes[i].outstanding.back().map_or(0, |(d, _)| *d);
+        let due = (self.step + self.rng.gen_range(0..3)).max(after);
+        self.nodes[i].outstanding.push_back((due, work));
         self.send(id, msgs);
         self.record_trace(i);
         self.on_events(i, events);
     }
 
     fn flush_node(&mut self, i: usize) {
-        if self.nodes[i].outstanding.is_some() {
-            return;
-        }
         if let Some(e) = self.nodes[i].deferred_fence.take()
             && let Some(c) = self.nodes[i].core.as_mut()
         {
@@ -492,7 +496,6 @@ impl Sim {
         let leader = self.nodes.iter().position(|n| {
             n.serving.is_some()
                 && n.frozen_until <= step
-                && n.outstanding.is_none()
                 && n.core.as_ref().is_some_and(|c| c.is_leader())
         });
         let Some(i) = leader else { return };
@@ -700,9 +703,10 @@ impl Sim {
                 let Some(i) = self.nodes.iter().position(|n| n.id == to) else {
                     continue;
                 };
-                // raft-rs takes no input between a ready and its advance: a node persisting a
-                // ready (or frozen) receives its messages afterwards, as a real queue would.
-                if self.nodes[i].outstanding.is_some() || self.nodes[i].frozen_until > self.step {
+                // A frozen node receives its messages afterwards, as a real queue would. (One
+                // with log writes in flight takes them: the core advances as it hands a write
+                // out.)
+                if self.nodes[i].frozen_until > self.step {
                     self.net.push((self.step + 1, from, to, m));
                     continue;
                 }
@@ -713,8 +717,7 @@ impl Sim {
             if self.step.is_multiple_of(2) {
                 let step = self.step;
                 for n in &mut self.nodes {
-                    if n.outstanding.is_none()
-                        && n.frozen_until <= step
+                    if n.frozen_until <= step
                         && let Some(c) = n.core.as_mut()
                     {
                         c.tick();
@@ -794,23 +797,17 @@ impl Sim {
                 .filter(|&k| self.net[k].0 <= self.step)
                 .collect();
             for k in due.into_iter().rev() {
-                let (_, from, to, m) = self.net.swap_remove(k);
+                let (_, _, to, m) = self.net.swap_remove(k);
                 let Some(i) = self.nodes.iter().position(|n| n.id == to) else {
                     continue;
                 };
-                if self.nodes[i].outstanding.is_some() {
-                    self.net.push((self.step + 1, from, to, m));
-                    continue;
-                }
                 if let Some(c) = self.nodes[i].core.as_mut() {
                     let _ = c.step(m);
                 }
             }
             if self.step.is_multiple_of(2) {
                 for n in &mut self.nodes {
-                    if n.outstanding.is_none()
-                        && let Some(c) = n.core.as_mut()
-                    {
+                    if let Some(c) = n.core.as_mut() {
                         c.tick();
                     }
                 }
@@ -1022,13 +1019,12 @@ fn elected_alone(log: &MemLog) -> GroupCore<MemLog> {
     core
 }
 
-/// A membership change that a node applies from a light ready (a one-voter group commits its
-/// own entries right after persisting them) used to be set in memory only; the compaction its
-/// apply asks for then dropped its entry, and a restart brought the node back with the members
-/// it had before. Every membership applied must reach the log before a compaction drops its
-/// entry.
+/// A membership change that a one-voter group commits right after persisting its entry was
+/// once applied from a light ready and set in memory only; the compaction its apply asks for
+/// then dropped its entry, and a restart brought the node back with the members it had before.
+/// Every membership applied must reach the log before a compaction drops its entry.
 #[test]
-fn a_membership_applied_from_a_light_ready_survives_compaction_and_a_crash() {
+fn a_membership_applied_right_after_its_entry_is_durable_survives_compaction_and_a_crash() {
     use raft::Storage;
     use raft::prelude::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
     let log = MemLog::new(&[1]);
@@ -1242,4 +1238,83 @@ fn a_node_that_lost_its_state_rejoins_under_a_leader_that_counted_its_acknowledg
             "seed {seed}: the rejoining node never caught up"
         );
     }
+}
+
+/// Log writes are handed out before they are durable and raft-rs goes on meanwhile: an entry
+/// must not be applied (acknowledged) before the write that holds it is durable, a later write
+/// may go out meanwhile, and a crash before it is durable loses it unacknowledged.
+#[test]
+fn an_entry_is_applied_only_once_its_log_write_is_durable() {
+    let log = MemLog::new(&[1]);
+    let mut core = elected_alone(&log);
+    let before = core.applied();
+    let w = |i: u8| EntryHeader::Write {
+        offset: u64::from(i) * BLOCK,
+        len: BLOCK as u32,
+    };
+    core.propose(1, &w(0), Bytes::from(vec![1; BLOCK as usize]))
+        .expect("propose");
+    let first = core.ready().expect("a ready with the entry");
+    assert_eq!(first.write.entries.len(), 1);
+    // A second write goes out while the first is in flight.
+    core.propose(2, &w(1), Bytes::from(vec![2; BLOCK as usize]))
+        .expect("propose while persisting");
+    let second = core.ready().expect("a second ready");
+    assert_eq!(second.write.entries.len(), 1);
+    let b_index = second.write.entries[0].index;
+    let _ = core.ready();
+    assert_eq!(
+        core.applied(),
+        before,
+        "applied before its write was durable"
+    );
+
+    // The first write is durable, the second not yet: only the first entry may apply.
+    core.persisted(first).expect("persisted");
+    let _ = core.ready();
+    assert_eq!(
+        core.applied(),
+        before + 1,
+        "exactly the durable entry applies"
+    );
+
+    // A crash now loses the second entry, which was never applied.
+    log.crash();
+    let last = raft::Storage::last_index(&log).expect("last index");
+    assert_eq!(
+        last,
+        b_index - 1,
+        "a restart reads the log up to the last durable entry"
+    );
+}
+
+/// The only voter of a group, not leading, does not tick while its log writes are in flight:
+/// a campaign would make it leader at once, with entries raft-rs requires to be durable by
+/// then (it aborts otherwise). The ticks are held and given once they are.
+#[test]
+fn a_lone_voter_holds_its_ticks_while_its_log_writes_are_in_flight() {
+    let log = MemLog::new(&[1]);
+    let mut core = elected_alone(&log);
+    let h = EntryHeader::Write {
+        offset: 0,
+        len: BLOCK as u32,
+    };
+    core.propose(1, &h, Bytes::from(vec![1; BLOCK as usize]))
+        .expect("propose");
+    let work = core.ready().expect("the entry's write");
+    assert!(!work.write.entries.is_empty());
+    // A sled's newer claim makes it step down with the write in flight.
+    core.fenced(u64::MAX);
+    assert!(!core.is_leader());
+    // Enough ticks for several election timeouts.
+    for _ in 0..200 {
+        core.tick();
+    }
+    assert!(!core.is_leader(), "campaigned with a log write in flight");
+    core.persisted(work).expect("persisted");
+    drive(&mut core);
+    assert!(
+        core.is_leader(),
+        "the held ticks were not given once the write was durable"
+    );
 }

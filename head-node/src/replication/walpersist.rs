@@ -2,7 +2,7 @@
 //! [`Persist`] over [`Wal`].
 
 use super::GroupId;
-use super::driver::Persist;
+use super::driver::{Durable, Persist};
 use super::group::LogWrite;
 use super::log::{GroupStorage, GroupWrite, LogError};
 use super::memlog::RaftLog;
@@ -82,10 +82,11 @@ impl Persist for WalPersist {
         &'a self,
         group: GroupId,
         write: &'a LogWrite,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<Durable, String>> {
         Box::pin(async move {
             let g = group_write(group, write);
-            self.wal.write(&[g]).await.map_err(|e| e.to_string())
+            let durable = self.wal.submit(&[g]).await.map_err(|e| e.to_string())?;
+            Ok(Box::pin(async move { durable.await.map_err(|e| e.to_string()) }) as Durable)
         })
     }
 }

@@ -740,12 +740,31 @@ impl Wal {
     /// apply in order. When the queue is full this waits. Dropping the future does not cancel a
     /// write already queued. An empty slice returns at once.
     pub async fn write(&self, writes: &[GroupWrite]) -> Result<(), WalError> {
-        let Some((req, rx)) = Self::prepare(writes)? else {
-            return Ok(());
+        self.submit(writes).await?.await
+    }
+
+    /// [`Wal::write`] in two steps: returns once `writes` are queued (waiting while the queue
+    /// is full), with a future that completes once they are durable. Requests queued one after
+    /// another are written, and become durable, in that order; a caller may queue the next
+    /// before the last is durable.
+    pub async fn submit(
+        &self,
+        writes: &[GroupWrite],
+    ) -> Result<impl Future<Output = Result<(), WalError>> + Send + 'static, WalError> {
+        let rx = match Self::prepare(writes)? {
+            Some((req, rx)) => {
+                let tx = self.inner.tx.as_ref().ok_or(WalError::Closed)?;
+                tx.send(req).await.map_err(|_| WalError::Closed)?;
+                Some(rx)
+            }
+            None => None,
         };
-        let tx = self.inner.tx.as_ref().ok_or(WalError::Closed)?;
-        tx.send(req).await.map_err(|_| WalError::Closed)?;
-        rx.await.map_err(|_| WalError::Closed)?
+        Ok(async move {
+            match rx {
+                Some(rx) => rx.await.map_err(|_| WalError::Closed)?,
+                None => Ok(()),
+            }
+        })
     }
 
     /// [`Wal::write`] for threads outside an async runtime (it panics inside one, as tokio's
