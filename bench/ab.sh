@@ -28,6 +28,7 @@ for v in ${VERS:-old new old new old new}; do
     bin=$([[ $v == old ]] && echo "$old" || echo "$new")
     stop
     rm -rf "$d"
+    mkdir -p "$(dirname "$d")"
     "$bin/stockade" --data-dir "$d" up --heads "${HEADS:-1}" --sleds 3 --replicas "${R:-1}" --sled-size 4GiB --detach >"$d.up.log" 2>&1 ||
         { tail "$d.up.log"; exit 1; }
     leader=
