@@ -964,6 +964,9 @@ impl<L: RaftLog> GroupCore<L> {
                 }
                 Err(err) => self.events.push(Event::Fatal(err.to_string())),
             }
+            // The snapshot replaces the log up to its index, past any compaction planned
+            // before it arrived: storing that one after it would go back (the log refuses).
+            write.compact = None;
             write.snapshot = Some(snap);
         }
         let committed = rd.take_committed_entries();

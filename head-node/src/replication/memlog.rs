@@ -88,7 +88,12 @@ impl Log {
 
     fn compact(&mut self, snap: Snapshot) -> raft::Result<()> {
         let index = snap.get_metadata().index;
-        if index <= self.snap.get_metadata().index {
+        // As the WAL does: storing the snapshot in place again is fine, going back is not.
+        if index < self.snap.get_metadata().index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if index == self.snap.get_metadata().index {
+            self.snap = snap;
             return Ok(());
         }
         if index > self.last() {
