@@ -117,11 +117,15 @@ impl Persist for NoPersist {
     }
 }
 
-/// Log writes a group keeps in flight at once. One at a time, every write waits for the one
-/// before it *and* the group's next `Ready`; with a few, entries proposed while a write is
-/// being made durable are queued behind it at once (the log merges them into its next
-/// `fdatasync`), which takes the driver's own turn out of each commit.
-const WRITES_IN_FLIGHT: usize = 4;
+/// `Ready`s a group keeps in flight at once, each waiting for its log write (if any) to be
+/// durable. One at a time, every write waits for the one before it *and* the group's next
+/// `Ready`; with several, entries proposed while a write is being made durable are queued
+/// behind it at once (the log merges them into its next `fdatasync`), which takes the driver's
+/// own turn out of each commit. `Ready`s with nothing to write count too (they must finish in
+/// order), so the bound leaves room for heartbeats and ReadIndex rounds to go on during a slow
+/// sync; it bounds raft-rs's record of unpersisted `Ready`s, not memory for entries (proposals
+/// are bounded by `max_unflushed_bytes`).
+pub(crate) const READIES_IN_FLIGHT: usize = 16;
 
 /// A `Ready`'s log write on its way to disk.
 type Persisting = BoxFuture<'static, (ReadyWork, Result<(), String>)>;
@@ -497,7 +501,7 @@ struct Driver<L: RaftLog, T: Transport> {
     spec_shared: Option<Arc<VolumeSpec>>,
     transport: Arc<T>,
     persist: Arc<dyn Persist>,
-    /// Log writes in flight, in the order they were queued (at most [`WRITES_IN_FLIGHT`]).
+    /// `Ready`s whose log writes are in flight, in order (at most [`READIES_IN_FLIGHT`]).
     persisting: FuturesOrdered<Persisting>,
     sleds: SledAccess,
     kind: GroupKind,
@@ -1062,10 +1066,10 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
     }
 
     /// Takes the core's `Ready`s, sends what may go at once and queues their log writes (up
-    /// to [`WRITES_IN_FLIGHT`]); [`Driver::write_durable`] finishes each.
+    /// to [`READIES_IN_FLIGHT`]); [`Driver::write_durable`] finishes each.
     async fn process_ready(&mut self) {
         while self.failed.is_none()
-            && self.persisting.len() < WRITES_IN_FLIGHT
+            && self.persisting.len() < READIES_IN_FLIGHT
             && self.core.has_ready()
         {
             let Some(mut work) = self.core.ready() else {
@@ -1083,6 +1087,10 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                     .observe(work.write.entries.len() as f64);
             }
             self.handle_events();
+            if self.failed.is_some() {
+                // The core failed applying this `Ready` (its write may not be sound).
+                return;
+            }
             // Even a `Ready` with nothing to write waits its turn: raft-rs takes the
             // persistence of one as that of every earlier one.
             let durable = if work.write.is_empty() {

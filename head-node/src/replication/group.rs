@@ -450,9 +450,11 @@ impl<L: RaftLog> GroupCore<L> {
     /// True while this node may not campaign: the only voter, not leading, with log writes in
     /// flight.
     fn must_wait_for_writes(&self) -> bool {
-        self.writes_in_flight > 0
-            && !self.is_leader()
-            && self.raw.raft.prs().conf().voters().ids().len() <= 1
+        if self.writes_in_flight == 0 || self.is_leader() {
+            return false;
+        }
+        let voters = self.raw.raft.prs().conf().voters().ids();
+        voters.len() == 1 && voters.contains(self.raw.raft.id)
     }
 
     fn tick_now(&mut self) {

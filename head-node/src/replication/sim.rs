@@ -66,9 +66,6 @@ impl SimSled {
     }
 }
 
-/// Log writes a simulated node keeps in flight (the driver's `WRITES_IN_FLIGHT`).
-const SIM_WRITES_IN_FLIGHT: usize = 4;
-
 struct SimNode {
     id: u64,
     log: MemLog,
@@ -368,7 +365,7 @@ impl Sim {
 
     fn ready_node(&mut self, i: usize) {
         // Like the driver, a few writes in flight at once.
-        if self.nodes[i].outstanding.len() >= SIM_WRITES_IN_FLIGHT {
+        if self.nodes[i].outstanding.len() >= super::driver::READIES_IN_FLIGHT {
             return;
         }
         let Some(core) = self.nodes[i].core.as_mut() else {
