@@ -364,7 +364,7 @@ impl Sim {
     }
 
     fn ready_node(&mut self, i: usize) {
-        // Like the driver, a few writes in flight at once.
+        // Like the driver, up to its bound of `Ready`s in flight at once.
         if self.nodes[i].outstanding.len() >= super::driver::READIES_IN_FLIGHT {
             return;
         }
