@@ -819,7 +819,11 @@ fn kill9_during_metadata_updates_always_reopens() {
             let first = key.mint(V, Epoch(start_epoch + 1), NodeId(1));
             c.claim(&first).await.unwrap();
             st.lock().unwrap().0 = start_epoch + 1;
-            go_tx.send(()).unwrap();
+            // The kill's delay counts from the first acknowledged write: on a loaded machine
+            // (the whole suite on two cores) the first one, which allocates its chunk, can take
+            // longer than the shortest delays, and a round with nothing acknowledged checks
+            // nothing.
+            let mut go = Some(go_tx);
             let dead = || w_killed.load(std::sync::atomic::Ordering::SeqCst);
             let work = async {
                 for i in 0u64.. {
@@ -845,6 +849,9 @@ fn kill9_during_metadata_updates_always_reopens() {
                         g.2 = None;
                     }
                     ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(go) = go.take() {
+                        go.send(()).expect("the killer waits");
+                    }
                     if i % 7 == 6 {
                         let next = key.mint(V, Epoch(epoch + 1), NodeId(1));
                         if let Err(e) = c.claim(&next).await {
