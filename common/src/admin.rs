@@ -361,6 +361,10 @@ pub struct SledInfo {
     pub devices: Vec<DeviceInfo>,
     /// Bytes of volumes placed on it (provisioned, not written).
     pub provisioned: u64,
+    /// Being drained: no new replica goes to it and its replicas move to other sleds; done
+    /// when `provisioned` is 0. (Absent from older head nodes' answers: false.)
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Capacity of the cluster.

@@ -144,6 +144,20 @@ impl fmt::Debug for Uuid128 {
     }
 }
 
+impl FromStr for Uuid128 {
+    type Err = ParseIdError;
+    /// A UUID, with or without hyphens (as sleds and devices are listed).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        uuid::Uuid::parse_str(s.trim())
+            .map(|u| Self(u.as_u128()))
+            .map_err(|_| ParseIdError {
+                kind: "sled or device id",
+                text: s.to_string(),
+                expected: "a UUID such as 67e55044-10b1-426f-9247-bb680e5fe0c8",
+            })
+    }
+}
+
 /// The sled (machine) a sled controller runs; written in each of its devices' superblocks.
 pub type SledId = Uuid128;
 /// One storage device of a sled.
@@ -152,6 +166,20 @@ pub type DeviceId = Uuid128;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uuid_ids_round_trip_through_text_and_refuse_garbage() {
+        let id = Uuid128(0x67e5_5044_10b1_426f_9247_bb68_0e5f_e0c8);
+        assert_eq!(id.to_string().parse::<Uuid128>().unwrap(), id);
+        assert_eq!(
+            "67e5504410b1426f9247bb680e5fe0c8"
+                .parse::<Uuid128>()
+                .unwrap(),
+            id
+        );
+        let e = "sled-1".parse::<Uuid128>().unwrap_err().to_string();
+        assert!(e.contains("sled-1") && e.contains("UUID"), "{e}");
+    }
 
     #[test]
     fn volume_id_round_trips_through_text() {

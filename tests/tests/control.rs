@@ -990,3 +990,165 @@ fn import_and_export_copy_raw_images_and_verify_them() {
     assert_eq!(std::fs::read(&dst3).unwrap(), b"precious");
     no_leftovers();
 }
+
+#[test]
+fn a_drained_sled_hands_its_replicas_to_the_others_even_when_it_is_dead() {
+    use common::admin::SledInfo;
+    let mut c = Cluster3::start(
+        "ctl-drain",
+        4,
+        "2GiB",
+        "8MiB",
+        &[],
+        &["--sled-timeout", "2s"],
+    );
+    let a = Admin::of(&c);
+    a.wait_healthy(3, 4, 1);
+    a.ok(&["volume", "create", "moved", "--size", "64MiB"]);
+    let uri = a.ok(&["volume", "attach", "moved"]).trim().to_string();
+    let w = qemu_io(&uri, &["write -P 0x5a 0 40M"]);
+    assert!(io_ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+
+    // Eight chunks, three replicas each, on four sleds: every sled holds some, none all.
+    let before: Vec<SledInfo> = a.json(&["sled", "list"]);
+    assert_eq!(before.len(), 4);
+    assert!(
+        before.iter().all(|s| s.provisioned > 0 && !s.draining),
+        "{before:?}"
+    );
+    let addrs: Vec<SocketAddr> = c.sleds.iter().map(|p| p.ready.listen).collect();
+    let index = |s: &SledInfo| {
+        addrs
+            .iter()
+            .position(|a| *a == s.addr)
+            .expect("a sled of the cluster")
+    };
+    let gone = before[0].clone();
+    c.sleds[index(&gone)].proc.kill9();
+    // Written while the sled is away (every chunk is written, so a copy missing anywhere
+    // shows): the new replicas must get this too.
+    let w = qemu_io(&uri, &["write -P 0x6b 40M 24M"]);
+    assert!(io_ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+
+    // Clear errors for ids that are not sleds.
+    let e = a.fails(1, &["sled", "drain", "not-a-uuid"]);
+    assert!(e.contains("UUID"), "{e}");
+    let e = a.fails(
+        1,
+        &["sled", "drain", "67e55044-10b1-426f-9247-bb680e5fe0c8"],
+    );
+    assert!(e.contains("no sled"), "{e}");
+
+    let out = a.ok(&["sled", "drain", &gone.id]);
+    assert!(out.contains("draining"), "{out}");
+    let after = eventually(Duration::from_secs(120), "the drain to finish", || {
+        let list: Vec<SledInfo> = a.json(&["sled", "list"]);
+        list.iter()
+            .any(|s| s.id == gone.id && s.draining && s.provisioned == 0)
+            .then_some(list)
+    });
+    // The three others now hold every chunk: 8 chunks × 8 MiB each.
+    for s in after.iter().filter(|s| s.id != gone.id) {
+        assert_eq!(s.provisioned, 64 << 20, "{after:?}");
+    }
+    // Draining another would leave two sleds for three replicas.
+    let other = after.iter().find(|s| s.id != gone.id).unwrap();
+    let e = a.fails(1, &["sled", "drain", &other.id]);
+    assert!(e.contains("add a sled first"), "{e}");
+    // Only a drained sled that is down can be removed.
+    let e = a.fails(1, &["sled", "remove", &other.id]);
+    assert!(e.contains("still holds"), "{e}");
+    eventually(
+        Duration::from_secs(60),
+        "the dead sled to be seen down",
+        || {
+            let list: Vec<SledInfo> = a.json(&["sled", "list"]);
+            list.iter()
+                .any(|s| s.id == gone.id && s.state == "down")
+                .then_some(())
+        },
+    );
+    a.ok(&["sled", "remove", &gone.id]);
+    let list: Vec<SledInfo> = a.json(&["sled", "list"]);
+    assert!(
+        list.len() == 3 && list.iter().all(|s| s.id != gone.id),
+        "{list:?}"
+    );
+    // The sled that held the fewest replicas before got the most copies; lose the other two:
+    // everything must read back from it alone.
+    let keep = before
+        .iter()
+        .filter(|s| s.id != gone.id)
+        .min_by_key(|s| s.provisioned)
+        .expect("three sleds")
+        .clone();
+    assert!(keep.provisioned < 64 << 20, "{before:?}");
+    for s in before.iter().filter(|s| s.id != gone.id && s.id != keep.id) {
+        c.sleds[index(s)].proc.kill9();
+    }
+    let r = qemu_io(&uri, &["read -P 0x5a 0 40M", "read -P 0x6b 40M 24M"]);
+    assert!(io_ok(&r), "{}", String::from_utf8_lossy(&r.stdout));
+}
+
+#[test]
+fn a_live_sled_drains_under_writes_and_its_replacements_have_every_acknowledged_write() {
+    use common::admin::SledInfo;
+    let mut c = Cluster3::start("ctl-drain-live", 4, "2GiB", "8MiB", &[], &[]);
+    let a = Admin::of(&c);
+    a.wait_healthy(3, 4, 1);
+    a.ok(&["volume", "create", "busy", "--size", "64MiB"]);
+    let uri = a.ok(&["volume", "attach", "busy"]).trim().to_string();
+    // Every chunk written before the drain, so every copy carries data.
+    let w = qemu_io(&uri, &["write -P 0x3c 0 64M"]);
+    assert!(io_ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+    let before: Vec<SledInfo> = a.json(&["sled", "list"]);
+    let addrs: Vec<SocketAddr> = c.sleds.iter().map(|p| p.ready.listen).collect();
+    let index = |s: &SledInfo| addrs.iter().position(|a| *a == s.addr).unwrap();
+    let gone = before[1].clone();
+
+    let target = Arc::new(Mutex::new(nbd_addr(&uri)));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pause = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (t, l, s, p) = (target.clone(), ledger.clone(), stop.clone(), pause.clone());
+        std::thread::spawn(move || writer("busy", 5, 64 << 20, t, l, s, p))
+    };
+    a.ok(&["sled", "drain", &gone.id]);
+    let after = eventually(
+        Duration::from_secs(120),
+        "the drain to finish and free its chunks",
+        || {
+            let list: Vec<SledInfo> = a.json(&["sled", "list"]);
+            let s = list.iter().find(|s| s.id == gone.id)?;
+            let allocated: u64 = s.devices.iter().map(|d| d.allocated_chunks).sum();
+            (s.provisioned == 0 && allocated == 0).then_some(list)
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let l = ledger.lock().unwrap();
+    assert!(l.writes > 20, "too few writes: {}", l.writes);
+    assert_eq!(l.errors, 0, "a write failed during the drain");
+    for s in after.iter().filter(|s| s.id != gone.id) {
+        assert_eq!(s.provisioned, 64 << 20, "{after:?}");
+    }
+    // The drained sled and two of the others gone: the one that held the fewest replicas
+    // before (it got the most copies) must hold every acknowledged write.
+    let keep = before
+        .iter()
+        .filter(|s| s.id != gone.id)
+        .min_by_key(|s| s.provisioned)
+        .unwrap()
+        .clone();
+    for s in before.iter().filter(|s| s.id != keep.id) {
+        c.sleds[index(s)].proc.kill9();
+    }
+    let leader = c
+        .heads
+        .iter()
+        .find(|h| nbd_addr(&uri) == h.ready.nbd)
+        .expect("the attach URI names a head node");
+    verify(leader.ready.nbd, "busy", &l, "the last sled");
+}

@@ -331,6 +331,32 @@ impl AdminClient {
         self.call(Method::Get, "/sleds", None).await
     }
 
+    /// `POST /v1/sleds/{id}/drain` (`drain`) or `/undrain`: the sled as it is then. Setting a
+    /// state it has already is harmless, so the request is repeated after a lost answer.
+    pub async fn drain_sled(&self, id: &str, drain: bool) -> Result<SledInfo, AdminError> {
+        let path = format!(
+            "/sleds/{}/{}",
+            encode_component(id),
+            if drain { "drain" } else { "undrain" }
+        );
+        self.call_with(Method::Post, &path, None, Repeat::Safe)
+            .await
+    }
+
+    /// `DELETE /v1/sleds/{id}`: forgets a drained sled that is down (repeated after a lost
+    /// answer: removing it twice is removing it once).
+    pub async fn remove_sled(&self, id: &str) -> Result<(), AdminError> {
+        let path = format!("/sleds/{}", encode_component(id));
+        let (url, resp) = self
+            .send(Method::Delete, &path, None, self.limits, Repeat::Safe)
+            .await?;
+        if resp.is_success() {
+            Ok(())
+        } else {
+            Err(error_answer(&url, &resp))
+        }
+    }
+
     /// `GET /v1/volumes`: every volume, sorted by name.
     pub async fn list_volumes(&self) -> Result<Vec<VolumeInfo>, AdminError> {
         self.call(Method::Get, "/volumes", None).await

@@ -79,6 +79,24 @@ pub struct SledArgs {
 pub enum SledCmd {
     /// List the sleds: address, state, devices, capacity.
     List,
+    /// Drain a sled: no new replica goes to it, and every chunk replica it holds is copied to
+    /// another sled and then dropped from it (also when the sled is down: the copies come from
+    /// the other replicas). Returns at once; `sled list` shows it done when PROVISIONED is 0.
+    Drain {
+        /// The sled's id, as `sled list` shows it.
+        id: String,
+    },
+    /// Stop draining a sled: placement may use it again (moved replicas stay where they are).
+    Undrain {
+        /// The sled's id, as `sled list` shows it.
+        id: String,
+    },
+    /// Forget a drained sled that is down (stopped or dead), so the cluster no longer counts
+    /// or reports it.
+    Remove {
+        /// The sled's id, as `sled list` shows it.
+        id: String,
+    },
 }
 
 /// `stockade node`.
@@ -355,6 +373,24 @@ async fn run_async(opts: &AdminOpts, cmd: AdminCommand) -> Result<Output, CliErr
             SledCmd::List => {
                 let sleds = client.sleds().await?;
                 Output::of(json, &sleds, |s| render::sleds_table(s))
+            }
+            SledCmd::Drain { id } => {
+                let sled = client.drain_sled(&id, true).await?;
+                Output::of(json, &sled, |s| {
+                    render::sleds_table(std::slice::from_ref(s))
+                })
+            }
+            SledCmd::Undrain { id } => {
+                let sled = client.drain_sled(&id, false).await?;
+                Output::of(json, &sled, |s| {
+                    render::sleds_table(std::slice::from_ref(s))
+                })
+            }
+            SledCmd::Remove { id } => {
+                client.remove_sled(&id).await?;
+                Output::of(json, &serde_json::json!({ "removed": id }), |_| {
+                    format!("sled {id} removed\n")
+                })
             }
         },
         AdminCommand::Node(a) => match a.cmd {

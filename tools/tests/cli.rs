@@ -290,6 +290,7 @@ fn sled() -> SledInfo {
         state: "up".to_string(),
         devices: vec![],
         provisioned: 0,
+        draining: false,
     }
 }
 

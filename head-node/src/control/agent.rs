@@ -79,7 +79,7 @@ fn single(kind: ConfChangeType, node: u64) -> ConfChangeV2 {
     cc
 }
 
-fn repl_reply(e: ReplError) -> GroupReply {
+pub(super) fn repl_reply(e: ReplError) -> GroupReply {
     match e {
         ReplError::NotLeader { leader } => GroupReply::NotLeader(leader.map(|l| l.0)),
         other => GroupReply::Failed(other.to_string()),
@@ -196,6 +196,9 @@ impl ControlPlane {
                 GroupReply::Ok
             }
             GroupOp::Flush => self.wait_flushed(&h).await,
+            GroupOp::Replicas => Self::replicas_of(&h),
+            GroupOp::AddReplicas(adds) => Self::add_replicas(&h, &adds).await,
+            GroupOp::DropReplicas(drops) => Self::drop_replicas(&h, &drops).await,
             GroupOp::Destroy => {
                 let Some(spec) = st.spec.clone() else {
                     return GroupReply::Ok;

@@ -117,6 +117,18 @@ async fn sleds(State(cp): Cp, h: HeaderMap) -> Response {
     run(&cp, &h, Ok(AdminRequest::Sleds)).await
 }
 
+async fn drain(State(cp): Cp, h: HeaderMap, Path(id): Path<String>) -> Response {
+    run(&cp, &h, Ok(AdminRequest::DrainSled { id, drain: true })).await
+}
+
+async fn remove_sled(State(cp): Cp, h: HeaderMap, Path(id): Path<String>) -> Response {
+    run(&cp, &h, Ok(AdminRequest::RemoveSled { id })).await
+}
+
+async fn undrain(State(cp): Cp, h: HeaderMap, Path(id): Path<String>) -> Response {
+    run(&cp, &h, Ok(AdminRequest::DrainSled { id, drain: false })).await
+}
+
 async fn list(State(cp): Cp, h: HeaderMap) -> Response {
     run(&cp, &h, Ok(AdminRequest::Volumes)).await
 }
@@ -225,6 +237,9 @@ pub fn router(cp: Arc<ControlPlane>, events: crate::events::SharedEvents) -> Rou
         .route("/v1/cluster", get(cluster))
         .route("/v1/nodes", get(nodes))
         .route("/v1/sleds", get(sleds))
+        .route("/v1/sleds/{id}", axum::routing::delete(remove_sled))
+        .route("/v1/sleds/{id}/drain", post(drain))
+        .route("/v1/sleds/{id}/undrain", post(undrain))
         .route("/v1/volumes", get(list).post(create))
         .route("/v1/volumes/{name}", get(show).delete(delete))
         .route("/v1/volumes/{name}/resize", post(resize))

@@ -57,6 +57,7 @@ impl ControlPlane {
         if let Err(e) = self.grow(&st).await {
             tracing::warn!(error = %e, "metadata leader: growing groups");
         }
+        self.drain_sleds(&st).await;
         self.keep_pool(&st).await
     }
 

@@ -18,6 +18,7 @@
 mod agent;
 pub mod api;
 mod changes;
+mod drain;
 mod leader;
 mod metrics;
 mod ops;
@@ -115,6 +116,18 @@ pub enum AdminRequest {
         /// Attach it too.
         attach: bool,
     },
+    /// `POST /v1/sleds/{id}/drain` (`drain`) or `/undrain`.
+    DrainSled {
+        /// The sled's id, as given.
+        id: String,
+        /// Drain (true) or stop draining (false).
+        drain: bool,
+    },
+    /// `DELETE /v1/sleds/{id}`: forget a drained sled that is down.
+    RemoveSled {
+        /// The sled's id, as given.
+        id: String,
+    },
 }
 
 impl AdminRequest {
@@ -129,7 +142,9 @@ impl AdminRequest {
             | AdminRequest::Volumes
             | AdminRequest::Volume { .. }
             | AdminRequest::Heartbeat(_)
-            | AdminRequest::Ensure { .. } => true,
+            | AdminRequest::Ensure { .. }
+            | AdminRequest::DrainSled { .. }
+            | AdminRequest::RemoveSled { .. } => true,
             AdminRequest::Create(c) => c.id.is_some(),
             AdminRequest::Delete { .. }
             | AdminRequest::Resize { .. }
@@ -164,6 +179,9 @@ impl AdminRequest {
             AdminRequest::Qos { .. } => "qos",
             AdminRequest::Heartbeat(_) => "heartbeat",
             AdminRequest::Ensure { .. } => "ensure",
+            AdminRequest::DrainSled { drain: true, .. } => "drain",
+            AdminRequest::DrainSled { drain: false, .. } => "undrain",
+            AdminRequest::RemoveSled { .. } => "remove_sled",
         }
     }
 }

@@ -123,6 +123,16 @@ impl ControlPlane {
                 200,
                 &self.ensure(&name, size, attach).await?,
             )),
+            AdminRequest::DrainSled { id, drain } => {
+                Ok(AdminReply::ok(200, &self.drain_sled(&id, drain).await?))
+            }
+            AdminRequest::RemoveSled { id } => {
+                self.remove_sled(&id).await?;
+                Ok(AdminReply {
+                    status: 204,
+                    body: serde_json::Value::Null,
+                })
+            }
         }
     }
 
@@ -165,6 +175,14 @@ impl ControlPlane {
         }
         if st.sleds.is_empty() {
             problems.push("no sled has registered yet".into());
+        }
+        let load = st.sled_load();
+        for s in &st.draining {
+            if let Some(n) = load.get(s).filter(|n| **n > 0) {
+                problems.push(format!(
+                    "sled {s} is draining: {n} chunk replicas left on it"
+                ));
+            }
         }
         for v in st.volumes.values() {
             let g = st.groups.get(&v.group);

@@ -130,13 +130,40 @@ fn rot(i: usize, chunk: u64, salt: u64, n: usize) -> usize {
     (i + n - ((chunk.wrapping_add(salt)) % n as u64) as usize) % n
 }
 
-/// The sleds of `state` that are up, as placement slots.
+/// A sled to take a replica of a chunk whose other replicas are `keep`: one of `sleds` not in
+/// `keep`, in a failure domain none of them uses when there is one, least filled first (ties
+/// by id). Counts the new replica in its load. `None` when every sled already holds one.
+pub fn replacement(sleds: &mut [SledSlot], keep: &[SledId]) -> Option<SledId> {
+    let used: BTreeSet<String> = sleds
+        .iter()
+        .filter(|s| keep.contains(&s.id))
+        .filter_map(|s| s.domain.clone())
+        .collect();
+    let best = sleds
+        .iter_mut()
+        .filter(|s| !keep.contains(&s.id))
+        .min_by(|a, b| {
+            let new_domain = |s: &SledSlot| s.domain.as_ref().is_none_or(|d| !used.contains(d));
+            new_domain(b)
+                .cmp(&new_domain(a))
+                .then(
+                    fill(a)
+                        .partial_cmp(&fill(b))
+                        .unwrap_or(std::cmp::Ordering::Equal),
+                )
+                .then(a.id.cmp(&b.id))
+        })?;
+    best.load += 1;
+    Some(best.id)
+}
+
+/// The sleds of `state` that are up and not being drained, as placement slots.
 pub fn sled_slots(state: &ClusterState, up: &BTreeSet<SledId>) -> Vec<SledSlot> {
     let load = state.sled_load();
     state
         .sleds
         .values()
-        .filter(|s| up.contains(&s.id))
+        .filter(|s| up.contains(&s.id) && !state.draining.contains(&s.id))
         .map(|s| SledSlot {
             id: s.id,
             domain: s.domain.clone(),
@@ -311,6 +338,21 @@ mod tests {
         // Load is even: 90 replicas over 6 sleds.
         let per = per_sled(&p);
         assert!(per.values().all(|n| *n == 15), "{per:?}");
+    }
+
+    #[test]
+    fn a_replacement_takes_a_new_domain_then_the_least_filled_sled() {
+        let mut s = slots(&[Some("a"), Some("b"), Some("b"), Some("c")], 10);
+        s[3].load = 9;
+        let ids: Vec<SledId> = s.iter().map(|x| x.id).collect();
+        // Domains a and b are in use: c is the only new domain, however full.
+        assert_eq!(replacement(&mut s, &[ids[0], ids[1]]), Some(ids[3]));
+        assert_eq!(s[3].load, 10);
+        // No new domain left: the least filled sled not already holding a replica.
+        s[1].load = 5;
+        assert_eq!(replacement(&mut s, &[ids[0], ids[3]]), Some(ids[2]));
+        // Every sled holds one.
+        assert_eq!(replacement(&mut s, &ids), None);
     }
 
     #[test]

@@ -42,6 +42,15 @@ pub enum GroupOp {
     /// Trim the whole volume so the sleds free its chunks, and wait until it is on the
     /// sleds (leader).
     Destroy,
+    /// The volume's chunk placement and its stale sleds (leader).
+    Replicas,
+    /// Give chunks one more replica each, `(chunk, sled)`: the sleds are recorded stale first
+    /// and resynchronised, then serve like the others (leader). Part of draining a sled.
+    AddReplicas(Vec<(u64, SledId)>),
+    /// Take replicas away from chunks, `(chunk, sled)`, once every other replica of each is
+    /// current; the sled's copies are freed once the change is on the sleds (leader). Part
+    /// of draining a sled.
+    DropReplicas(Vec<(u64, SledId)>),
 }
 
 /// How a group looks from one member.
@@ -91,4 +100,11 @@ pub enum GroupReply {
     /// Done on every current replica; these sleds are recorded stale and get it when they
     /// are resynchronised (their return). Only `Destroy` answers this.
     Stale(Vec<SledId>),
+    /// The answer to [`GroupOp::Replicas`].
+    Replicas {
+        /// For each chunk, the sleds holding its replicas.
+        placement: Vec<Vec<SledId>>,
+        /// Sleds recorded stale for the volume.
+        stale: Vec<SledId>,
+    },
 }

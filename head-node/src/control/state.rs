@@ -12,7 +12,7 @@ use crate::replication::GroupId;
 use common::ids::{DeviceId, SledId, VolumeId};
 use common::throttle::QosConfig;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 /// A head node.
@@ -210,6 +210,17 @@ pub enum MetaCmd {
     KeyVersion(u32),
     /// Several changes at once.
     Batch(Vec<MetaCmd>),
+    /// Starts (`drain`) or stops draining a sled: no new replica is placed on it, and the
+    /// metadata leader moves the replicas it holds to other sleds. An older head node cannot
+    /// read this kind.
+    DrainSled {
+        /// The sled.
+        sled: SledId,
+        /// Draining (true) or not any more (false).
+        drain: bool,
+    },
+    /// Forgets a drained sled that is gone. An older head node cannot read this kind.
+    RemoveSled(SledId),
 }
 
 /// The cluster state.
@@ -227,6 +238,34 @@ pub struct ClusterState {
     pub settings: Settings,
     /// Credential key version.
     pub key_version: u32,
+    /// Sleds being drained (see [`MetaCmd::DrainSled`]).
+    pub draining: BTreeSet<SledId>,
+}
+
+/// The cluster state as snapshots of format version 3 and older hold it (before draining).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+pub(crate) struct ClusterStateV1 {
+    nodes: BTreeMap<u64, NodeRecord>,
+    sleds: BTreeMap<SledId, SledRecord>,
+    groups: BTreeMap<GroupId, GroupRecord>,
+    volumes: BTreeMap<String, VolumeRecord>,
+    settings: Settings,
+    key_version: u32,
+}
+
+impl From<ClusterStateV1> for ClusterState {
+    fn from(old: ClusterStateV1) -> Self {
+        Self {
+            nodes: old.nodes,
+            sleds: old.sleds,
+            groups: old.groups,
+            volumes: old.volumes,
+            settings: old.settings,
+            key_version: old.key_version,
+            draining: BTreeSet::new(),
+        }
+    }
 }
 
 impl ClusterState {
@@ -256,6 +295,17 @@ impl ClusterState {
             MetaCmd::Batch(cmds) => {
                 for c in cmds {
                     self.apply(c);
+                }
+            }
+            MetaCmd::RemoveSled(sled) => {
+                self.sleds.remove(sled);
+                self.draining.remove(sled);
+            }
+            MetaCmd::DrainSled { sled, drain } => {
+                if *drain {
+                    self.draining.insert(*sled);
+                } else {
+                    self.draining.remove(sled);
                 }
             }
         }

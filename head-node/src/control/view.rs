@@ -148,6 +148,7 @@ pub fn sleds(st: &ClusterState, obs: &Observed) -> Vec<SledInfo> {
                     })
                     .collect(),
                 provisioned: load.get(&s.id).copied().unwrap_or(0) * chunk,
+                draining: st.draining.contains(&s.id),
             }
         })
         .collect()

@@ -47,6 +47,8 @@ use writeback::{FlushLimits, flusher};
 
 mod create;
 mod error;
+mod place;
+mod stale;
 mod writeback;
 
 pub use error::ReplError;
@@ -268,6 +270,11 @@ enum Input {
         cc: ConfChangeV2,
         reply: ProposeReply,
     },
+    /// A new placement of the volume's chunks (see `place`).
+    Place {
+        spec: VolumeSpec,
+        reply: ProposeReply,
+    },
 }
 
 /// A handle on a running group driver.
@@ -300,6 +307,7 @@ impl std::fmt::Debug for Input {
             Input::SpecReady { .. } => "SpecReady",
             Input::Campaign => "Campaign",
             Input::ProposeAsLeader { .. } => "ProposeAsLeader",
+            Input::Place { .. } => "Place",
             Input::ConfChange { .. } => "ConfChange",
         })
     }
@@ -388,6 +396,18 @@ impl GroupHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Input::ProposeAsLeader { header, reply })
+            .await
+            .map_err(|_| ReplError::Stopped)?;
+        rx.await.unwrap_or(Err(ReplError::Stopped))
+    }
+
+    /// Proposes a new placement of the volume's chunks (leader, serving): the same volume with
+    /// chunks gaining or losing replicas. Sleds it adds are recorded stale first and
+    /// resynchronised. Waits until it is applied here.
+    pub async fn place(&self, spec: VolumeSpec) -> Result<u64, ReplError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Place { spec, reply })
             .await
             .map_err(|_| ReplError::Stopped)?;
         rx.await.unwrap_or(Err(ReplError::Stopped))
@@ -551,6 +571,11 @@ struct Driver<L: RaftLog, T: Transport> {
     /// The task resynchronising it, aborted when this leadership ends: the next leadership of
     /// this node must not find a pass of the old one still copying beside its own.
     resync_task: Option<tokio::task::AbortHandle>,
+    /// The stale sled whose resynchronisation was started last: the next start takes the
+    /// one after it, so a sled that stays away cannot keep the others from being resynced.
+    resync_last: Option<SledId>,
+    /// The placement proposed last and its log index (see `place`).
+    placing: Option<(u64, Arc<VolumeSpec>)>,
     /// The task watching the serving store for a deposition, aborted when serving ends.
     deposed_watch: Option<tokio::task::AbortHandle>,
     /// No resynchronisation starts before this.
@@ -632,6 +657,8 @@ pub fn spawn<L: RaftLog, T: Transport>(
         stale_pending: BTreeMap::new(),
         fresh_pending: BTreeMap::new(),
         resyncing: None,
+        resync_last: None,
+        placing: None,
         resync_task: None,
         deposed_watch: None,
         resync_after: tokio::time::Instant::now(),
@@ -717,6 +744,7 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                     }
                 }
             }
+            Input::Place { spec, reply } => self.place(spec, reply),
             Input::ConfChange { cc, reply } => {
                 let tag = self.next_tag();
                 match self.core.propose_conf_change(tag, cc) {
@@ -830,8 +858,11 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 }
                 let store = self.store.clone();
                 match result {
+                    // Not while a new placement is on its way: the pass was checked against
+                    // the placement applied now, which may not give the sled what it will.
                     Ok(bytes)
                         if self.core.state.stale.contains(&sled)
+                            && !self.placing_pending()
                             && store.as_ref().is_some_and(|s| s.resync_complete(sled)) =>
                     {
                         match self.propose_stale(sled, false) {
@@ -880,101 +911,6 @@ impl<L: RaftLog, T: Transport> Driver<L, T> {
                 }
             }
         }
-    }
-
-    /// Records `sled` stale for the volume (leader only), unless it already is or it is the
-    /// last current replica of some chunk: writes then wait for it instead.
-    fn mark_stale(&mut self, sled: SledId, why: &str) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
-        let stale = &self.core.state.stale;
-        if stale.contains(&sled) && !self.fresh_pending.contains_key(&sled) {
-            // Stale already: a resynchronisation that was sending it writes is over.
-            store.abort_resync(sled);
-            return;
-        }
-        if self.stale_pending.contains_key(&sled) {
-            return;
-        }
-        let spec = store.spec();
-        let out: BTreeSet<SledId> = stale
-            .iter()
-            .chain(self.stale_pending.keys())
-            .copied()
-            .filter(|s| !self.fresh_pending.contains_key(s))
-            .chain([sled])
-            .collect();
-        if spec
-            .placement
-            .iter()
-            .any(|r| r.contains(&sled) && r.iter().all(|s| out.contains(s)))
-        {
-            tracing::error!(group = %self.group, sled_id = %sled, reason = why,
-                "the last current replica of a chunk is failing; writes wait for it");
-            return;
-        }
-        match self.propose_stale(sled, true) {
-            Ok(index) => {
-                // The resynchronisation's progress is kept: a sled whose current-again mark is
-                // still pending must go on failing writes (they retry) until this mark is
-                // applied, or it would be current for a moment without them.
-                tracing::warn!(group = %self.group, sled_id = %sled, reason = why,
-                    "recording a sled stale for the volume; writes go on without it");
-                self.stale_pending.insert(sled, index);
-            }
-            Err(e) => {
-                tracing::warn!(group = %self.group, sled_id = %sled, error = %e,
-                    "cannot record a sled stale");
-            }
-        }
-    }
-
-    /// Proposes recording `sled` stale (with what it is known to hold: every write up to the
-    /// flushed index, which every current sled had flushed) or current again; returns the
-    /// entry's log index.
-    fn propose_stale(&mut self, sled: SledId, stale: bool) -> Result<u64, GroupError> {
-        let tag = self.next_tag();
-        let header = if stale {
-            EntryHeader::SledStaleSince {
-                sled,
-                since: self.core.state.flushed,
-            }
-        } else {
-            EntryHeader::SledStale { sled, stale }
-        };
-        self.core.propose(tag, &header, Bytes::new())
-    }
-
-    /// Starts resynchronising one stale sled when none is and the last attempt is old enough.
-    fn maybe_resync(&mut self) {
-        let (Some(term), Some(store), None) = (self.serving, self.store.clone(), self.resyncing)
-        else {
-            return;
-        };
-        if tokio::time::Instant::now() < self.resync_after {
-            return;
-        }
-        let Some(sled) = self
-            .core
-            .state
-            .stale
-            .iter()
-            .copied()
-            .find(|s| !self.fresh_pending.contains_key(s))
-        else {
-            return;
-        };
-        self.resyncing = Some(sled);
-        // What it missed, by the replicated record (`None`: unknown, so everything).
-        let missed = self.core.state.missed_chunks(sled);
-        let epoch = store.epoch();
-        let tx = self.tx.clone();
-        let task = tokio::spawn(async move {
-            let result = store.resync(sled, missed, epoch).await;
-            let _ = tx.send(Input::Resynced { term, sled, result }).await;
-        });
-        self.resync_task = Some(task.abort_handle());
     }
 
     fn not_leader(&self) -> ReplError {

@@ -9,10 +9,11 @@
 //! The Raft snapshot is only metadata ([`VolumeState`]): the data lives on the sleds, so a
 //! snapshot is taken at the flushed index and carries no blocks. Its own version byte
 //! ([`SNAPSHOT_FORMAT_VERSION`]) moves separately from the entries'; this build still reads
-//! version-1 snapshots (written before the state tracked which chunks changed) and version-2
-//! ones (before it recorded client sessions).
+//! version-1 snapshots (written before the state tracked which chunks changed), version-2
+//! ones (before it recorded client sessions) and version-3 ones (before the cluster state
+//! recorded sleds being drained).
 
-use crate::control::state::{ClusterState, MetaCmd};
+use crate::control::state::{ClusterState, ClusterStateV1, MetaCmd};
 use crate::volume::VolumeSpec;
 use crate::volume::session::{ClientSession, SessionFloors};
 use common::ids::SledId;
@@ -23,8 +24,9 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Version byte of entry headers written by this build.
 pub const LOG_FORMAT_VERSION: u8 = 1;
 /// Version byte of snapshots written by this build (2: [`VolumeState`] records which chunks
-/// changed while a sled was stale; 3: and the client sessions). Versions 1 and 2 are still read.
-pub const SNAPSHOT_FORMAT_VERSION: u8 = 3;
+/// changed while a sled was stale; 3: and the client sessions; 4: the cluster state records the
+/// sleds being drained). Versions 1 to 3 are still read.
+pub const SNAPSHOT_FORMAT_VERSION: u8 = 4;
 
 /// Errors decoding log entries or snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -184,6 +186,39 @@ pub struct VolumeState {
     pub sessions: SessionFloors,
 }
 
+/// The state as version-3 snapshots hold it.
+#[derive(Deserialize)]
+struct VolumeStateV3 {
+    spec: Option<VolumeSpec>,
+    flushed: u64,
+    qos: QosConfig,
+    qos_state: Option<QosState>,
+    stale: BTreeSet<SledId>,
+    cluster: Option<ClusterStateV1>,
+    stale_since: BTreeMap<SledId, u64>,
+    chunk_written: BTreeMap<u64, u64>,
+    written_from: u64,
+    sessions: SessionFloors,
+}
+
+impl From<VolumeStateV3> for VolumeState {
+    fn from(old: VolumeStateV3) -> Self {
+        Self {
+            spec: old.spec,
+            flushed: old.flushed,
+            qos: old.qos,
+            qos_state: old.qos_state,
+            stale: old.stale,
+            // Nothing was being drained.
+            cluster: old.cluster.map(ClusterState::from),
+            stale_since: old.stale_since,
+            chunk_written: old.chunk_written,
+            written_from: old.written_from,
+            sessions: old.sessions,
+        }
+    }
+}
+
 /// The state as version-2 snapshots hold it.
 #[derive(Deserialize)]
 struct VolumeStateV2 {
@@ -192,7 +227,7 @@ struct VolumeStateV2 {
     qos: QosConfig,
     qos_state: Option<QosState>,
     stale: BTreeSet<SledId>,
-    cluster: Option<ClusterState>,
+    cluster: Option<ClusterStateV1>,
     stale_since: BTreeMap<SledId, u64>,
     chunk_written: BTreeMap<u64, u64>,
     written_from: u64,
@@ -206,7 +241,7 @@ struct VolumeStateV1 {
     qos: QosConfig,
     qos_state: Option<QosState>,
     stale: BTreeSet<SledId>,
-    cluster: Option<ClusterState>,
+    cluster: Option<ClusterStateV1>,
 }
 
 impl From<VolumeStateV1> for VolumeStateV2 {
@@ -227,7 +262,7 @@ impl From<VolumeStateV1> for VolumeStateV2 {
     }
 }
 
-impl From<VolumeStateV2> for VolumeState {
+impl From<VolumeStateV2> for VolumeStateV3 {
     fn from(old: VolumeStateV2) -> Self {
         Self {
             spec: old.spec,
@@ -344,11 +379,14 @@ impl VolumeState {
         let malformed = |e: postcard::Error| EntryError::Malformed(e.to_string());
         match v {
             SNAPSHOT_FORMAT_VERSION => postcard::from_bytes(rest).map_err(malformed),
-            2 => postcard::from_bytes::<VolumeStateV2>(rest)
+            3 => postcard::from_bytes::<VolumeStateV3>(rest)
                 .map(Self::from)
                 .map_err(malformed),
+            2 => postcard::from_bytes::<VolumeStateV2>(rest)
+                .map(|v2| Self::from(VolumeStateV3::from(v2)))
+                .map_err(malformed),
             1 => postcard::from_bytes::<VolumeStateV1>(rest)
-                .map(|v1| Self::from(VolumeStateV2::from(v1)))
+                .map(|v1| Self::from(VolumeStateV3::from(VolumeStateV2::from(v1))))
                 .map_err(malformed),
             found => Err(EntryError::Version { found }),
         }
@@ -617,7 +655,48 @@ mod tests {
             client: 5,
             generation: 1
         }));
-        assert_eq!(s.encode()[0], 3);
+        assert_eq!(s.encode()[0], SNAPSHOT_FORMAT_VERSION);
+        assert_eq!(VolumeState::decode(&s.encode()).unwrap(), s);
+    }
+
+    #[test]
+    fn version_3_snapshots_are_read_with_nothing_draining_and_draining_is_kept_in_version_4() {
+        use crate::control::state::Settings;
+        let sled = Uuid128(2);
+        let settings = Settings::default();
+        let mut v3 = vec![3u8];
+        v3.extend(
+            postcard::to_stdvec(&(
+                None::<VolumeSpec>,
+                4u64,
+                QosConfig::default(),
+                None::<QosState>,
+                BTreeSet::<SledId>::new(),
+                // The cluster state of then: no `draining`.
+                Some((
+                    BTreeMap::<u64, ()>::new(),
+                    BTreeMap::<SledId, ()>::new(),
+                    BTreeMap::<u64, ()>::new(),
+                    BTreeMap::<String, ()>::new(),
+                    settings.clone(),
+                    7u32,
+                )),
+                BTreeMap::<SledId, u64>::new(),
+                BTreeMap::<u64, u64>::new(),
+                0u64,
+                SessionFloors::default(),
+            ))
+            .unwrap(),
+        );
+        let mut s = VolumeState::decode(&v3).unwrap();
+        assert_eq!(s.flushed, 4);
+        let cluster = s.cluster.as_mut().expect("the cluster state");
+        assert_eq!(cluster.key_version, 7);
+        assert_eq!(cluster.settings, settings);
+        assert!(cluster.draining.is_empty());
+        cluster.apply(&MetaCmd::DrainSled { sled, drain: true });
+        assert_eq!(cluster.draining, BTreeSet::from([sled]));
+        assert_eq!(s.encode()[0], SNAPSHOT_FORMAT_VERSION);
         assert_eq!(VolumeState::decode(&s.encode()).unwrap(), s);
     }
 

@@ -633,7 +633,15 @@ impl SledStore {
         Fut: std::future::Future<Output = Result<(), ClientError>>,
     {
         let _gate = self.gate.read().await;
-        let targets = self.targets(seg.chunk, &spec.placement[seg.chunk.0 as usize]);
+        // The placement as it is now, not as the caller saw it: a chunk given a new replica
+        // meanwhile (a drain) and copied to it while this mutation waited for the gate must
+        // get the mutation there too. (Volumes only grow: the chunk is still there.)
+        let now = self.spec();
+        let replicas = now
+            .placement
+            .get(seg.chunk.0 as usize)
+            .unwrap_or(&spec.placement[seg.chunk.0 as usize]);
+        let targets = self.targets(seg.chunk, replicas);
         if targets.is_empty() {
             return Err(StoreError::Io(format!(
                 "chunk {} has no current replica (every replica is stale)",
@@ -957,7 +965,19 @@ impl SledStore {
                     .map_err(|e| StoreError::Io(e.to_string()))
             };
             match attempt.await {
-                Ok(buf) => return Ok(buf),
+                // Checked after the answer: a sled dropped from the chunk meanwhile (a drain)
+                // frees it only once the new placement is applied, so an answer that may come
+                // from the freed chunk (zeros) is one this check sees as dropped.
+                Ok(buf)
+                    if self
+                        .spec()
+                        .placement
+                        .get(seg.chunk.0 as usize)
+                        .is_some_and(|r| r.contains(&sled)) =>
+                {
+                    return Ok(buf);
+                }
+                Ok(_) => errors.push(format!("sled {sled}: no longer a replica of the chunk")),
                 Err(e) => {
                     self.metrics.read_fallbacks.inc();
                     tracing::warn!(volume_id = %spec.id, chunk = seg.chunk.0, sled_id = %sled,
@@ -1351,6 +1371,59 @@ impl SledStore {
             chunk.0,
             errors.join("; ")
         )))
+    }
+
+    /// Frees `chunks` on `sled`, which the placement no longer names as one of their
+    /// replicas (a drained sled): what it holds of them is not read or written any more.
+    /// Refuses a chunk the sled is still a replica of. The frees wait for the mutations in
+    /// flight (one that looked at the placement before the change may still be writing to the
+    /// sled), so nothing reallocates them afterwards.
+    pub async fn release(&self, sled: SledId, chunks: &[u64]) -> Result<u64, StoreError> {
+        let spec = self.spec();
+        if let Some(c) = chunks.iter().find(|c| {
+            spec.placement
+                .get(**c as usize)
+                .is_none_or(|r| r.contains(&sled))
+        }) {
+            return Err(StoreError::Replica {
+                sled,
+                msg: format!("chunk {c} still has a replica on the sled (or no such chunk)"),
+            });
+        }
+        // Reached and claimed before the gate is taken: mutations are not held back by a
+        // sled that does not answer.
+        self.ensure_claimed(sled).await?;
+        let client = self
+            .conn(sled)
+            .await?
+            .client()
+            .await
+            .map_err(|e| StoreError::Replica {
+                sled,
+                msg: e.to_string(),
+            })?;
+        let _gate = self.gate.write().await;
+        self.check_deposed()?;
+        let cred = self.credential();
+        let held = client
+            .volume_stat(spec.id)
+            .await
+            .map_err(|e| StoreError::Replica {
+                sled,
+                msg: e.to_string(),
+            })?
+            .chunks;
+        let mut freed = 0;
+        for c in chunks {
+            if held.contains(&ChunkIndex(*c)) {
+                client
+                    .free(&cred, ChunkIndex(*c))
+                    .await
+                    .map_err(|e| self.mutation_error(sled, cred.epoch, e))?;
+                freed += 1;
+            }
+        }
+        Ok(freed)
     }
 
     /// Allocation of `[offset, offset+len)` by chunk: `(length, allocated)` runs.

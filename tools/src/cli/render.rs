@@ -368,7 +368,11 @@ pub fn sleds_table(sleds: &[SledInfo]) -> String {
             s.id.clone(),
             s.addr.to_string(),
             or_dash(s.domain.as_deref()),
-            s.state.clone(),
+            if s.draining {
+                format!("{}, draining", s.state)
+            } else {
+                s.state.clone()
+            },
             s.devices.len().to_string(),
             size(sled_capacity(s)),
             size(sled_allocated(s)),

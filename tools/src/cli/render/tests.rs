@@ -174,6 +174,7 @@ fn sled(id: &str) -> SledInfo {
             },
         ],
         provisioned: 3 << 30,
+        draining: false,
     }
 }
 
@@ -204,6 +205,14 @@ fn node_and_sled_tables() {
         text,
         "ID    ADDR            DOMAIN  STATE  DEVICES  CAPACITY  ALLOCATED  PROVISIONED\n\
          00ab  127.0.0.1:7001  rack-1  up           2     20GiB       1GiB         3GiB\n"
+    );
+    let mut draining = sled("00cd");
+    draining.draining = true;
+    draining.state = "down".to_string();
+    let text = sleds_table(&[draining]);
+    assert!(
+        text.lines().nth(1).unwrap().contains("  down, draining  "),
+        "{text}"
     );
     assert_eq!(nodes_table(&[]), "no head nodes\n");
 }

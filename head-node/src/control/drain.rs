@@ -1,0 +1,295 @@
+//! Draining a sled: `stockade sled drain` records the sled as draining in the cluster state; from
+//! then on placement gives it no new replica, and the metadata leader moves every chunk replica
+//! it holds to another sled, one volume step at a time, make-before-break:
+//!
+//! 1. a chunk on the draining sled gets a replacement replica on another sled (a new failure
+//!    domain when there is one, else the least filled) — the volume's group records that sled
+//!    stale and resynchronises it: it copies the chunk from a current replica while writes go
+//!    on (see `replication::driver::place`);
+//! 2. once every other replica of the chunk is current, the draining sled is dropped from the
+//!    chunk's placement, and what it holds of the chunk is freed (if it answers).
+//!
+//! The draining sled keeps serving its replicas until step 2, so a drain of a live sled never
+//! lowers redundancy; a dead sled's replicas are rebuilt from the survivors (re-replication).
+//! The state lives in the cluster state and the volumes' groups, so a new metadata leader goes
+//! on where the last one stopped. A drained sled holds nothing of any volume; `undrain` makes it
+//! a placement target again.
+
+use super::rpc::{GroupOp, GroupReply};
+use super::state::{ClusterState, MetaCmd, Phase};
+use super::{AdminError, ControlPlane, placement};
+use crate::replication::driver::GroupHandle;
+use crate::volume::VolumeSpec;
+use common::admin::SledInfo;
+use common::ids::SledId;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// How long a placement step on a volume's group may take (a drop frees chunks on the sled).
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ControlPlane {
+    /// `POST /v1/sleds/{id}/drain` and `/undrain`.
+    pub(super) async fn drain_sled(&self, id: &str, drain: bool) -> Result<SledInfo, AdminError> {
+        let sled: SledId = id.parse().map_err(|e| {
+            AdminError::BadRequest(format!("{e}; `stockade sled list` shows the sleds' ids"))
+        })?;
+        {
+            let _lock = self.ops.lock().await;
+            let st = self.state();
+            if !st.sleds.contains_key(&sled) {
+                return Err(AdminError::NotFound(format!(
+                    "no sled {sled}; `stockade sled list` shows the sleds"
+                )));
+            }
+            let left = st
+                .sleds
+                .keys()
+                .filter(|s| **s != sled && !st.draining.contains(s))
+                .count();
+            if drain && !st.draining.contains(&sled) && left < st.settings.replicas as usize {
+                return Err(AdminError::Conflict(format!(
+                    "draining sled {sled} would leave {left} sleds for {} replicas per chunk; add \
+                     a sled first (or undrain another)",
+                    st.settings.replicas
+                )));
+            }
+            if st.draining.contains(&sled) != drain {
+                tracing::info!(sled_id = %sled, drain, "sled drain changed");
+                self.propose(MetaCmd::DrainSled { sled, drain }).await?;
+            }
+        }
+        let (st, obs) = self.observed();
+        super::view::sleds(&st, &obs)
+            .into_iter()
+            .find(|s| s.id == sled.to_string())
+            .ok_or_else(|| AdminError::Internal(format!("sled {sled} vanished")))
+    }
+
+    /// `DELETE /v1/sleds/{id}`: forgets a sled that is drained (holds no replica) and down
+    /// (a sled that is up would be registered again by the head nodes that reach it).
+    pub(super) async fn remove_sled(&self, id: &str) -> Result<(), AdminError> {
+        let sled: SledId = id.parse().map_err(|e| {
+            AdminError::BadRequest(format!("{e}; `stockade sled list` shows the sleds' ids"))
+        })?;
+        let _lock = self.ops.lock().await;
+        let st = self.state();
+        if !st.sleds.contains_key(&sled) {
+            // Removed already (a repeated request) or never known: nothing to do either way.
+            return Ok(());
+        }
+        let held = st.sled_load().get(&sled).copied().unwrap_or(0);
+        if !st.draining.contains(&sled) || held > 0 {
+            return Err(AdminError::Conflict(format!(
+                "sled {sled} still holds {held} chunk replicas: `stockade sled drain {sled}` \
+                 moves them, then remove it once `sled list` shows it drained"
+            )));
+        }
+        if self.up_sleds(&st).contains(&sled) {
+            return Err(AdminError::Conflict(format!(
+                "sled {sled} is up: stop its sled controller (or take it out of the head \
+                 nodes' configuration) first, or the head nodes register it again"
+            )));
+        }
+        tracing::info!(sled_id = %sled, "sled removed from the cluster");
+        self.propose(MetaCmd::RemoveSled(sled)).await
+    }
+
+    /// The metadata leader's duty: one step for each volume with replicas on a draining sled.
+    pub(super) async fn drain_sleds(&self, st: &ClusterState) {
+        for sled in &st.draining {
+            let volumes: Vec<String> = st
+                .volumes
+                .values()
+                .filter(|v| v.phase == Phase::Serving)
+                .filter(|v| v.sled_chunks.get(sled).is_some_and(|n| *n > 0))
+                .map(|v| v.name.clone())
+                .collect();
+            for name in volumes {
+                if let Err(e) = self.drain_step(*sled, &name).await {
+                    tracing::debug!(sled_id = %sled, volume = %name, error = %e,
+                        "draining: step not done; retrying");
+                }
+            }
+        }
+    }
+
+    /// Moves `volume`'s replicas off `sled` by one step: add replacements, or drop the replicas
+    /// whose replacements are current.
+    async fn drain_step(&self, sled: SledId, volume: &str) -> Result<(), AdminError> {
+        let _change = self.changes.lock(volume).await;
+        let st = self.state();
+        let Some(v) = st.volumes.get(volume).cloned() else {
+            return Ok(());
+        };
+        let g = st
+            .groups
+            .get(&v.group)
+            .cloned()
+            .ok_or_else(|| AdminError::Internal(format!("volume {volume:?} has no group")))?;
+        let Some((leader, _)) = self.find_leader(&g).await else {
+            return Err(AdminError::Unavailable(
+                "no leader of the volume's group".into(),
+            ));
+        };
+        let (mut now, stale) = match self
+            .group_call(leader, g.id, &GroupOp::Replicas, STEP_TIMEOUT)
+            .await?
+        {
+            GroupReply::Replicas { placement, stale } => {
+                (placement, stale.into_iter().collect::<BTreeSet<_>>())
+            }
+            other => return Err(AdminError::Unavailable(format!("{other:?}"))),
+        };
+        let on_sled: Vec<usize> = (0..now.len()).filter(|c| now[*c].contains(&sled)).collect();
+        let up = self.up_sleds(&st);
+        let mut slots = placement::sled_slots(&st, &up);
+        slots.retain(|s| st.sleds.get(&s.id).and_then(|r| r.chunk_size()) == Some(v.chunk_size));
+        // Replicas a chunk keeps: the volume's count, or all the sleds there are.
+        let wanted = (v.replicas as usize).min(slots.len()).max(1);
+        let mut by_target: BTreeMap<SledId, Vec<u64>> = BTreeMap::new();
+        for c in &on_sled {
+            if now[*c].len() - 1 < wanted
+                && let Some(to) = placement::replacement(&mut slots, &now[*c])
+            {
+                by_target.entry(to).or_default().push(*c as u64);
+            }
+        }
+        // One target sled per step: it is recorded stale for the whole volume until it is
+        // resynchronised, so every chunk must keep a current replica besides it — one that is
+        // up (a sled that died since the last write to it is not recorded stale yet), and not
+        // the draining sled, which may be dead without anyone knowing yet.
+        let serves = |s: &SledId| !stale.contains(s) && up.contains(s) && *s != sled;
+        let safe = |to: &SledId| now.iter().all(|r| r.iter().any(|s| s != to && serves(s)));
+        let blocked = !by_target.is_empty();
+        let adds: Vec<(u64, SledId)> = by_target
+            .into_iter()
+            .filter(|(to, _)| safe(to))
+            .max_by_key(|(_, chunks)| chunks.len())
+            .map(|(to, chunks)| chunks.into_iter().map(|c| (c, to)).collect())
+            .unwrap_or_default();
+        if blocked && adds.is_empty() {
+            return Err(AdminError::Conflict(
+                "no sled can take a replacement without leaving a chunk with no current replica                  while it is resynchronised (too few replicas per chunk, or too many sleds stale)"
+                    .into(),
+            ));
+        }
+        let step = if !adds.is_empty() {
+            tracing::info!(sled_id = %sled, volume, chunks = adds.len(),
+                "draining: placing replacement replicas");
+            for (c, to) in &adds {
+                now[*c as usize].push(*to);
+            }
+            GroupOp::AddReplicas(adds)
+        } else {
+            let drops: Vec<(u64, SledId)> = on_sled
+                .iter()
+                .filter(|c| {
+                    let others: Vec<&SledId> = now[**c].iter().filter(|s| **s != sled).collect();
+                    others.len() >= wanted && others.iter().all(|s| serves(s))
+                })
+                .map(|c| (*c as u64, sled))
+                .collect();
+            if drops.is_empty() {
+                // Replacements are being resynchronised (or no sled can take one).
+                return self.record_placement(volume, &now).await;
+            }
+            tracing::info!(sled_id = %sled, volume, chunks = drops.len(),
+                "draining: dropping replicas whose replacements are current");
+            for (c, _) in &drops {
+                now[*c as usize].retain(|s| *s != sled);
+            }
+            GroupOp::DropReplicas(drops)
+        };
+        self.leader_call(&g, &step, STEP_TIMEOUT).await?;
+        self.record_placement(volume, &now).await
+    }
+
+    /// Records the replicas per sled of `placement` in the volume's record, if they changed.
+    async fn record_placement(&self, volume: &str, now: &[Vec<SledId>]) -> Result<(), AdminError> {
+        let per_sled: BTreeMap<SledId, u64> = placement::per_sled(now);
+        let _lock = self.ops.lock().await;
+        let st = self.state();
+        let Some(v) = st.volumes.get(volume) else {
+            return Ok(());
+        };
+        if v.sled_chunks == per_sled {
+            return Ok(());
+        }
+        let mut v = v.clone();
+        v.sled_chunks = per_sled;
+        self.propose(MetaCmd::PutVolume(v)).await
+    }
+
+    /// [`GroupOp::Replicas`] on this node's member (the leader).
+    pub(super) fn replicas_of(h: &GroupHandle) -> GroupReply {
+        let st = h.status();
+        match (st.serving, st.spec, st.store) {
+            (true, Some(spec), Some(store)) => GroupReply::Replicas {
+                placement: spec.placement.clone(),
+                stale: store.stale().into_iter().collect(),
+            },
+            (false, ..) => GroupReply::NotLeader(st.leader.map(|l| l.0)),
+            _ => GroupReply::Failed("the group has no volume".into()),
+        }
+    }
+
+    /// [`GroupOp::AddReplicas`] on this node's member (the leader).
+    pub(super) async fn add_replicas(h: &GroupHandle, adds: &[(u64, SledId)]) -> GroupReply {
+        let Some(spec) = h.status().spec else {
+            return GroupReply::Failed("the group has no volume".into());
+        };
+        let mut new = VolumeSpec::clone(&spec);
+        for (c, sled) in adds {
+            let Some(set) = new.placement.get_mut(*c as usize) else {
+                return GroupReply::Failed(format!("the volume has no chunk {c}"));
+            };
+            if !set.contains(sled) {
+                set.push(*sled);
+            }
+        }
+        if new == *spec {
+            return GroupReply::Ok;
+        }
+        match h.place(new).await {
+            Ok(_) => GroupReply::Ok,
+            Err(e) => super::agent::repl_reply(e),
+        }
+    }
+
+    /// [`GroupOp::DropReplicas`] on this node's member (the leader): the placement without
+    /// them, then frees on each sled what it holds of the chunks it lost. A sled that does not
+    /// answer keeps its copies (nothing reads them; they are freed with its device).
+    pub(super) async fn drop_replicas(h: &GroupHandle, drops: &[(u64, SledId)]) -> GroupReply {
+        let st = h.status();
+        let (Some(spec), Some(store)) = (st.spec, st.store) else {
+            return GroupReply::Failed("the group has no volume".into());
+        };
+        let mut new = VolumeSpec::clone(&spec);
+        for (c, sled) in drops {
+            let Some(set) = new.placement.get_mut(*c as usize) else {
+                return GroupReply::Failed(format!("the volume has no chunk {c}"));
+            };
+            set.retain(|s| s != sled);
+        }
+        if new != *spec
+            && let Err(e) = h.place(new).await
+        {
+            return super::agent::repl_reply(e);
+        }
+        let mut by_sled: BTreeMap<SledId, Vec<u64>> = BTreeMap::new();
+        for (c, sled) in drops {
+            by_sled.entry(*sled).or_default().push(*c);
+        }
+        for (sled, chunks) in by_sled {
+            match store.release(sled, &chunks).await {
+                Ok(freed) => tracing::info!(volume_id = %spec.id, sled_id = %sled, freed,
+                    "freed the chunks a drained sled no longer holds replicas of"),
+                Err(e) => tracing::warn!(volume_id = %spec.id, sled_id = %sled, error = %e,
+                    "cannot free the chunks a drained sled no longer holds replicas of; \
+                     they stay allocated there, unread"),
+            }
+        }
+        GroupReply::Ok
+    }
+}
