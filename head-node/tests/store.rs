@@ -173,11 +173,20 @@ async fn a_request_fenced_by_this_nodes_own_newer_claim_does_not_depose_it() {
     ))
     .await;
     let spec = VolumeSpec::place(VolumeId(78), "v", 4 * CHUNK, CHUNK, &[sled.sled_id], 1).unwrap();
+    // One pool per node, as in a head node: two pools of one node would supersede each other's
+    // connections at the sled (each new connection ends the node's older ones), and a request
+    // could meet a connection the other pool's reconnect had just closed.
+    let pools: std::collections::HashMap<u64, Arc<SledPool>> = [1, 2]
+        .into_iter()
+        .map(|n| {
+            let pool = Arc::new(SledPool::new(&[sled.listen], key.clone(), NodeId(n)));
+            (n, pool)
+        })
+        .collect();
     let store_of = |node: u64, epoch: u64| {
-        let pool = Arc::new(SledPool::new(&[sled.listen], key.clone(), NodeId(node)));
         SledStore::new(
             spec.clone(),
-            pool,
+            pools[&node].clone(),
             key.clone(),
             NodeId(node),
             Epoch(epoch),
