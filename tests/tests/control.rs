@@ -1051,6 +1051,14 @@ fn a_drained_sled_hands_its_replicas_to_the_others_even_when_it_is_dead() {
     for s in after.iter().filter(|s| s.id != gone.id) {
         assert_eq!(s.provisioned, 64 << 20, "{after:?}");
     }
+    // The metadata leader counted its steps and sees nothing left to move.
+    let sum = |name: &str| -> f64 { c.heads.iter().map(|h| metric(h.ready.admin, name)).sum() };
+    assert!(sum("stockade_control_drain_steps_total") >= 2.0);
+    eventually(
+        Duration::from_secs(10),
+        "the drain gauge to reach 0",
+        || (sum("stockade_control_draining_replicas") == 0.0).then_some(()),
+    );
     // Draining another would leave two sleds for three replicas.
     let other = after.iter().find(|s| s.id != gone.id).unwrap();
     let e = a.fails(1, &["sled", "drain", &other.id]);

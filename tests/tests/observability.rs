@@ -1077,6 +1077,10 @@ fn head_exceptions() -> HashMap<&'static str, &'static str> {
             "labelled by errno: no series until a request fails",
         ),
         (
+            "stockade_control_drain_steps_total",
+            "labelled by kind: no series until a sled is drained",
+        ),
+        (
             "stockade_peer_dropped_messages_total",
             "labelled by reason: no series until a Raft message is dropped",
         ),

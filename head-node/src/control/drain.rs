@@ -141,67 +141,53 @@ impl ControlPlane {
             }
             other => return Err(AdminError::Unavailable(format!("{other:?}"))),
         };
-        let on_sled: Vec<usize> = (0..now.len()).filter(|c| now[*c].contains(&sled)).collect();
         let up = self.up_sleds(&st);
         let mut slots = placement::sled_slots(&st, &up);
         slots.retain(|s| st.sleds.get(&s.id).and_then(|r| r.chunk_size()) == Some(v.chunk_size));
-        // Replicas a chunk keeps: the volume's count, or all the sleds there are.
-        let wanted = (v.replicas as usize).min(slots.len()).max(1);
-        let mut by_target: BTreeMap<SledId, Vec<u64>> = BTreeMap::new();
-        for c in &on_sled {
-            if now[*c].len() - 1 < wanted
-                && let Some(to) = placement::replacement(&mut slots, &now[*c])
-            {
-                by_target.entry(to).or_default().push(*c as u64);
+        // Replicas a chunk keeps: the volume's count, or all the sleds there are — counting
+        // those down for now, so that a sled away for a moment makes the drain wait for it
+        // rather than drop a replica for good.
+        let eligible = st
+            .sleds
+            .values()
+            .filter(|s| !st.draining.contains(&s.id) && s.chunk_size() == Some(v.chunk_size))
+            .count();
+        let wanted = (v.replicas as usize).min(eligible).max(1);
+        let step = match plan_step(sled, &now, &stale, &up, wanted, &mut slots) {
+            Plan::Add(adds) => {
+                tracing::info!(sled_id = %sled, volume, chunks = adds.len(), to = %adds[0].1,
+                    "draining: placing replacement replicas");
+                for (c, to) in &adds {
+                    now[*c as usize].push(*to);
+                }
+                GroupOp::AddReplicas(adds)
             }
-        }
-        // One target sled per step: it is recorded stale for the whole volume until it is
-        // resynchronised, so every chunk must keep a current replica besides it — one that is
-        // up (a sled that died since the last write to it is not recorded stale yet), and not
-        // the draining sled, which may be dead without anyone knowing yet.
-        let serves = |s: &SledId| !stale.contains(s) && up.contains(s) && *s != sled;
-        let safe = |to: &SledId| now.iter().all(|r| r.iter().any(|s| s != to && serves(s)));
-        let blocked = !by_target.is_empty();
-        let adds: Vec<(u64, SledId)> = by_target
-            .into_iter()
-            .filter(|(to, _)| safe(to))
-            .max_by_key(|(_, chunks)| chunks.len())
-            .map(|(to, chunks)| chunks.into_iter().map(|c| (c, to)).collect())
-            .unwrap_or_default();
-        if blocked && adds.is_empty() {
-            return Err(AdminError::Conflict(
-                "no sled can take a replacement without leaving a chunk with no current replica                  while it is resynchronised (too few replicas per chunk, or too many sleds stale)"
-                    .into(),
-            ));
-        }
-        let step = if !adds.is_empty() {
-            tracing::info!(sled_id = %sled, volume, chunks = adds.len(),
-                "draining: placing replacement replicas");
-            for (c, to) in &adds {
-                now[*c as usize].push(*to);
+            Plan::Drop(drops) => {
+                tracing::info!(sled_id = %sled, volume, chunks = drops.len(),
+                    "draining: dropping replicas whose replacements are current");
+                for (c, _) in &drops {
+                    now[*c as usize].retain(|s| *s != sled);
+                }
+                GroupOp::DropReplicas(drops)
             }
-            GroupOp::AddReplicas(adds)
-        } else {
-            let drops: Vec<(u64, SledId)> = on_sled
-                .iter()
-                .filter(|c| {
-                    let others: Vec<&SledId> = now[**c].iter().filter(|s| **s != sled).collect();
-                    others.len() >= wanted && others.iter().all(|s| serves(s))
-                })
-                .map(|c| (*c as u64, sled))
-                .collect();
-            if drops.is_empty() {
-                // Replacements are being resynchronised (or no sled can take one).
-                return self.record_placement(volume, &now).await;
+            // Replacements are being resynchronised, or a sled to take one is away.
+            Plan::Wait => return self.record_placement(volume, &now).await,
+            Plan::Blocked => {
+                return Err(AdminError::Conflict(
+                    "no sled can take a replacement without leaving a chunk with no current \
+                     replica while it is resynchronised (too few replicas per chunk, or too \
+                     many sleds stale)"
+                        .into(),
+                ));
             }
-            tracing::info!(sled_id = %sled, volume, chunks = drops.len(),
-                "draining: dropping replicas whose replacements are current");
-            for (c, _) in &drops {
-                now[*c as usize].retain(|s| *s != sled);
-            }
-            GroupOp::DropReplicas(drops)
         };
         self.leader_call(&g, &step, STEP_TIMEOUT).await?;
+        let kind = if matches!(step, GroupOp::AddReplicas(_)) {
+            "add"
+        } else {
+            "drop"
+        };
+        self.metrics.drain_steps.with_label_values(&[kind]).inc();
         self.record_placement(volume, &now).await
     }
 
@@ -291,5 +277,182 @@ impl ControlPlane {
             }
         }
         GroupReply::Ok
+    }
+}
+
+/// What one drain step on a volume does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Plan {
+    /// Give these chunks a replica on one target sled.
+    Add(Vec<(u64, SledId)>),
+    /// Drop the draining sled from these chunks.
+    Drop(Vec<(u64, SledId)>),
+    /// Nothing to do now (replacements resynchronising, or no sled up to take one).
+    Wait,
+    /// Every sled that could take a replacement would, once recorded stale, leave a chunk
+    /// without a current replica.
+    Blocked,
+}
+
+/// The next step of draining `sled` from a volume whose placement is `now`, with `stale`
+/// recorded stale, `up` the sleds up, `wanted` replicas per chunk, and `slots` the sleds that
+/// may take replicas (up, not draining).
+fn plan_step(
+    sled: SledId,
+    now: &[Vec<SledId>],
+    stale: &BTreeSet<SledId>,
+    up: &BTreeSet<SledId>,
+    wanted: usize,
+    slots: &mut [placement::SledSlot],
+) -> Plan {
+    let on_sled: Vec<usize> = (0..now.len()).filter(|c| now[*c].contains(&sled)).collect();
+    let mut by_target: BTreeMap<SledId, Vec<u64>> = BTreeMap::new();
+    for c in &on_sled {
+        if now[*c].len() - 1 < wanted
+            && let Some(to) = placement::replacement(slots, &now[*c])
+        {
+            by_target.entry(to).or_default().push(*c as u64);
+        }
+    }
+    // One target sled per step: it is recorded stale for the whole volume until it is
+    // resynchronised, so every chunk must keep a current replica besides it — one that is up
+    // (a sled that died since the last write to it is not recorded stale yet), and not the
+    // draining sled, which may be dead without anyone knowing yet.
+    let serves = |s: &SledId| !stale.contains(s) && up.contains(s) && *s != sled;
+    let safe = |to: &SledId| now.iter().all(|r| r.iter().any(|s| s != to && serves(s)));
+    if !by_target.is_empty() {
+        return by_target
+            .into_iter()
+            .filter(|(to, _)| safe(to))
+            .max_by_key(|(_, chunks)| chunks.len())
+            .map_or(Plan::Blocked, |(to, chunks)| {
+                Plan::Add(chunks.into_iter().map(|c| (c, to)).collect())
+            });
+    }
+    let drops: Vec<(u64, SledId)> = on_sled
+        .iter()
+        .filter(|c| {
+            let others: Vec<&SledId> = now[**c].iter().filter(|s| **s != sled).collect();
+            others.len() >= wanted && others.iter().all(|s| serves(s))
+        })
+        .map(|c| (*c as u64, sled))
+        .collect();
+    if drops.is_empty() {
+        Plan::Wait
+    } else {
+        Plan::Drop(drops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::ids::Uuid128;
+
+    fn id(n: u128) -> SledId {
+        Uuid128(n)
+    }
+
+    fn slots(ids: &[u128]) -> Vec<placement::SledSlot> {
+        ids.iter()
+            .map(|n| placement::SledSlot {
+                id: id(*n),
+                domain: None,
+                chunks: 100,
+                load: 0,
+            })
+            .collect()
+    }
+
+    fn set(ids: &[u128]) -> BTreeSet<SledId> {
+        ids.iter().map(|n| id(*n)).collect()
+    }
+
+    /// Four sleds, three replicas: sled 1 dies (nobody recorded it stale) and is drained. At
+    /// every step every chunk keeps a current replica; the drain ends with three replicas per
+    /// chunk, none on sled 1.
+    #[test]
+    fn a_dead_sled_is_drained_without_ever_leaving_a_chunk_with_no_current_replica() {
+        let mut now: Vec<Vec<SledId>> = [[1, 2, 3], [1, 2, 4], [1, 3, 4], [2, 3, 4]]
+            .iter()
+            .map(|r| r.iter().map(|n| id(*n)).collect())
+            .collect();
+        let up = set(&[2, 3, 4]);
+        let mut stale = BTreeSet::new();
+        let mut adds_seen = 0;
+        for step in 0.. {
+            assert!(step < 20, "the drain does not end: {now:?}");
+            if !now.iter().any(|r| r.contains(&id(1))) {
+                break;
+            }
+            match plan_step(id(1), &now, &stale, &up, 3, &mut slots(&[2, 3, 4])) {
+                Plan::Add(adds) => {
+                    let to = adds[0].1;
+                    assert!(adds.iter().all(|(_, s)| *s == to), "one target: {adds:?}");
+                    stale.insert(to);
+                    for (c, s) in &adds {
+                        now[*c as usize].push(*s);
+                    }
+                    for r in &now {
+                        assert!(
+                            r.iter().any(|s| *s != id(1) && !stale.contains(s)),
+                            "{r:?} with {stale:?} stale"
+                        );
+                    }
+                    adds_seen += adds.len();
+                }
+                Plan::Drop(drops) => {
+                    for (c, s) in &drops {
+                        assert!(
+                            now[*c as usize]
+                                .iter()
+                                .all(|x| x == s || !stale.contains(x))
+                        );
+                        now[*c as usize].retain(|x| x != s);
+                    }
+                }
+                // Waiting for resynchronisations: they finish.
+                Plan::Wait | Plan::Blocked => {
+                    assert!(
+                        !stale.is_empty(),
+                        "stuck with nothing resynchronising: {now:?}"
+                    );
+                    stale.clear();
+                }
+            }
+        }
+        assert_eq!(adds_seen, 3);
+        for r in &now {
+            assert_eq!(r.len(), 3, "{now:?}");
+        }
+    }
+
+    #[test]
+    fn a_sled_away_for_a_moment_makes_the_drain_wait_instead_of_dropping_a_replica() {
+        let now = vec![vec![id(1), id(2), id(3)]];
+        // Sled 4 (the only one that could take the replica) is down: no slot for it.
+        let plan = plan_step(
+            id(1),
+            &now,
+            &BTreeSet::new(),
+            &set(&[1, 2, 3]),
+            3,
+            &mut slots(&[2, 3]),
+        );
+        assert_eq!(plan, Plan::Wait);
+    }
+
+    #[test]
+    fn two_replicas_and_a_dead_sled_not_yet_stale_cannot_be_drained() {
+        let now = vec![vec![id(1), id(2)], vec![id(1), id(3)]];
+        let plan = plan_step(
+            id(1),
+            &now,
+            &BTreeSet::new(),
+            &set(&[2, 3]),
+            2,
+            &mut slots(&[2, 3]),
+        );
+        assert_eq!(plan, Plan::Blocked);
     }
 }

@@ -80,6 +80,9 @@ impl ControlPlane {
             .up
             .with_label_values(&["sled"])
             .set(self.up_sleds(st).len() as i64);
+        let load = st.sled_load();
+        let draining: u64 = st.draining.iter().filter_map(|s| load.get(s)).sum();
+        self.metrics.draining_replicas.set(draining as i64);
     }
 
     /// Creates whose requester is gone (leader change, timeout): bind each one's group and mark

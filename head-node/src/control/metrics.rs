@@ -23,6 +23,10 @@ pub struct ControlMetrics {
     pub volumes: IntGauge,
     /// Head nodes and sleds up, as the leader sees them (`kind` = `node` or `sled`).
     pub up: IntGaugeVec,
+    /// Chunk replicas still on draining sleds, as the leader sees them.
+    pub draining_replicas: IntGauge,
+    /// Placement changes made to drain sleds, by kind (`add`, `drop`).
+    pub drain_steps: IntCounterVec,
 }
 
 impl ControlMetrics {
@@ -79,6 +83,16 @@ impl ControlMetrics {
             up: gauge_vec(
                 "stockade_control_up",
                 "Head nodes (kind=node) and sleds (kind=sled) that reported lately, as the metadata leader sees them.",
+                &["kind"],
+            )?,
+            draining_replicas: gauge(
+                "stockade_control_draining_replicas",
+                "Chunk replicas still placed on sleds being drained (metadata leader); 0 once every drain is done.",
+            )?,
+            drain_steps: counter_vec(
+                r,
+                "stockade_control_drain_steps_total",
+                "Placement changes made to drain sleds (metadata leader), by kind (add: replacement replicas placed on one sled; drop: replicas taken off the draining sled).",
                 &["kind"],
             )?,
         })
