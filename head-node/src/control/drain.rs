@@ -28,6 +28,9 @@ use std::time::Duration;
 /// How long a placement step on a volume's group may take (a drop frees chunks on the sled).
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A drain that cannot progress is reported at most this often per sled and volume.
+const DRAIN_WARN_EVERY: Duration = Duration::from_secs(60);
+
 impl ControlPlane {
     /// `POST /v1/sleds/{id}/drain` and `/undrain`.
     pub(super) async fn drain_sled(&self, id: &str, drain: bool) -> Result<SledInfo, AdminError> {
@@ -106,11 +109,32 @@ impl ControlPlane {
                 .map(|v| v.name.clone())
                 .collect();
             for name in volumes {
-                if let Err(e) = self.drain_step(*sled, &name).await {
-                    tracing::debug!(sled_id = %sled, volume = %name, error = %e,
-                        "draining: step not done; retrying");
+                match self.drain_step(*sled, &name).await {
+                    // Stuck until something changes: worth an operator's eye, once a minute.
+                    Err(e @ AdminError::Conflict(_)) if self.drain_warn_due(*sled, &name) => {
+                        tracing::warn!(sled_id = %sled, volume = %name, error = %e,
+                            "draining: cannot move this volume's replicas now");
+                    }
+                    Err(e) => tracing::debug!(sled_id = %sled, volume = %name, error = %e,
+                        "draining: step not done; retrying"),
+                    Ok(()) => {}
                 }
             }
+        }
+    }
+
+    /// True at most once a minute per sled and volume.
+    fn drain_warn_due(&self, sled: SledId, volume: &str) -> bool {
+        let now = self.now();
+        let mut w = self.drain_warned.lock().unwrap_or_else(|p| p.into_inner());
+        let last = w
+            .entry((sled, volume.to_string()))
+            .or_insert(Duration::ZERO);
+        if *last == Duration::ZERO || now.saturating_sub(*last) >= DRAIN_WARN_EVERY {
+            *last = now.max(Duration::from_nanos(1));
+            true
+        } else {
+            false
         }
     }
 

@@ -366,6 +366,8 @@ pub struct ControlPlane {
     changes: changes::ChangeLocks,
     /// Capacity promised to changes whose group call is running (see `changes`).
     reserved: changes::Reserved,
+    /// When a stuck drain was last reported, by sled and volume (see `drain`).
+    drain_warned: Mutex<HashMap<(SledId, String), Duration>>,
     metrics: ControlMetrics,
     /// Set once a reconcile pass ran on a metadata state that had caught up with the leader
     /// (see [`ControlPlane::caught_up`]).
@@ -440,6 +442,7 @@ impl ControlPlane {
             in_delete: Mutex::new(Default::default()),
             closing: Mutex::new(Default::default()),
             changes: Default::default(),
+            drain_warned: Mutex::default(),
             reserved: Default::default(),
             metrics,
             caught_up: tokio::sync::watch::Sender::new(false),
