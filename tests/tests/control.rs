@@ -32,6 +32,16 @@ fn io_ok(o: &Output) -> bool {
     o.status.success() && !text.contains("failed") && !text.contains("Pattern verification")
 }
 
+/// Creates volume `name` of `size`, attaches it and runs the qemu-io command `write` through
+/// it; returns its NBD URI.
+fn create_attach_write(a: &Admin, name: &str, size: &str, write: &str) -> String {
+    a.ok(&["volume", "create", name, "--size", size]);
+    let uri = a.ok(&["volume", "attach", name]).trim().to_string();
+    let w = qemu_io(&uri, &[write]);
+    assert!(io_ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+    uri
+}
+
 fn nbd_size(uri: &str) -> Result<u64, String> {
     let o = Command::new("nbdinfo")
         .args(["--size", uri])
@@ -221,10 +231,7 @@ fn a_delete_with_a_sled_away_finishes_when_the_sled_returns_and_leaks_nothing() 
     );
     let a = Admin::of(&c);
     a.wait_healthy(3, 3, 1);
-    a.ok(&["volume", "create", "gone", "--size", "64MiB"]);
-    let uri = a.ok(&["volume", "attach", "gone"]).trim().to_string();
-    let w = qemu_io(&uri, &["write -P 0x21 0 24M"]);
-    assert!(io_ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+    create_attach_write(&a, "gone", "64MiB", "write -P 0x21 0 24M");
     a.ok(&["volume", "detach", "gone"]);
     let allocated = |st: &common::admin::ClusterStatus| -> u64 {
         st.sleds
@@ -1004,10 +1011,7 @@ fn a_drained_sled_hands_its_replicas_to_the_others_even_when_it_is_dead() {
     );
     let a = Admin::of(&c);
     a.wait_healthy(3, 4, 1);
-    a.ok(&["volume", "create", "moved", "--size", "64MiB"]);
-    let uri = a.ok(&["volume", "attach", "moved"]).trim().to_string();
-    let w = qemu_io(&uri, &["write -P 0x5a 0 40M"]);
-    assert!(io_ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+    let uri = create_attach_write(&a, "moved", "64MiB", "write -P 0x5a 0 40M");
 
     // Eight chunks, three replicas each, on four sleds: every sled holds some, none all.
     let before: Vec<SledInfo> = a.json(&["sled", "list"]);
@@ -1104,11 +1108,8 @@ fn a_live_sled_drains_under_writes_and_its_replacements_have_every_acknowledged_
     let mut c = Cluster3::start("ctl-drain-live", 4, "2GiB", "8MiB", &[], &[]);
     let a = Admin::of(&c);
     a.wait_healthy(3, 4, 1);
-    a.ok(&["volume", "create", "busy", "--size", "64MiB"]);
-    let uri = a.ok(&["volume", "attach", "busy"]).trim().to_string();
     // Every chunk written before the drain, so every copy carries data.
-    let w = qemu_io(&uri, &["write -P 0x3c 0 64M"]);
-    assert!(io_ok(&w), "{}", String::from_utf8_lossy(&w.stdout));
+    let uri = create_attach_write(&a, "busy", "64MiB", "write -P 0x3c 0 64M");
     let before: Vec<SledInfo> = a.json(&["sled", "list"]);
     let addrs: Vec<SocketAddr> = c.sleds.iter().map(|p| p.ready.listen).collect();
     let index = |s: &SledInfo| addrs.iter().position(|a| *a == s.addr).unwrap();

@@ -28,15 +28,20 @@ use std::time::Duration;
 /// How long a placement step on a volume's group may take (a drop frees chunks on the sled).
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A sled id from a request path.
+fn parse_sled(id: &str) -> Result<SledId, AdminError> {
+    id.parse().map_err(|e| {
+        AdminError::BadRequest(format!("{e}; `stockade sled list` shows the sleds' ids"))
+    })
+}
+
 /// A drain that cannot progress is reported at most this often per sled and volume.
 const DRAIN_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl ControlPlane {
     /// `POST /v1/sleds/{id}/drain` and `/undrain`.
     pub(super) async fn drain_sled(&self, id: &str, drain: bool) -> Result<SledInfo, AdminError> {
-        let sled: SledId = id.parse().map_err(|e| {
-            AdminError::BadRequest(format!("{e}; `stockade sled list` shows the sleds' ids"))
-        })?;
+        let sled = parse_sled(id)?;
         {
             let _lock = self.ops.lock().await;
             let st = self.state();
@@ -72,9 +77,7 @@ impl ControlPlane {
     /// `DELETE /v1/sleds/{id}`: forgets a sled that is drained (holds no replica) and down
     /// (a sled that is up would be registered again by the head nodes that reach it).
     pub(super) async fn remove_sled(&self, id: &str) -> Result<(), AdminError> {
-        let sled: SledId = id.parse().map_err(|e| {
-            AdminError::BadRequest(format!("{e}; `stockade sled list` shows the sleds' ids"))
-        })?;
+        let sled = parse_sled(id)?;
         let _lock = self.ops.lock().await;
         let st = self.state();
         if !st.sleds.contains_key(&sled) {
