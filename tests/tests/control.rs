@@ -1081,6 +1081,8 @@ fn a_drained_sled_hands_its_replicas_to_the_others_even_when_it_is_dead() {
         },
     );
     a.ok(&["sled", "remove", &gone.id]);
+    let e = a.fails(1, &["sled", "remove", &gone.id]);
+    assert!(e.contains("no sled"), "{e}");
     let list: Vec<SledInfo> = a.json(&["sled", "list"]);
     assert!(
         list.len() == 3 && list.iter().all(|s| s.id != gone.id),

@@ -343,12 +343,18 @@ impl AdminClient {
             .await
     }
 
-    /// `DELETE /v1/sleds/{id}`: forgets a drained sled that is down (repeated after a lost
-    /// answer: removing it twice is removing it once).
+    /// `DELETE /v1/sleds/{id}`: forgets a drained sled that is down. Not repeated after a
+    /// lost answer: the second try would find no such sled.
     pub async fn remove_sled(&self, id: &str) -> Result<(), AdminError> {
         let path = format!("/sleds/{}", encode_component(id));
         let (url, resp) = self
-            .send(Method::Delete, &path, None, self.limits, Repeat::Safe)
+            .send(
+                Method::Delete,
+                &path,
+                None,
+                self.limits,
+                Repeat::IfNothingDone,
+            )
             .await?;
         if resp.is_success() {
             Ok(())

@@ -81,8 +81,9 @@ impl ControlPlane {
         let _lock = self.ops.lock().await;
         let st = self.state();
         if !st.sleds.contains_key(&sled) {
-            // Removed already (a repeated request) or never known: nothing to do either way.
-            return Ok(());
+            return Err(AdminError::NotFound(format!(
+                "no sled {sled}; `stockade sled list` shows the sleds"
+            )));
         }
         let held = st.sled_load().get(&sled).copied().unwrap_or(0);
         if !st.draining.contains(&sled) || held > 0 {

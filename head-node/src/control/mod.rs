@@ -143,14 +143,14 @@ impl AdminRequest {
             | AdminRequest::Volume { .. }
             | AdminRequest::Heartbeat(_)
             | AdminRequest::Ensure { .. }
-            | AdminRequest::DrainSled { .. }
-            | AdminRequest::RemoveSled { .. } => true,
+            | AdminRequest::DrainSled { .. } => true,
             AdminRequest::Create(c) => c.id.is_some(),
             AdminRequest::Delete { .. }
             | AdminRequest::Resize { .. }
             | AdminRequest::Attach { .. }
             | AdminRequest::Detach { .. }
-            | AdminRequest::Qos { .. } => false,
+            | AdminRequest::Qos { .. }
+            | AdminRequest::RemoveSled { .. } => false,
         }
     }
 

@@ -244,7 +244,6 @@ pub struct ClusterState {
 
 /// The cluster state as snapshots of format version 3 and older hold it (before draining).
 #[derive(Deserialize)]
-#[cfg_attr(test, derive(Serialize))]
 pub(crate) struct ClusterStateV1 {
     nodes: BTreeMap<u64, NodeRecord>,
     sleds: BTreeMap<SledId, SledRecord>,
