@@ -35,6 +35,17 @@ fn parse_sled(id: &str) -> Result<SledId, AdminError> {
     })
 }
 
+/// Refuses a sled the cluster state does not hold.
+fn known(st: &ClusterState, sled: SledId) -> Result<(), AdminError> {
+    if st.sleds.contains_key(&sled) {
+        Ok(())
+    } else {
+        Err(AdminError::NotFound(format!(
+            "no sled {sled}; `stockade sled list` shows the sleds"
+        )))
+    }
+}
+
 /// A drain that cannot progress is reported at most this often per sled and volume.
 const DRAIN_WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -45,11 +56,7 @@ impl ControlPlane {
         {
             let _lock = self.ops.lock().await;
             let st = self.state();
-            if !st.sleds.contains_key(&sled) {
-                return Err(AdminError::NotFound(format!(
-                    "no sled {sled}; `stockade sled list` shows the sleds"
-                )));
-            }
+            known(&st, sled)?;
             let left = st
                 .sleds
                 .keys()
@@ -80,11 +87,7 @@ impl ControlPlane {
         let sled = parse_sled(id)?;
         let _lock = self.ops.lock().await;
         let st = self.state();
-        if !st.sleds.contains_key(&sled) {
-            return Err(AdminError::NotFound(format!(
-                "no sled {sled}; `stockade sled list` shows the sleds"
-            )));
-        }
+        known(&st, sled)?;
         let held = st.sled_load().get(&sled).copied().unwrap_or(0);
         if !st.draining.contains(&sled) || held > 0 {
             return Err(AdminError::Conflict(format!(
