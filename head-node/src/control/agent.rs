@@ -325,6 +325,11 @@ impl ControlPlane {
             return false;
         };
         let me = self.node.0;
+        // Sleds: every one the cluster lists, besides the configured ones (a sled added with
+        // `stockade sled add` is in no configuration).
+        self.sleds
+            .pool
+            .sync(&st.sleds.values().map(|s| s.addr).collect());
         // Groups to run.
         for g in st.groups.values() {
             if !g.runners().any(|n| n == me) || self.repl.handle(g.id).is_some() {
