@@ -151,6 +151,17 @@ pub struct DetachVolume {
     pub attachment: Option<u64>,
 }
 
+/// `POST /v1/sleds`: add a running sled controller to the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddSled {
+    /// The sled's address, as every head node can reach it.
+    pub addr: SocketAddr,
+    /// Its failure domain (rack, host…), if any.
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
 /// `POST /v1/volumes/{name}/qos`: the fields given replace the current ones; `null` clears a
 /// limit (unlimited).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

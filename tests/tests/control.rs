@@ -1163,3 +1163,104 @@ fn a_live_sled_drains_under_writes_and_its_replacements_have_every_acknowledged_
         .expect("the attach URI names a head node");
     verify(leader.ready.nbd, "busy", &l, "the last sled");
 }
+
+#[test]
+fn a_sled_added_to_a_running_cluster_is_used_by_every_head_node_and_kept_across_restarts() {
+    use common::admin::SledInfo;
+    use tests::sled::SledProc;
+    let mut c = Cluster3::start(
+        "ctl-add-sled",
+        3,
+        "2GiB",
+        "8MiB",
+        &[],
+        &["--sled-timeout", "2s"],
+    );
+    let a = Admin::of(&c);
+    a.wait_healthy(3, 3, 1);
+    // Three sleds, three replicas: every chunk is on every sled.
+    let uri = create_attach_write(&a, "grown", "64MiB", "write -P 0x5a 0 64M");
+
+    // A sled no head node is configured with, and one formatted with another chunk size.
+    let new_sled = |name: &str, chunk: &str| {
+        let dev = format!(
+            "{}:2GiB",
+            c.dir.path().join(format!("{name}.img")).display()
+        );
+        SledProc::start(
+            name,
+            c.dir.path(),
+            &c.key_path,
+            &[dev],
+            None,
+            &["--chunk-size", chunk],
+        )
+    };
+    let fourth = new_sled("sled4", "8MiB");
+    let odd = new_sled("sled5", "4MiB");
+    let added = fourth.ready.listen.to_string();
+
+    // Clear errors, and nothing joins.
+    let e = a.fails(2, &["sled", "add", "not-an-address"]);
+    assert!(e.contains("invalid"), "{e}");
+    let e = a.fails(1, &["sled", "add", "0.0.0.0:7700"]);
+    assert!(
+        e.contains("not an address a head node can connect to"),
+        "{e}"
+    );
+    let nobody = format!("127.0.0.1:{}", tests::head::free_ports(1)[0]);
+    let e = a.fails(1, &["sled", "add", &nobody]);
+    assert!(e.contains("cannot add the sled"), "{e}");
+    let e = a.fails(1, &["sled", "add", &odd.ready.listen.to_string()]);
+    assert!(e.contains("chunks of 4194304 bytes"), "{e}");
+    let e = a.fails(1, &["sled", "add", &added, "--domain", "rack 4"]);
+    assert!(e.contains("failure domain"), "{e}");
+    let list: Vec<SledInfo> = a.json(&["sled", "list"]);
+    assert_eq!(list.len(), 3, "{list:?}");
+
+    let out = a.ok(&["sled", "add", &added, "--domain", "rack-4"]);
+    assert!(out.contains(&added), "{out}");
+    // Adding it again (a lost answer repeated) is no error and changes nothing.
+    let again: SledInfo = a.json(&["sled", "add", &added]);
+    assert_eq!(again.addr, fourth.ready.listen);
+    assert_eq!(again.domain.as_deref(), Some("rack-4"));
+    let e = a.fails(1, &["sled", "add", &added, "--domain", "rack-5"]);
+    assert!(e.contains("already a member"), "{e}");
+    a.wait_healthy(3, 4, 1);
+
+    // Every head node restarts: none has the sled in its configuration, so each must take it
+    // from the cluster state.
+    for h in &mut c.heads {
+        h.proc.kill9();
+    }
+    for h in &mut c.heads {
+        h.restart();
+    }
+    a.wait_healthy(3, 4, 1);
+    let list: Vec<SledInfo> = a.json(&["sled", "list"]);
+    let first = list
+        .iter()
+        .find(|s| s.addr == c.sleds[0].ready.listen)
+        .expect("the first sled")
+        .clone();
+    // The only sled a replica of the first one's can move to is the added one; whichever head
+    // node leads the volume copies the chunks there.
+    a.ok(&["sled", "drain", &first.id]);
+    let after = eventually(Duration::from_secs(120), "the drain to finish", || {
+        let list: Vec<SledInfo> = a.json(&["sled", "list"]);
+        list.iter()
+            .any(|s| s.id == first.id && s.provisioned == 0)
+            .then_some(list)
+    });
+    let fourth_info = after
+        .iter()
+        .find(|s| s.addr == fourth.ready.listen)
+        .expect("the added sled");
+    assert_eq!(fourth_info.provisioned, 64 << 20, "{after:?}");
+    // Everything reads back from the added sled alone.
+    for s in &mut c.sleds {
+        s.proc.kill9();
+    }
+    let r = qemu_io(&uri, &["read -P 0x5a 0 64M"]);
+    assert!(io_ok(&r), "{}", String::from_utf8_lossy(&r.stdout));
+}

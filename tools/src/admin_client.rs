@@ -21,7 +21,7 @@
 //! ```
 
 use common::admin::{
-    AttachVolume, Attached, ClusterStatus, CreateVolume, Created, DetachVolume, ErrorBody,
+    AddSled, AttachVolume, Attached, ClusterStatus, CreateVolume, Created, DetachVolume, ErrorBody,
     NodeInfo, ResizeVolume, SetQos, SledInfo, VolumeInfo,
 };
 use common::events::http::{self, HttpError, HttpUrl, Limits, Method, UrlError, encode_component};
@@ -329,6 +329,20 @@ impl AdminClient {
     /// `GET /v1/sleds`.
     pub async fn sleds(&self) -> Result<Vec<SledInfo>, AdminError> {
         self.call(Method::Get, "/sleds", None).await
+    }
+
+    /// `POST /v1/sleds`: adds a running sled to the cluster; the sled as it is then. A sled
+    /// already in the cluster at that address is answered as added. A `503` (the sled did not
+    /// answer) is not retried: the operator sees at once that the address is wrong or the sled
+    /// not running.
+    pub async fn add_sled(&self, req: &AddSled) -> Result<SledInfo, AdminError> {
+        self.call_with(
+            Method::Post,
+            "/sleds",
+            Some(json(req)?),
+            Repeat::IfNothingDone,
+        )
+        .await
     }
 
     /// `POST /v1/sleds/{id}/drain` (`drain`) or `/undrain`: the sled as it is then. Setting a

@@ -79,6 +79,16 @@ pub struct SledArgs {
 pub enum SledCmd {
     /// List the sleds: address, state, devices, capacity.
     List,
+    /// Add a running sled controller to the cluster: every head node connects to it, and new
+    /// volumes, growing volumes and drains place replicas on it. No head node restarts and no
+    /// configuration changes.
+    Add {
+        /// Its address as every head node reaches it (`IP:PORT`, the sled's `listen`).
+        addr: std::net::SocketAddr,
+        /// Its failure domain (rack, host…): replicas of a chunk go to different domains.
+        #[arg(long)]
+        domain: Option<String>,
+    },
     /// Drain a sled: no new replica goes to it, and every chunk replica it holds is copied to
     /// another sled and then dropped from it (also when the sled is down: the copies come from
     /// the other replicas). Returns at once; `sled list` shows it done when PROVISIONED is 0.
@@ -373,6 +383,14 @@ async fn run_async(opts: &AdminOpts, cmd: AdminCommand) -> Result<Output, CliErr
             SledCmd::List => {
                 let sleds = client.sleds().await?;
                 Output::of(json, &sleds, |s| render::sleds_table(s))
+            }
+            SledCmd::Add { addr, domain } => {
+                let sled = client
+                    .add_sled(&common::admin::AddSled { addr, domain })
+                    .await?;
+                Output::of(json, &sled, |s| {
+                    render::sleds_table(std::slice::from_ref(s))
+                })
             }
             SledCmd::Drain { id } => {
                 let sled = client.drain_sled(&id, true).await?;

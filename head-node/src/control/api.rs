@@ -121,6 +121,11 @@ async fn drain(State(cp): Cp, h: HeaderMap, Path(id): Path<String>) -> Response 
     run(&cp, &h, Ok(AdminRequest::DrainSled { id, drain: true })).await
 }
 
+async fn add_sled(State(cp): Cp, h: HeaderMap, body: Bytes) -> Response {
+    let req = parse_required::<common::admin::AddSled>(&body).map(AdminRequest::AddSled);
+    run(&cp, &h, req).await
+}
+
 async fn remove_sled(State(cp): Cp, h: HeaderMap, Path(id): Path<String>) -> Response {
     run(&cp, &h, Ok(AdminRequest::RemoveSled { id })).await
 }
@@ -236,7 +241,7 @@ pub fn router(cp: Arc<ControlPlane>, events: crate::events::SharedEvents) -> Rou
         )
         .route("/v1/cluster", get(cluster))
         .route("/v1/nodes", get(nodes))
-        .route("/v1/sleds", get(sleds))
+        .route("/v1/sleds", get(sleds).post(add_sled))
         .route("/v1/sleds/{id}", axum::routing::delete(remove_sled))
         .route("/v1/sleds/{id}/drain", post(drain))
         .route("/v1/sleds/{id}/undrain", post(undrain))

@@ -74,11 +74,7 @@ impl ControlPlane {
                 self.propose(MetaCmd::DrainSled { sled, drain }).await?;
             }
         }
-        let (st, obs) = self.observed();
-        super::view::sleds(&st, &obs)
-            .into_iter()
-            .find(|s| s.id == sled.to_string())
-            .ok_or_else(|| AdminError::Internal(format!("sled {sled} vanished")))
+        self.sled_info(sled)
     }
 
     /// `DELETE /v1/sleds/{id}`: forgets a sled that is drained (holds no replica) and down

@@ -19,6 +19,7 @@ mod agent;
 pub mod api;
 mod changes;
 mod drain;
+mod join;
 mod leader;
 mod metrics;
 mod ops;
@@ -123,6 +124,8 @@ pub enum AdminRequest {
         /// Drain (true) or stop draining (false).
         drain: bool,
     },
+    /// `POST /v1/sleds`: add a running sled to the cluster.
+    AddSled(common::admin::AddSled),
     /// `DELETE /v1/sleds/{id}`: forget a drained sled that is down.
     RemoveSled {
         /// The sled's id, as given.
@@ -143,7 +146,8 @@ impl AdminRequest {
             | AdminRequest::Volume { .. }
             | AdminRequest::Heartbeat(_)
             | AdminRequest::Ensure { .. }
-            | AdminRequest::DrainSled { .. } => true,
+            | AdminRequest::DrainSled { .. }
+            | AdminRequest::AddSled(_) => true,
             AdminRequest::Create(c) => c.id.is_some(),
             AdminRequest::Delete { .. }
             | AdminRequest::Resize { .. }
@@ -181,6 +185,7 @@ impl AdminRequest {
             AdminRequest::Ensure { .. } => "ensure",
             AdminRequest::DrainSled { drain: true, .. } => "drain",
             AdminRequest::DrainSled { drain: false, .. } => "undrain",
+            AdminRequest::AddSled(_) => "add_sled",
             AdminRequest::RemoveSled { .. } => "remove_sled",
         }
     }

@@ -126,6 +126,10 @@ impl ControlPlane {
             AdminRequest::DrainSled { id, drain } => {
                 Ok(AdminReply::ok(200, &self.drain_sled(&id, drain).await?))
             }
+            AdminRequest::AddSled(req) => {
+                let (created, sled) = self.add_sled(req).await?;
+                Ok(AdminReply::ok(if created { 201 } else { 200 }, &sled))
+            }
             AdminRequest::RemoveSled { id } => {
                 self.remove_sled(&id).await?;
                 Ok(AdminReply {
