@@ -3,7 +3,7 @@
 //! operations, and report to the metadata leader.
 
 use super::rpc::{GroupOp, GroupProbe, GroupReply};
-use super::state::{DeviceRecord, SledRecord};
+use super::state::SledRecord;
 use super::{AdminRequest, ControlPlane, Heartbeat};
 use crate::replication::GroupId;
 use crate::replication::driver::{GroupKind, ReplError};
@@ -479,7 +479,7 @@ impl ControlPlane {
     async fn heartbeat_report(&self) -> Heartbeat {
         let mut sleds = Vec::new();
         let mut allocated = Vec::new();
-        for (id, conn) in self.sleds.pool.discover().await {
+        for (_, conn) in self.sleds.pool.discover().await {
             let Ok(client) = conn.client().await else {
                 continue;
             };
@@ -490,20 +490,11 @@ impl ControlPlane {
             for d in &stat.devices {
                 allocated.push((d.device, d.chunks_used));
             }
-            sleds.push(SledRecord {
-                id,
-                addr: conn.addr(),
-                domain: self.sled_domains.get(&conn.addr()).cloned(),
-                devices: stat
-                    .devices
-                    .iter()
-                    .map(|d| DeviceRecord {
-                        id: d.device,
-                        chunks: d.chunks_total,
-                        chunk_size: d.chunk_size,
-                    })
-                    .collect(),
-            });
+            sleds.push(SledRecord::described(
+                &stat,
+                conn.addr(),
+                self.sled_domains.get(&conn.addr()).cloned(),
+            ));
         }
         let leads = self
             .repl

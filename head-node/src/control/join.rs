@@ -5,7 +5,7 @@
 //! volumes, new chunks of growing volumes and drains place replicas on it; existing chunks stay
 //! where they are.
 
-use super::state::{DeviceRecord, MetaCmd, SledRecord};
+use super::state::{MetaCmd, SledRecord};
 use super::{AdminError, ControlPlane};
 use common::admin::{AddSled, SledInfo};
 use common::ids::SledId;
@@ -127,20 +127,7 @@ impl ControlPlane {
                 "the sled at {addr} has no devices"
             )));
         }
-        Ok(SledRecord {
-            id: client.sled_id(),
-            addr,
-            domain: req.domain,
-            devices: stat
-                .devices
-                .iter()
-                .map(|d| DeviceRecord {
-                    id: d.device,
-                    chunks: d.chunks_total,
-                    chunk_size: d.chunk_size,
-                })
-                .collect(),
-        })
+        Ok(SledRecord::described(&stat, addr, req.domain))
     }
 
     /// One sled as `sled list` shows it.

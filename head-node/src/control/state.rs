@@ -57,6 +57,28 @@ pub struct SledRecord {
 }
 
 impl SledRecord {
+    /// The record of a sled from its own description (`Stat`): its id and devices.
+    pub fn described(
+        stat: &common::sled_proto::SledStat,
+        addr: SocketAddr,
+        domain: Option<String>,
+    ) -> Self {
+        Self {
+            id: stat.sled,
+            addr,
+            domain,
+            devices: stat
+                .devices
+                .iter()
+                .map(|d| DeviceRecord {
+                    id: d.device,
+                    chunks: d.chunks_total,
+                    chunk_size: d.chunk_size,
+                })
+                .collect(),
+        }
+    }
+
     /// Usable bytes.
     pub fn capacity(&self) -> u64 {
         self.devices.iter().map(|d| d.chunks * d.chunk_size).sum()
