@@ -501,6 +501,14 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         ("POST", "/v1/volumes/v/resize", b"{\"size\":\"big\"}", 400),
         ("POST", "/v1/volumes/v/qos", b"{}", 400),
         ("DELETE", "/v1/volumes/v?force=perhaps", b"", 400),
+        ("POST", "/v1/sleds", b"{\"addr\":\"nowhere\"}", 400),
+        (
+            "POST",
+            "/v1/sleds",
+            b"{\"addr\":\"127.0.0.1:1\",\"rack\":1}",
+            400,
+        ),
+        ("POST", "/v1/sleds", b"", 400),
         ("GET", "/v1/nothing", b"", 404),
         ("PUT", "/v1/volumes", b"", 405),
         // Rejected by the HTTP framework itself (a path that does not decode): JSON too.
