@@ -1,13 +1,13 @@
 //! Connections from this head node to the sleds it uses.
 //!
 //! Each sled is known by its address (from configuration, or from the cluster state for a sled
-//! added to a running cluster) and, once reached, by the id it proves
-//! in the handshake. A connection is made on first use and remade after it fails, with a short
-//! back-off so a dead sled does not cost a connect attempt per request. Every request has a
-//! deadline (`sled-timeout`): a hung sled's connection is closed like a dead one's. Every new
-//! connection first supersedes this node's older ones at the sled, so a request that timed out
-//! on a closed connection (and may still sit in the sled's socket buffer) can never run after
-//! what is sent on the new one — what makes resynchronising a sled that hung safe.
+//! added to a running cluster) and, once reached, by the id it proves in the handshake. A
+//! connection is made on first use and remade after it fails, with a short back-off so a dead
+//! sled does not cost a connect attempt per request. Every request has a deadline
+//! (`sled-timeout`): a hung sled's connection is closed like a dead one's. Every new connection
+//! first supersedes this node's older ones at the sled, so a request that timed out on a closed
+//! connection (and may still sit in the sled's socket buffer) can never run after what is sent
+//! on the new one — what makes resynchronising a sled that hung safe.
 
 use common::ClusterKey;
 use common::ids::{NodeId, SledId};
