@@ -1235,6 +1235,17 @@ fn a_sled_added_to_a_running_cluster_is_used_by_every_head_node_and_kept_across_
     let e = a.fails(1, &["sled", "add", &added, "--domain", "rack-5"]);
     assert!(e.contains("already a member"), "{e}");
     a.wait_healthy(3, 4, 1);
+    // Every head node reaches it, not only the metadata leader that added it: the cluster
+    // names a node that does not once its reports are due (`down-after`, 5 s).
+    std::thread::sleep(Duration::from_secs(6));
+    eventually(
+        Duration::from_secs(20),
+        "every head node to reach the added sled",
+        || {
+            let st: common::admin::ClusterStatus = a.json(&["cluster", "status"]);
+            (!st.problems.iter().any(|p| p.contains("cannot reach"))).then_some(())
+        },
+    );
 
     // Every head node restarts: none has the sled in its configuration, so each must take it
     // from the cluster state.

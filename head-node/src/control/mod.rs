@@ -308,6 +308,8 @@ struct Liveness {
     since: Duration,
     nodes: HashMap<u64, Duration>,
     sleds: HashMap<SledId, Duration>,
+    /// When each head node last reported reaching each sled.
+    reached: HashMap<(u64, SledId), Duration>,
     allocated: HashMap<common::ids::DeviceId, u64>,
     leaders: HashMap<GroupId, u64>,
 }
@@ -340,6 +342,34 @@ impl Liveness {
             Some(t) => now.saturating_sub(*t) < down_after,
             None => self.grace(now, down_after),
         }
+    }
+
+    /// The pairs of a head node and a sled, both up, where the node has not reported reaching
+    /// the sled lately: its volumes' leaders there cannot use that sled (a firewall, a route,
+    /// an address only some nodes can reach), which `up` alone does not show.
+    fn unreached(
+        &self,
+        nodes: &BTreeSet<u64>,
+        sleds: &BTreeSet<SledId>,
+        now: Duration,
+        down_after: Duration,
+    ) -> Vec<(u64, SledId)> {
+        if self.grace(now, down_after) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for n in nodes {
+            for s in sleds {
+                let fresh = self
+                    .reached
+                    .get(&(*n, *s))
+                    .is_some_and(|t| now.saturating_sub(*t) < down_after);
+                if !fresh {
+                    out.push((*n, *s));
+                }
+            }
+        }
+        out
     }
 }
 
@@ -639,6 +669,13 @@ impl ControlPlane {
             .collect()
     }
 
+    /// Head nodes up that have not reached a sled that is up (see [`Liveness::unreached`]).
+    fn unreached(&self, st: &ClusterState) -> Vec<(u64, SledId)> {
+        let (nodes, sleds) = (self.up_nodes(st), self.up_sleds(st));
+        self.live()
+            .unreached(&nodes, &sleds, self.now(), self.cfg.down_after)
+    }
+
     /// Sleds some head node reached lately.
     fn up_sleds(&self, st: &ClusterState) -> BTreeSet<SledId> {
         let now = self.now();
@@ -676,6 +713,35 @@ mod tests {
         assert_eq!(l.nodes.len(), 1, "same term: kept");
         l.reset_for(4, Duration::from_secs(200));
         assert!(l.nodes.is_empty());
+    }
+
+    #[test]
+    fn a_sled_one_head_node_does_not_reach_is_named_after_the_grace_period() {
+        let mut l = Liveness::default();
+        let down = Duration::from_secs(5);
+        let (a, b) = (SledId::random(), SledId::random());
+        let nodes: BTreeSet<u64> = [1, 2].into();
+        let sleds: BTreeSet<SledId> = [a, b].into();
+        l.reset_for(3, Duration::from_secs(100));
+        // A new leader waits a heartbeat period before it believes nobody reaches anything.
+        assert!(
+            l.unreached(&nodes, &sleds, Duration::from_secs(101), down)
+                .is_empty()
+        );
+        for (n, s) in [(1, a), (1, b), (2, a)] {
+            l.reached.insert((n, s), Duration::from_secs(104));
+        }
+        assert_eq!(
+            l.unreached(&nodes, &sleds, Duration::from_secs(106), down),
+            [(2, b)]
+        );
+        // Reports grow old like heartbeats do.
+        l.reached.insert((2, b), Duration::from_secs(107));
+        let late: BTreeSet<(u64, SledId)> = l
+            .unreached(&nodes, &sleds, Duration::from_secs(110), down)
+            .into_iter()
+            .collect();
+        assert_eq!(late, [(1, a), (1, b), (2, a)].into());
     }
 
     #[test]

@@ -180,6 +180,11 @@ impl ControlPlane {
         if st.sleds.is_empty() {
             problems.push("no sled has registered yet".into());
         }
+        for (n, s) in self.unreached(&st) {
+            problems.push(format!(
+                "head node {n} cannot reach sled {s} (the volumes it leads cannot use it)"
+            ));
+        }
         let load = st.sled_load();
         for s in &st.draining {
             if let Some(n) = load.get(s).filter(|n| **n > 0) {
@@ -1074,6 +1079,7 @@ impl ControlPlane {
             live.nodes.insert(hb.node.id, now);
             for s in &hb.sleds {
                 live.sleds.insert(s.id, now);
+                live.reached.insert((hb.node.id, s.id), now);
             }
             for (d, n) in &hb.allocated {
                 live.allocated.insert(*d, *n);
