@@ -5,7 +5,7 @@
 //! volumes, new chunks of growing volumes and drains place replicas on it; existing chunks stay
 //! where they are.
 
-use super::state::{MetaCmd, SledRecord};
+use super::state::{ClusterState, MetaCmd, SledRecord};
 use super::{AdminError, ControlPlane};
 use common::admin::{AddSled, SledInfo};
 use common::ids::SledId;
@@ -29,6 +29,29 @@ fn check_domain(domain: Option<&str>) -> Result<(), AdminError> {
         ),
         _ => Ok(()),
     }
+}
+
+/// Refuses a sled the cluster cannot take: one whose id is a member at another address, or whose
+/// chunk size is not the cluster's (placement could never use it).
+fn admissible(st: &ClusterState, record: &SledRecord) -> Result<(), AdminError> {
+    let addr = record.addr;
+    if let Some(other) = st.sleds.get(&record.id) {
+        return Err(AdminError::Conflict(format!(
+            "the sled at {addr} is sled {}, a member already at {}: a sled that moved is \
+             registered at its new address by the head nodes configured with it",
+            record.id, other.addr
+        )));
+    }
+    if let Some(c) = st.sleds.values().find_map(SledRecord::chunk_size)
+        && let Some(d) = record.devices.iter().find(|d| d.chunk_size != c)
+    {
+        return Err(AdminError::Conflict(format!(
+            "the sled at {addr} has chunks of {} bytes and the cluster's have {c}: format its \
+             devices with the cluster's chunk size",
+            d.chunk_size
+        )));
+    }
+    Ok(())
 }
 
 impl ControlPlane {
@@ -59,39 +82,20 @@ impl ControlPlane {
             }
             let pool = &self.sleds.pool;
             let pooled = pool.all().iter().any(|c| c.addr() == addr);
-            let record = self.describe_sled(req).await;
-            let record = match record {
+            let record = match self
+                .describe_sled(req)
+                .await
+                .and_then(|r| admissible(&st, &r).map(|()| r))
+            {
                 Ok(r) => r,
                 Err(e) => {
+                    // Nothing joined: the pool goes back to what it was.
                     if !pooled {
                         pool.forget(addr);
                     }
                     return Err(e);
                 }
             };
-            if let Some(other) = st.sleds.get(&record.id) {
-                if !pooled {
-                    pool.forget(addr);
-                }
-                return Err(AdminError::Conflict(format!(
-                    "the sled at {addr} is sled {}, a member already at {}: a sled that moved \
-                     is registered at its new address by the head nodes configured with it",
-                    record.id, other.addr
-                )));
-            }
-            let cluster_chunk = st.sleds.values().find_map(SledRecord::chunk_size);
-            if let Some(c) = cluster_chunk
-                && record.devices.iter().any(|d| d.chunk_size != c)
-            {
-                if !pooled {
-                    pool.forget(addr);
-                }
-                return Err(AdminError::Conflict(format!(
-                    "the sled at {addr} has chunks of {} bytes and the cluster's have {c}: format \
-                     its devices with the cluster's chunk size",
-                    record.devices.first().map_or(0, |d| d.chunk_size)
-                )));
-            }
             let id = record.id;
             tracing::info!(sled_id = %id, %addr, capacity = record.capacity(),
                 "sled added to the cluster");
@@ -143,6 +147,39 @@ impl ControlPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::state::DeviceRecord;
+    use std::net::SocketAddr;
+
+    fn sled(id: SledId, port: u16, chunk_size: u64) -> SledRecord {
+        SledRecord {
+            id,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            domain: None,
+            devices: vec![DeviceRecord {
+                id: common::ids::DeviceId::random(),
+                chunks: 16,
+                chunk_size,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_sled_joins_with_a_new_id_and_the_clusters_chunk_size() {
+        let member = sled(SledId::random(), 7001, 8 << 20);
+        let mut st = ClusterState::default();
+        // The first sled sets the chunk size.
+        assert!(admissible(&st, &sled(SledId::random(), 7002, 4 << 20)).is_ok());
+        st.sleds.insert(member.id, member.clone());
+        assert!(admissible(&st, &sled(SledId::random(), 7002, 8 << 20)).is_ok());
+        let e = admissible(&st, &sled(SledId::random(), 7002, 4 << 20)).unwrap_err();
+        assert!(e.to_string().contains("chunks of 4194304 bytes"), "{e}");
+        let e = admissible(&st, &sled(member.id, 7002, 8 << 20)).unwrap_err();
+        assert_eq!(e.status(), 409);
+        assert!(
+            e.to_string().contains("a member already at 127.0.0.1:7001"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn failure_domains_are_short_printable_words() {
